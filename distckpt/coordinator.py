@@ -1,0 +1,397 @@
+"""Starting a multi-host job and making its hosts agree.
+
+Everything here runs on JAX's *coordination service* (the gRPC service that
+`jax.distributed.initialize` starts on process 0), never on device
+collectives: a barrier or a decision must work even when the devices are busy,
+and it must be able to time out and say who is missing.
+
+* :func:`initialize` picks the cluster parameters in this order: explicit
+  arguments, then ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+  ``JAX_PROCESS_ID``, then the auto-detection `jax.distributed.initialize`
+  already does (SLURM, Open MPI, Cloud TPU, Kubernetes), then a single process.
+* :func:`barrier` is a named barrier with a timeout. Names come from the
+  operation (``save:step=12:commit``), never from a per-process counter that can
+  drift between hosts. The coordination service counts uses of a name itself, so
+  the same name may be used again once every process has passed it. On timeout
+  every waiting process raises :class:`BarrierTimeoutError` naming the processes
+  that did not arrive (and whether the service still sees them alive).
+* :func:`primary_decides` lets the primary host compute a small JSON value (a
+  step, a bool, a short string) and hands the same value to every process.
+  Anything that depends on clocks or the filesystem is decided this way: hosts'
+  clocks are skewed and shared filesystems are not instantly consistent.
+* :func:`is_primary` is the one place that answers "am I the primary host?";
+  the primary is a setting (:func:`set_primary_host`, default process 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 300.0
+_KV_PREFIX = "distckpt"
+_MAX_DECISION_BYTES = 64 * 1024
+
+_primary_host: int = 0
+
+
+class BarrierTimeoutError(TimeoutError):
+    """A named barrier timed out; `missing` lists the processes that never arrived."""
+
+    def __init__(self, name: str, timeout_s: float, missing: Sequence[int], detail: str):
+        self.name = name
+        self.timeout_s = timeout_s
+        self.missing = tuple(missing)
+        who = ", ".join(str(p) for p in self.missing) if self.missing else "unknown"
+        super().__init__(
+            f"[process={jax.process_index()}] barrier {name!r} timed out after {timeout_s:g}s; "
+            f"processes that did not arrive: {who}. {detail}Check those processes' logs: "
+            "a process that is stuck (I/O, a deadlock) or died never reaches the barrier."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """What this process sees of the job."""
+
+    process_index: int
+    """This process's id, 0..process_count-1."""
+    process_count: int
+    """Number of processes (hosts) in the job."""
+    local_devices: int
+    """Devices attached to this process."""
+    global_devices: int
+    """Devices across all processes."""
+    platform: str
+    """Backend platform, e.g. 'cpu', 'gpu', 'tpu'."""
+    device_kind: str
+    """Device kind string of the first device, e.g. 'cpu' or 'TPU v5 lite'."""
+
+    def describe(self) -> str:
+        return (
+            f"process {self.process_index}/{self.process_count}, "
+            f"{self.local_devices} local / {self.global_devices} global {self.platform} devices "
+            f"({self.device_kind})"
+        )
+
+
+def topology() -> Topology:
+    devices = jax.devices()
+    return Topology(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_devices=jax.local_device_count(),
+        global_devices=len(devices),
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+    )
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from e
+
+
+def _distributed_client():
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def is_initialized() -> bool:
+    return _distributed_client() is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterParams:
+    """Where the job's parameters came from, resolved before JAX is started."""
+
+    coordinator_address: str | None
+    """host:port of process 0's coordination service (None for a single process)."""
+    num_processes: int
+    """Number of processes in the job."""
+    process_id: int
+    """This process's id."""
+    source: str
+    """'arguments', 'environment', the detected cluster's name, or 'single process'."""
+
+
+def detect_cluster() -> str | None:
+    """Name of the cluster environment JAX would auto-detect here (SLURM, ...), or None."""
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:  # jax's own registry of detectors
+        if env.opt_in_only_method:
+            continue
+        try:
+            if env.is_env_present():
+                return env.__name__
+        except Exception:  # a detector probing a metadata server may fail offline
+            continue
+    return None
+
+
+def resolve_cluster(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto_detect: bool = True,
+    timeout_s: int = 300,
+) -> ClusterParams:
+    """Resolve the job parameters with the precedence `initialize` documents; starts nothing."""
+    from jax._src import clusters
+
+    explicit = (coordinator_address, num_processes, process_id)
+    env = (os.environ.get("JAX_COORDINATOR_ADDRESS") or None, _env_int("JAX_NUM_PROCESSES"),
+           _env_int("JAX_PROCESS_ID"))
+    values = [a if a is not None else b for a, b in zip(explicit, env, strict=True)]
+    source = "arguments" if any(v is not None for v in explicit) else "environment"
+    if all(v is None for v in values):
+        source = "single process"
+    cluster = detect_cluster() if auto_detect else None
+    if None in values and cluster is not None:
+        address, count, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            values[0], values[1], values[2], None, None, timeout_s)
+        values = [address, count, pid]
+        source = cluster if source == "single process" else f"{source} + {cluster}"
+    if source == "single process":
+        return ClusterParams(None, 1, 0, source)
+    address, count, pid = values
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    missing = [n for n, v in zip(names, values, strict=True) if v is None]
+    if missing:
+        raise ValueError(
+            f"incomplete multi-process configuration from {source}: {', '.join(missing)} not "
+            "set. Set all three (or pass coordinator_address=, num_processes=, process_id=), "
+            "or run under a cluster JAX detects (SLURM, Open MPI, Cloud TPU, Kubernetes)."
+        )
+    if count < 1 or not 0 <= pid < count:
+        raise ValueError(f"process id {pid} is outside 0..{count - 1} (num_processes={count})")
+    return ClusterParams(address, count, pid, source)
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
+    primary_host: int = 0,
+    auto_detect: bool = True,
+) -> Topology:
+    """Start (or join) the multi-host job and return what this process sees.
+
+    Precedence: explicit arguments, then ``JAX_COORDINATOR_ADDRESS`` /
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, then JAX's cluster
+    auto-detection (SLURM, Open MPI, Cloud TPU, Kubernetes), then a single
+    process. On CPU, cross-process collectives use gloo. Safe to call twice.
+    """
+    set_primary_host(primary_host)
+    if is_initialized():
+        return topology()
+    params = resolve_cluster(coordinator_address, num_processes, process_id,
+                             auto_detect=auto_detect, timeout_s=initialization_timeout_s)
+    # gloo is jax's default CPU collectives implementation today; set it explicitly so a
+    # changed default cannot silently turn cross-process CPU arrays into errors.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if params.num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=params.coordinator_address,
+            num_processes=params.num_processes,
+            process_id=params.process_id,
+            local_device_ids=list(local_device_ids) if local_device_ids is not None else None,
+            initialization_timeout=initialization_timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
+    topo = topology()
+    if not 0 <= _primary_host < topo.process_count:
+        raise ValueError(
+            f"primary_host={_primary_host} but the job has {topo.process_count} processes"
+        )
+    logger.info("[process=%d] distckpt initialized (%s): %s", topo.process_index,
+                params.source, topo.describe())
+    return topo
+
+
+def set_primary_host(process: int) -> None:
+    """Choose which process writes shared metadata and takes decisions (default 0)."""
+    global _primary_host
+    if process < 0:
+        raise ValueError(f"primary host must be a process index >= 0, got {process}")
+    _primary_host = process
+
+
+def primary_host() -> int:
+    return _primary_host
+
+
+def is_primary() -> bool:
+    """True on the primary host. The only place that answers this question."""
+    return jax.process_index() == _primary_host
+
+
+def _timeout_ms(timeout_s: float) -> int:
+    if timeout_s <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout_s}")
+    return max(1, int(timeout_s * 1000))
+
+
+_TASK_LIST = re.compile(r"timed out task names:\s*\n((?:\s*\S+\s*\n?)+)", re.IGNORECASE)
+
+
+def _missing_from_error(message: str, count: int) -> list[int]:
+    """Parse the coordination service's list of tasks that did not reach a barrier."""
+    match = _TASK_LIST.search(message)
+    if not match:
+        return []
+    found: list[int] = []
+    for token in match.group(1).split():
+        number = re.search(r"(?:task:)?(\d+)$", token)
+        if number is None:
+            break
+        value = int(number.group(1))
+        if value < count and value not in found:
+            found.append(value)
+    return sorted(found)
+
+
+def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+            processes: Sequence[int] | None = None) -> None:
+    """Wait until every process (or `processes`) reaches the barrier `name`.
+
+    Raises BarrierTimeoutError naming the processes that never arrived.
+    A no-op in a single-process job.
+    """
+    if jax.process_count() == 1:
+        return
+    client = _distributed_client()
+    if client is None:
+        raise RuntimeError("barrier() needs distckpt.initialize() in a multi-process job")
+    try:
+        client.wait_at_barrier(
+            f"{_KV_PREFIX}:{name}", _timeout_ms(timeout_s),
+            list(processes) if processes is not None else None,
+        )
+    except Exception as e:  # jax raises JaxRuntimeError(DEADLINE_EXCEEDED...)
+        message = str(e)
+        if "DEADLINE_EXCEEDED" not in message and "timed out" not in message.lower():
+            raise RuntimeError(
+                f"[process={jax.process_index()}] barrier {name!r} failed: {message}"
+            ) from e
+        missing = _missing_from_error(message, jax.process_count())
+        detail = ""
+        if missing:
+            try:
+                live = client.get_live_nodes(list(range(jax.process_count())))
+                dead = [p for p in missing if p not in live]
+                if dead:
+                    detail = f"The coordination service no longer sees processes {dead} alive. "
+            except Exception:  # the service itself may be gone
+                detail = "The coordination service could not be asked which processes live. "
+        raise BarrierTimeoutError(name, timeout_s, missing, detail) from e
+
+
+def _encode(value: Any, name: str) -> str:
+    try:
+        text = json.dumps(value)
+    except TypeError as e:
+        raise TypeError(f"decision {name!r} must be JSON-serializable, got {value!r}") from e
+    if len(text) > _MAX_DECISION_BYTES:
+        raise ValueError(
+            f"decision {name!r} is {len(text)} bytes; decisions are for small values "
+            f"(<= {_MAX_DECISION_BYTES} bytes): steps, flags, short strings"
+        )
+    return text
+
+
+def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAULT_TIMEOUT_S) -> T:
+    """Run `decide` on the primary host only and return its value on every process.
+
+    `name` identifies the decision (e.g. ``"restore:step"``); it may be reused once every
+    process has returned from the previous use. If `decide` raises on the primary, every
+    process raises a RuntimeError carrying the primary's message.
+    """
+    if jax.process_count() == 1:
+        return decide()
+    client = _distributed_client()
+    key = f"{_KV_PREFIX}/decision/{name}"
+    if is_primary():
+        try:
+            payload = {"ok": True, "value": decide()}
+            text = _encode(payload, name)
+        except Exception as e:
+            text = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            client.key_value_set(key, text, allow_overwrite=True)
+            barrier(f"decision:{name}:read", timeout_s)
+            client.key_value_delete(key)
+            raise
+        client.key_value_set(key, text, allow_overwrite=True)
+    else:
+        try:
+            text = client.blocking_key_value_get(key, _timeout_ms(timeout_s))
+        except Exception as e:
+            raise TimeoutError(
+                f"[process={jax.process_index()}] no decision {name!r} from primary host "
+                f"{_primary_host} within {timeout_s:g}s: {e}"
+            ) from e
+    # Everyone has read the value before the primary removes it, so a later decision
+    # under the same name can never be answered by this one.
+    barrier(f"decision:{name}:read", timeout_s)
+    if is_primary():
+        client.key_value_delete(key)
+    payload = json.loads(text)
+    if not payload["ok"]:
+        raise RuntimeError(
+            f"[process={jax.process_index()}] primary host {_primary_host} failed deciding "
+            f"{name!r}: {payload['error']}"
+        )
+    return payload["value"]
+
+
+def all_gather(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Every process contributes a small JSON value; every process gets the list by index."""
+    if jax.process_count() == 1:
+        return [value]
+    client = _distributed_client()
+    prefix = f"{_KV_PREFIX}/gather/{name}/"
+    client.key_value_set(prefix + str(jax.process_index()), _encode(value, name),
+                         allow_overwrite=True)
+    barrier(f"gather:{name}:written", timeout_s)
+    entries = dict(client.key_value_dir_get(prefix))
+    barrier(f"gather:{name}:read", timeout_s)
+    client.key_value_delete(prefix + str(jax.process_index()))
+    out = []
+    for p in range(jax.process_count()):
+        text = entries.get(prefix + str(p))
+        if text is None:
+            raise RuntimeError(f"all_gather {name!r}: process {p} wrote no value")
+        out.append(json.loads(text))
+    return out
+
+
+def all_agree(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """Check that every process holds the same small value; raise listing who differs."""
+    values = all_gather(name, value, timeout_s)
+    if any(v != values[0] for v in values):
+        table = ", ".join(f"process {i}: {v!r}" for i, v in enumerate(values))
+        raise RuntimeError(f"processes disagree on {name!r}: {table}")
+    return values[0]

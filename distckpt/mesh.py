@@ -1,0 +1,273 @@
+"""Meshes, logical axis rules and sharded abstract targets for NNX state.
+
+A model names the *logical* axes of each parameter (``nnx.with_partitioning(init,
+("embed", "mlp"))``); a :class:`Rules` table maps each logical axis to a mesh
+axis (or several, or none). The same model and rules then shard onto any mesh:
+a logical axis whose mesh axis the mesh lacks is replicated, so
+``data=2,fsdp=4`` and ``fsdp=2,tensor=2`` both work without new rules.
+
+:func:`abstract_target` builds the restore target: the model/optimizer objects
+with `jax.ShapeDtypeStruct` leaves *carrying the target shardings*, without
+allocating a parameter (``nnx.eval_shape`` alone drops shardings, flax#5110).
+:func:`init_sharded` materialises fresh state directly into its shardings.
+
+Eager sharding (flax>=0.12 applies annotations at variable creation) is turned
+off inside these helpers: distckpt applies the rules itself so a model is not
+tied to one mesh's axis names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+T = TypeVar("T")
+
+_AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """An ordered list of mesh axes and sizes, e.g. ``data=2,fsdp=4``."""
+
+    axes: tuple[tuple[str, int], ...]
+    """(name, size) pairs in mesh order."""
+
+    def __post_init__(self):
+        if not self.axes:
+            raise ValueError("a mesh needs at least one axis, e.g. 'data=2'")
+        names = [n for n, _ in self.axes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mesh axis names must be unique, got {names}")
+        for name, size in self.axes:
+            if not _AXIS.match(name):
+                raise ValueError(f"mesh axis name {name!r} is not an identifier")
+            if size < 1:
+                raise ValueError(f"mesh axis {name}={size}: sizes must be >= 1")
+
+    @classmethod
+    def parse(cls, text: str) -> MeshSpec:
+        """Parse ``'data=2,fsdp=4'``. Sizes must be positive integers."""
+        axes = []
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            name, sep, size = part.partition("=")
+            if not sep or not size.isdigit():
+                raise ValueError(
+                    f"bad mesh spec {text!r}: expected AXIS=SIZE[,AXIS=SIZE...], "
+                    "e.g. 'data=2,fsdp=4'"
+                )
+            axes.append((name, int(size)))
+        return cls(tuple(axes))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s for _, s in self.axes)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={s}" for n, s in self.axes)
+
+
+def make_mesh(spec: str | MeshSpec, devices: Iterable[jax.Device] | None = None) -> Mesh:
+    """A mesh over all global devices (or `devices`) with Auto axis types.
+
+    Auto axes accept `with_sharding_constraint`, which explicit axes (jax 0.10's
+    `make_mesh` default) reject.
+    """
+    spec = MeshSpec.parse(spec) if isinstance(spec, str) else spec
+    devs = list(devices) if devices is not None else jax.devices()
+    if spec.size != len(devs):
+        raise ValueError(
+            f"mesh {spec} needs {spec.size} devices but {len(devs)} are available "
+            f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
+            "choose axis sizes whose product is the device count"
+        )
+    if devices is None:
+        return jax.make_mesh(spec.shape, spec.names, axis_types=(AxisType.Auto,) * len(spec.axes))
+    array = np.asarray(devs, dtype=object).reshape(spec.shape)
+    return Mesh(array, spec.names, axis_types=(AxisType.Auto,) * len(spec.axes))
+
+
+def mesh_spec_of(mesh: Mesh) -> MeshSpec:
+    return MeshSpec(tuple((str(n), int(s)) for n, s in mesh.shape.items()))
+
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicate)."""
+
+    table: tuple[tuple[str, MeshAxes], ...]
+    """(logical axis, mesh axes) pairs; the first match wins."""
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> Rules:
+        items = mapping.items() if isinstance(mapping, Mapping) else mapping
+        return cls(tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in items))
+
+    def mesh_axes(self, logical: str | None) -> MeshAxes:
+        if logical is None:
+            return None
+        for name, axes in self.table:
+            if name == logical:
+                return axes
+        return None
+
+    def spec(self, logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+             path: str = "") -> PartitionSpec:
+        """The PartitionSpec for an array with these logical axes on `mesh`.
+
+        Mesh axes the mesh lacks (or of size 1) are dropped, a mesh axis is used at most
+        once per array, and a dimension that the mesh axes do not divide raises.
+        """
+        if len(logical_axes) != len(shape):
+            raise ValueError(
+                f"{path or 'array'}: {len(logical_axes)} logical axes {logical_axes} for an "
+                f"array of rank {len(shape)} {shape}"
+            )
+        used: set[str] = set()
+        out: list[MeshAxes] = []
+        for dim, logical in zip(shape, logical_axes, strict=True):
+            axes = self.mesh_axes(logical)
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1
+                          and n not in used)
+            size = math.prod(mesh.shape[n] for n in names)
+            if names and dim % size:
+                raise ValueError(
+                    f"{path or 'array'}: dimension {dim} (logical axis {logical!r}) is not "
+                    f"divisible by mesh axes {names} of total size {size}; pick a mesh whose "
+                    f"axis sizes divide it or map {logical!r} to another axis in the rules"
+                )
+            used.update(names)
+            out.append(None if not names else names[0] if len(names) == 1 else names)
+        while out and out[-1] is None:
+            out.pop()
+        return PartitionSpec(*out)
+
+
+# Rules for distckpt's reference transformer (and MaxText-style names): batch over the
+# data-parallel axes, parameters' embed dimension over fsdp, heads and MLP over tensor.
+DEFAULT_RULES = Rules.of({
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "seq": None,
+})
+
+
+def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names an NNX variable was annotated with, if any."""
+    meta = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if names is not None and not isinstance(names, (NamedSharding, PartitionSpec)):
+            return tuple(names)
+        if isinstance(names, PartitionSpec):
+            return tuple(names)
+    return None
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """A State of NamedShardings: annotated variables by the rules, the rest replicated."""
+
+    def one(path, variable):
+        value = variable.get_value()
+        shape = tuple(getattr(value, "shape", ()))
+        logical = logical_axes_of(variable)
+        spec = PartitionSpec() if logical is None else rules.spec(
+            logical, shape, mesh, path_str(path))
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return nnx.map_state(one, state) if hasattr(nnx, "map_state") else _map_state(one, state)
+
+
+def _map_state(fn, state: nnx.State) -> nnx.State:
+    flat = nnx.to_flat_state(state)
+    return nnx.from_flat_state([(p, fn(p, v)) for p, v in flat])
+
+
+def _no_eager(fn: Callable[[], T]) -> Callable[[], T]:
+    def wrapped():
+        with nnx.use_eager_sharding(False):
+            return fn()
+
+    return wrapped
+
+
+def abstract_target(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
+    """Abstract objects from `factory()` whose leaves are ShapeDtypeStructs with target shardings.
+
+    `factory` builds the model (and optimizer), e.g. ``lambda: {"model": m := Model(...),
+    "optimizer": nnx.Optimizer(m, tx, wrt=nnx.Param)}``. Nothing is allocated.
+    """
+    abstract = nnx.eval_shape(_no_eager(factory))
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+
+    def with_sharding(path, variable):
+        value = variable.get_value()
+        sharding = _leaf(shardings, path).get_value()
+        return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+    sharded = _map_state(with_sharding, state)
+    return nnx.merge(graphdef, sharded)
+
+
+def _leaf(state: nnx.State, path: tuple[Any, ...]):
+    node = state
+    for key in path:
+        node = node[key]
+    return node
+
+
+def init_sharded(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
+    """Build `factory()` with every variable created directly in its target sharding."""
+    abstract = nnx.eval_shape(_no_eager(factory))
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+    make = _no_eager(factory)
+
+    @jax.jit
+    def create():
+        return nnx.split(make())[1]
+
+    out_shardings = jax.tree.map(lambda v: v, shardings)
+    state = jax.jit(create, out_shardings=out_shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shardings_of(obj: Any) -> Any:
+    """The shardings of an object's leaves (arrays or ShapeDtypeStructs)."""
+    state = nnx.state(obj) if isinstance(obj, nnx.Object | nnx.Module) else obj
+    return jax.tree.map(lambda x: getattr(x, "sharding", None), state)

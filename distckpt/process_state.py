@@ -1,0 +1,106 @@
+"""Per-process state (e.g. a data iterator's position), one JSON file per process.
+
+Orbax's JSON handler writes on the primary host only; a data loader's position
+differs per host, so every process writes ``process_<i>.json`` into the step's
+``process_state`` item. Restoring onto the same process count hands each
+process its own record. Onto a different count the records cannot be mapped
+silently (torchtitan#811 dropped them): the caller passes a
+:data:`ProcessStateRemap` hook, or restore raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from etils import epath
+from orbax.checkpoint import args as ocp_args
+from orbax.checkpoint import future
+from orbax.checkpoint._src.handlers import async_checkpoint_handler
+
+MAX_BYTES = 16 * 1024 * 1024
+
+ProcessStateRemap = Callable[[list[Any], int, int], Any]
+"""remap(saved_states_by_process, new_process_index, new_process_count) -> this process's state."""
+
+
+def _filename(process: int) -> str:
+    return f"process_{process}.json"
+
+
+class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
+    """Every process writes its own JSON record; restore reads all records."""
+
+    @staticmethod
+    def _write_sync(directory: epath.Path, value: Any) -> None:
+        record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+                  "state": value}
+        (directory / _filename(jax.process_index())).write_text(json.dumps(record))
+
+    async def _write(self, directory: epath.Path, value: Any) -> None:
+        self._write_sync(directory, value)
+
+    async def async_save(self, directory: epath.Path, args: ProcessStateSave):
+        return [future.CommitFutureAwaitingContractedSignals(
+            self._write(directory, args.state), name="distckpt_process_state")]
+
+    def save(self, directory: epath.Path, args: ProcessStateSave) -> None:
+        self._write_sync(directory, args.state)
+
+    def restore(self, directory: epath.Path, args: ProcessStateRestore | None = None) -> list[Any]:
+        records = []
+        index = 0
+        while (path := directory / _filename(index)).exists():
+            if path.stat().length > MAX_BYTES:
+                raise ValueError(f"{path} is larger than {MAX_BYTES} bytes; refusing to read it")
+            records.append(json.loads(path.read_text())["state"])
+            index += 1
+        return records
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp_args.register_with_handler(ProcessStateHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessStateSave(ocp_args.CheckpointArgs):
+    state: Any = None
+
+
+@ocp_args.register_with_handler(ProcessStateHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessStateRestore(ocp_args.CheckpointArgs):
+    pass
+
+
+def select(records: list[Any], saved_count: int, remap: ProcessStateRemap | None) -> Any:
+    """This process's state from the saved records, or a clear error on a topology change."""
+    index, count = jax.process_index(), jax.process_count()
+    if len(records) != saved_count:
+        raise ValueError(
+            f"per-process state has {len(records)} records but the step was saved by "
+            f"{saved_count} processes; the checkpoint is incomplete"
+        )
+    if all(r is None for r in records):
+        return None
+    if saved_count == count and remap is None:
+        return records[index]
+    if remap is None:
+        raise ValueError(
+            f"this step holds per-process state from {saved_count} processes but the job has "
+            f"{count}; pass process_state_remap=fn(saved_states, process_index, process_count) "
+            "to restore() to say how positions map onto the new hosts (or "
+            "process_state_remap=distckpt.drop_process_state to discard them)"
+        )
+    return remap(records, index, count)
+
+
+def drop_process_state(records: list[Any], index: int, count: int) -> None:
+    """A remap hook that discards saved per-process state (start fresh on each host)."""
+    return None
