@@ -140,10 +140,24 @@ def detect_cluster() -> str | None:
         if env.opt_in_only_method:
             continue
         try:
-            if env.is_env_present():
-                return env.__name__
-        except Exception:  # a detector probing a metadata server may fail offline
+            present = env.is_env_present()
+        except Exception as e:  # e.g. a metadata server that does not answer
+            logger.warning("cluster detector %s failed: %s", env.__name__, e)
             continue
+        if present:
+            return env.__name__
+    return None
+
+
+# Launchers that start N ranks which JAX may not detect (Open MPI 5/PRRTE, MPICH/PMI).
+_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def _undetected_world_size() -> tuple[str, int] | None:
+    for name in _WORLD_SIZE_VARS:
+        value = _env_int(name)
+        if value is not None and value > 1:
+            return name, value
     return None
 
 
@@ -162,16 +176,25 @@ def resolve_cluster(
     env = (os.environ.get("JAX_COORDINATOR_ADDRESS") or None, _env_int("JAX_NUM_PROCESSES"),
            _env_int("JAX_PROCESS_ID"))
     values = [a if a is not None else b for a, b in zip(explicit, env, strict=True)]
-    source = "arguments" if any(v is not None for v in explicit) else "environment"
-    if all(v is None for v in values):
-        source = "single process"
-    cluster = detect_cluster() if auto_detect else None
-    if None in values and cluster is not None:
+    from_args = any(v is not None for v in explicit)
+    from_env = any(e is not None and a is None for a, e in zip(explicit, env, strict=True))
+    source = " + ".join(n for n, used in (("arguments", from_args), ("environment", from_env))
+                        if used) or "single process"
+    if None in values and auto_detect and (cluster := detect_cluster()) is not None:
         address, count, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
             values[0], values[1], values[2], None, None, timeout_s)
         values = [address, count, pid]
         source = cluster if source == "single process" else f"{source} + {cluster}"
     if source == "single process":
+        if (world := _undetected_world_size()) is not None:
+            raise ValueError(
+                f"{world[0]}={world[1]} says this is one of {world[1]} ranks, but JAX detected "
+                "no cluster it can bootstrap from; every rank would run as its own "
+                "single-process job and write the same checkpoints. Set "
+                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (see launch/).")
+        if (_env_int("SLURM_NTASKS") or 1) > 1:
+            logger.warning("SLURM_NTASKS>1 but no SLURM job step was detected: run under "
+                           "`srun` to start one process per task; continuing as one process")
         return ClusterParams(None, 1, 0, source)
     address, count, pid = values
     names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -182,6 +205,9 @@ def resolve_cluster(
             "set. Set all three (or pass coordinator_address=, num_processes=, process_id=), "
             "or run under a cluster JAX detects (SLURM, Open MPI, Cloud TPU, Kubernetes)."
         )
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"coordinator address {address!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
     if count < 1 or not 0 <= pid < count:
         raise ValueError(f"process id {pid} is outside 0..{count - 1} (num_processes={count})")
     return ClusterParams(address, count, pid, source)
@@ -298,15 +324,9 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
                 f"[process={jax.process_index()}] barrier {name!r} failed: {message}"
             ) from e
         missing = _missing_from_error(message, jax.process_count())
-        detail = ""
-        if missing:
-            try:
-                live = client.get_live_nodes(list(range(jax.process_count())))
-                dead = [p for p in missing if p not in live]
-                if dead:
-                    detail = f"The coordination service no longer sees processes {dead} alive. "
-            except Exception:  # the service itself may be gone
-                detail = "The coordination service could not be asked which processes live. "
+        # Do not ask the service which tasks are alive here: GetAliveTasks is itself a
+        # collective that waits for every live task, so it would hang on the missing one.
+        detail = "" if missing else f"Service message: {message.splitlines()[0]} "
         raise BarrierTimeoutError(name, timeout_s, missing, detail) from e
 
 
@@ -330,8 +350,10 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
     process has returned from the previous use. If `decide` raises on the primary, every
     process raises a RuntimeError carrying the primary's message.
     """
-    if jax.process_count() == 1:
-        return decide()
+    if jax.process_count() == 1:  # same checks as with many processes, so code ports
+        value = decide()
+        _encode({"ok": True, "value": value}, name)
+        return value
     client = _distributed_client()
     key = f"{_KV_PREFIX}/decision/{name}"
     if is_primary():
@@ -370,6 +392,7 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
 def all_gather(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Every process contributes a small JSON value; every process gets the list by index."""
     if jax.process_count() == 1:
+        _encode(value, name)
         return [value]
     client = _distributed_client()
     prefix = f"{_KV_PREFIX}/gather/{name}/"

@@ -152,6 +152,9 @@ def launch(
             signal.signal(sig, handler)
         for t in pumps:
             t.join(timeout=5)
+        for p in procs:
+            if p.stdout is not None:
+                p.stdout.close()
     codes = [p.poll() for p in procs]
     if first_failure is None:
         rc = 0

@@ -195,6 +195,7 @@ class CheckpointService:
         retention = self._preservation_policy()
         manager_options = ocp.CheckpointManagerOptions(
             save_decision_policy=self._save_policy,
+            save_interval_steps=0 if self.options.read_only else 1,
             preservation_policy=None if self.options.read_only else retention,
             best_fn=self.options.score_fn(),
             best_mode=self.options.best_mode,

@@ -1,0 +1,230 @@
+"""One process of a multi-process test job. Run through the launcher (tests/conftest.py).
+
+    python tests/mp_worker.py SCENARIO OUT_JSON [options]
+
+Each scenario writes its findings (primary host) to OUT_JSON; the test asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import distckpt
+from distckpt import coordinator, digest, nnx_state
+from distckpt.mesh import Rules
+
+
+class Counter(nnx.Variable):
+    """A custom Variable subclass (maxtext PR 4343: these came back as zeros)."""
+
+
+class RoundTripModel(nnx.Module):
+    """Every kind of NNX state the service must keep."""
+
+    def __init__(self, rngs: nnx.Rngs, layers: int = 2, width: int = 8, dtype=jnp.float32):
+        part = nnx.with_partitioning
+        self.embed = nnx.Param(part(nnx.initializers.normal(1.0), ("vocab", "embed"))(
+            rngs.params(), (16, width), dtype))
+        self.layers = nnx.List([
+            nnx.Linear(width, width, kernel_init=part(nnx.initializers.lecun_normal(),
+                                                      ("embed", "mlp")),
+                       param_dtype=dtype, rngs=rngs) for _ in range(layers)])
+        self.norm = nnx.BatchNorm(width, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.table = nnx.data({0: Counter(jnp.arange(4, dtype=jnp.int32)),
+                               7: Counter(jnp.full((3,), 7, jnp.int32))})
+        self.noise = nnx.Rngs(noise=11)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.drop(self.norm(x))
+
+
+def factory(layers: int = 2, width: int = 8, dtype=jnp.float32):
+    def make():
+        model = RoundTripModel(nnx.Rngs(params=0, dropout=1), layers, width, dtype)
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+        return {"model": model, "optimizer": optimizer}
+
+    return make
+
+
+@nnx.jit
+def train_step(model, optimizer, x):
+    def loss_fn(m):
+        return jnp.mean(m(x) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+@nnx.jit
+def next_dropout_mask(model):
+    return model.drop(jnp.ones((4, 8))) != 0
+
+
+def fingerprint(items) -> dict:
+    """Digests of every leaf, the next dropout mask, the optimizer step (all processes)."""
+    arrays = {leaf.name: leaf.value for leaf in nnx_state.flatten_items(items)}
+    out = {"digests": digest.digests(arrays, "fingerprint:leaves")}
+    # Masks are computed on a copy so the caller's RNG state does not advance.
+    model = nnx.clone(items["model"]) if hasattr(nnx, "clone") else items["model"]
+    mask = next_dropout_mask(model)
+    out["mask"] = digest.digests({"mask": mask}, "fingerprint:mask")["mask"]
+    out["opt_step"] = int(np.asarray(jax.device_get(
+        items["optimizer"].step[...].addressable_shards[0].data)))
+    return out
+
+
+def rules_from(text: str | None) -> Rules:
+    return distckpt.DEFAULT_RULES if not text else Rules.of(json.loads(text))
+
+
+def write(out: str, value) -> None:
+    if distckpt.is_primary():
+        Path(out).write_text(json.dumps(value))
+
+
+def scenario_save(a) -> None:
+    """Train 3 steps on a mesh, save steps 1..3 asynchronously, then restore on the same job."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh, rules_from(a.rules))
+    x = jax.device_put(jnp.linspace(-1, 1, 32, dtype=jnp.float32).reshape(4, 8),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    returned_before_commit = []
+    finger = {}
+    with distckpt.CheckpointService(a.dir, distckpt.CheckpointOptions(max_to_keep=None)) as ckpt:
+        for step in range(1, 4):
+            train_step(items["model"], items["optimizer"], x)
+            ckpt.save(step, items, metrics={"step": step}, metadata={"note": f"step {step}"},
+                      process_state={"host": jax.process_index(), "pos": step * 10})
+            # Async: save() returned; was the commit still pending?
+            returned_before_commit.append(ckpt.save_stats[-1].commit_s is None)
+            finger[step] = fingerprint(items)
+        ckpt.wait()
+        steps = ckpt.all_steps()
+        # Same-topology restore in the same job.
+        target = distckpt.abstract_target(factory(), mesh, rules_from(a.rules))
+        restored = ckpt.restore(target)
+        same = fingerprint(restored.items)
+    write(a.out, {"steps": steps, "fingerprints": finger, "returned_before_commit":
+                  returned_before_commit, "same_topology": same,
+                  "restored_step": restored.step, "process_state": restored.process_state,
+                  "metadata": restored.metadata, "metrics": restored.metrics})
+
+
+def scenario_restore(a) -> None:
+    """Restore the newest step onto this job's mesh; compare with the saved fingerprints."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    rules = rules_from(a.rules)
+    target = distckpt.abstract_target(factory(), mesh, rules)
+    want = {leaf.name: leaf.value.sharding for leaf in nnx_state.flatten_items(target)}
+    with distckpt.CheckpointService(a.dir, distckpt.CheckpointOptions(read_only=True)) as ckpt:
+        try:
+            ckpt.restore(target)
+            process_state_error = None
+        except ValueError as e:
+            process_state_error = str(e)
+        target = distckpt.abstract_target(factory(), mesh, rules)
+        restored = ckpt.restore(target, process_state_remap=lambda recs, i, n: recs)
+    leaves = nnx_state.flatten_items(restored.items)
+    wrong_sharding = [leaf.name for leaf in leaves
+                      if not leaf.value.sharding.is_equivalent_to(want[leaf.name],
+                                                                  leaf.value.ndim)]
+    model_state = nnx.state(restored.items["model"])
+    types = {"table0": type(model_state["table"][0]).__name__,
+             "layers_keys": [type(k).__name__ for k in model_state["layers"].keys()],
+             "table_keys": sorted(model_state["table"].keys()),
+             "rng_key_dtype": str(model_state["noise"]["noise"]["key"].get_value().dtype),
+             "bn_mean": type(model_state["norm"]["mean"]).__name__}
+    write(a.out, {"step": restored.step, "fingerprint": fingerprint(restored.items),
+                  "wrong_sharding": wrong_sharding, "types": types,
+                  "process_state_error": process_state_error,
+                  "process_states": restored.process_state, "process_count": jax.process_count()})
+
+
+def scenario_writes(a) -> None:
+    """Log every file this process opens for writing under the checkpoint dir (audit hook)."""
+    root = os.path.realpath(a.dir)
+    log = []
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+            path = os.fsdecode(args[0])
+            mode = args[1] if isinstance(args[1], str) else ""
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            writing = any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR)
+            if writing and os.path.realpath(path).startswith(root):
+                log.append(os.path.relpath(os.path.realpath(path), root))
+
+    sys.addaudithook(hook)
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh)
+    with distckpt.CheckpointService(a.dir) as ckpt:
+        ckpt.save(1, items, metrics={"loss": 1.0}, metadata={"run": "w"},
+                  process_state={"pos": jax.process_index()})
+        ckpt.wait()
+        errors = []
+        for overwrite in (False,):
+            try:
+                ckpt.save(1, items, overwrite=overwrite)
+            except distckpt.StepExistsError as e:
+                errors.append(str(e))
+        ckpt.save(1, items, metadata={"run": "again"}, overwrite=True)
+        ckpt.wait()
+        after = ckpt.metadata(1)
+    writes = coordinator.all_gather("test:writes", sorted(set(log)))
+    write(a.out, {"writes": writes, "exists_errors": coordinator.all_gather("test:errs", errors),
+                  "metadata_after_overwrite": after})
+
+
+def scenario_barrier(a) -> None:
+    """Process `absent` never reaches the barrier; the others must time out naming it."""
+    distckpt.initialize()
+    decided = distckpt.primary_decides("test:decision", lambda: {"step": 42, "ok": True})
+    gathered = distckpt.all_gather("test:gather", jax.process_index() * 10)
+    result = {"decided": decided, "gathered": gathered}
+    if jax.process_index() == a.absent:
+        time.sleep(a.timeout + 8)
+        return
+    t0 = time.monotonic()
+    try:
+        distckpt.barrier("test:never-complete", timeout_s=a.timeout)
+        result["error"] = None
+    except distckpt.BarrierTimeoutError as e:
+        result.update(error=str(e), missing=list(e.missing))
+    result["elapsed"] = time.monotonic() - t0
+    Path(f"{a.out}.{jax.process_index()}").write_text(json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario")
+    p.add_argument("out")
+    p.add_argument("--dir")
+    p.add_argument("--mesh", default="fsdp=2")
+    p.add_argument("--rules")
+    p.add_argument("--absent", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=3.0)
+    a = p.parse_args()
+    globals()[f"scenario_{a.scenario}"](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Barriers, decisions and gathers across real processes; cluster parameter precedence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distckpt import coordinator
+
+
+@pytest.mark.multiprocess
+def test_barrier_timeout_names_missing_process(tmp_path, run_hosts):
+    out = tmp_path / "barrier"
+    timeout = 3.0
+    job = run_hosts(3, 1, "barrier", str(out), "--absent", "1", "--timeout", str(timeout))
+    job.check()
+    for pid in (0, 2):
+        got = json.loads((tmp_path / f"barrier.{pid}").read_text())
+        assert got["decided"] == {"step": 42, "ok": True}
+        assert got["gathered"] == [0, 10, 20]
+        assert got["missing"] == [1], got["error"]
+        assert "test:never-complete" in got["error"] and "did not arrive: 1" in got["error"]
+        assert got["elapsed"] < timeout + 5
+
+
+def _resolve_in_subprocess(env: dict[str, str], code: str) -> dict:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
+    clean.update(env)
+    script = ("import json\nfrom distckpt import coordinator\n" + code)
+    res = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_resolve_precedence_arguments_then_env_then_single():
+    code = ("import dataclasses\n"
+            "print(json.dumps([dataclasses.asdict(coordinator.resolve_cluster()),"
+            "dataclasses.asdict(coordinator.resolve_cluster('h:9', 4, 3))]))")
+    env_only, explicit = _resolve_in_subprocess(
+        {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "8",
+         "JAX_PROCESS_ID": "5"}, code)
+    assert env_only == {"coordinator_address": "10.0.0.1:1234", "num_processes": 8,
+                        "process_id": 5, "source": "environment"}
+    assert explicit == {"coordinator_address": "h:9", "num_processes": 4, "process_id": 3,
+                        "source": "arguments"}
+    single = _resolve_in_subprocess({}, "import dataclasses\nprint(json.dumps("
+                                    "dataclasses.asdict(coordinator.resolve_cluster())))")
+    assert single["num_processes"] == 1 and single["source"] == "single process"
+
+
+def test_incomplete_environment_is_an_actionable_error():
+    code = ("try:\n    coordinator.resolve_cluster()\n    print(json.dumps('no error'))\n"
+            "except ValueError as e:\n    print(json.dumps(str(e)))")
+    msg = _resolve_in_subprocess({"JAX_COORDINATOR_ADDRESS": "h:1"}, code)
+    assert "JAX_NUM_PROCESSES" in msg and "JAX_PROCESS_ID" in msg
+    msg = _resolve_in_subprocess({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                                  "JAX_PROCESS_ID": "2"}, code)
+    assert "outside 0..1" in msg
+
+
+def test_single_process_helpers_need_no_service():
+    assert coordinator.primary_decides("t", lambda: 7) == 7
+    assert coordinator.all_gather("t", {"a": 1}) == [{"a": 1}]
+    coordinator.barrier("t", timeout_s=1)
+    assert coordinator.is_primary()
+    with pytest.raises(ValueError, match="small values"):
+        coordinator.primary_decides("big", lambda: "x" * 100_000)
+
+
+def test_missing_tasks_parsed_from_service_message():
+    msg = ("DEADLINE_EXCEEDED: Barrier timed out. Id: b3::0. ...\n# of tasks that reached the "
+           "barrier: 1/3.\nThe first task at the barrier: 0. Some timed out task names:\n1\n2\n\n")
+    assert coordinator._missing_from_error(msg, 3) == [1, 2]
+    assert coordinator._missing_from_error(
+        "Some timed out task names:\n/job:jax_worker/replica:0/task:2\n", 3) == [2]

@@ -1,0 +1,55 @@
+"""Acceptance 9: the drill (the main job) passes with defaults and from 4x2 to 1x4."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+
+DRILL = [sys.executable, "-m", "distckpt.cli", "drill"]
+
+
+def _drill(tmp_path, *args):
+    report = tmp_path / "report.json"
+    res = subprocess.run(DRILL + ["--dir", str(tmp_path / "d"), "--json", str(report), *args],
+                         capture_output=True, text=True, timeout=600)
+    return res, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def test_default_drill_verifies(tmp_path):
+    res, report = _drill(tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert report["verified"] is True
+    assert report["source"] == "4x2:data=2,fsdp=4"
+    assert report["target"] == "2x2:fsdp=2,tensor=2"
+    # 6 steps, save every 4: step 4 is the newest save, 2 steps of work lost.
+    assert report["restored_step"] == 4 and report["steps_lost"] == 2
+    assert report["leaves"] > 0 and report["bytes"] > 0
+    assert report["content_mismatch"] == [] and report["sharding_mismatch"] == []
+    assert len(report["save_stall_seconds"]) == len(report["commit_seconds"]) == 1
+    assert all(c is not None for c in report["commit_seconds"])
+    assert report["loss_abs_diff"] <= report["loss_rel_tol"] * max(1, report["loss_before"])
+    assert "verified" in res.stdout
+
+
+def test_drill_onto_one_host(tmp_path):
+    res, report = _drill(tmp_path, "--from", "4x2", "--to", "1x4", "--steps", "4",
+                         "--save-every", "2")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert report["verified"] is True
+    assert report["target"] == "1x4:fsdp=4" and report["source"] == "4x2:fsdp=8"
+    assert report["restored_step"] == 4 and report["steps_lost"] == 0
+
+
+def test_drill_bad_arguments_fail_fast_and_write_nothing(tmp_path):
+    for args, match in [(["--from", "4x2:data=3"], "has 8 devices but mesh data=3 has 3"),
+                        (["--to", "two"], "expected HOSTSxDEVICES"),
+                        (["--save-every", "9"], "nothing would be saved")]:
+        res, report = _drill(tmp_path, *args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert match in res.stderr and report is None
+        assert not (tmp_path / "d").exists()

@@ -1,0 +1,37 @@
+"""Acceptance 6: a run killed after step 7 (saves every 3) resumes from 6, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+
+TRAIN = [sys.executable, "-m", "distckpt.cli", "train", "--steps", "10", "--save-every", "3",
+         "--mesh", "data=2,fsdp=2", "--max-to-keep", "5"]
+
+
+def _result(output: str) -> dict:
+    lines = [line.split("] ", 1)[1] for line in output.splitlines()
+             if line.startswith("[host 0] {")]
+    assert lines, output[-4000:]
+    return json.loads(lines[-1])
+
+
+def test_killed_run_resumes_from_newest_committed_step_bit_exact(tmp_path, run_hosts):
+    full = _result(run_hosts(2, 2, command=TRAIN + ["--dir", str(tmp_path / "a")]).check().output)
+    assert full["start_step"] == 0 and full["saved_steps"] == [3, 6, 9]
+
+    crashed = run_hosts(2, 2, command=TRAIN + ["--dir", str(tmp_path / "b"),
+                                               "--crash-after", "7"])
+    assert crashed.returncode != 0  # SIGKILLed on purpose after step 7
+    assert "crashing on purpose after step 7" in crashed.output
+
+    resumed = _result(run_hosts(2, 2, command=TRAIN + ["--dir", str(tmp_path / "b")])
+                      .check().output)
+    assert resumed["start_step"] == 6
+    assert sorted(resumed["losses"], key=int) == ["7", "8", "9", "10"]
+    for step, loss in resumed["losses"].items():
+        assert loss == full["losses"][step], (step, loss, full["losses"][step])  # bit for bit

@@ -1,0 +1,195 @@
+"""CheckpointService in one process with 8 CPU devices: round trips, strictness, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import distckpt
+from distckpt import nnx_state
+from tests.mp_worker import factory, train_step
+
+
+def arrays(items) -> dict[str, np.ndarray]:
+    out = {}
+    for leaf in nnx_state.flatten_items(items):
+        value = leaf.value
+        if leaf.is_key:
+            value = jax.random.key_data(value)
+        out[leaf.name] = np.asarray(value)
+    return out
+
+
+def shardings(items) -> dict:
+    return {leaf.name: leaf.value.sharding for leaf in nnx_state.flatten_items(items)}
+
+
+@pytest.fixture
+def trained():
+    mesh = distckpt.make_mesh("data=2,fsdp=2,tensor=2")
+    items = distckpt.init_sharded(factory(), mesh)
+    x = jnp.linspace(-1, 1, 32, dtype=jnp.float32).reshape(4, 8)
+    train_step(items["model"], items["optimizer"], x)
+    return items
+
+
+def test_round_trip_bit_exact_with_target_shardings(tmp_path, trained):
+    assert jax.device_count() == 8
+    before = arrays(trained)
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        assert ckpt.save(5, trained, metrics={"loss": 0.5}, metadata={"run": "a"})
+    for spec in ("data=2,fsdp=2,tensor=2", "fsdp=8", "tensor=4,data=2"):
+        mesh = distckpt.make_mesh(spec)
+        target = distckpt.abstract_target(factory(), mesh)
+        want = shardings(target)
+        with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(read_only=True)) \
+                as ckpt:
+            restored = ckpt.restore(target)
+        assert restored.step == 5 and restored.metrics == {"loss": 0.5}
+        assert restored.metadata == {"run": "a"}
+        after = arrays(restored.items)
+        assert after.keys() == before.keys()
+        for name in before:
+            assert after[name].dtype == before[name].dtype, name
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+        for leaf in nnx_state.flatten_items(restored.items):
+            assert leaf.value.sharding.is_equivalent_to(want[leaf.name], leaf.value.ndim), \
+                (spec, leaf.name)
+    # A sharded parameter really is sharded on the target mesh.
+    kernel = nnx.state(restored.items["model"])["layers"][0]["kernel"].get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")  # (embed, mlp)
+
+
+def _save_one(tmp_path, items) -> None:
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        ckpt.save(1, items)
+
+
+def test_strict_restore_names_every_offending_path(tmp_path):
+    mesh = distckpt.make_mesh("fsdp=8")
+    _save_one(tmp_path, distckpt.init_sharded(factory(layers=4), mesh))
+    ro = distckpt.CheckpointOptions(read_only=True)
+    listing = sorted(os.listdir(tmp_path / "1" / "state"))
+
+    with distckpt.CheckpointService(tmp_path, ro) as ckpt:
+        # 4-layer checkpoint into a 6-layer model.
+        with pytest.raises(distckpt.TargetMismatchError) as err:
+            ckpt.restore(distckpt.abstract_target(factory(layers=6), mesh))
+        msg = str(err.value)
+        for i in (4, 5):
+            assert f"model/layers/{i}/kernel: in the target but not in step 1" in msg
+            assert f"optimizer/opt_state/0/mu/layers/{i}/kernel" in msg
+        # 6-layer checkpoint data into a 4-layer model is the same error the other way round.
+        # Shape change.
+        with pytest.raises(distckpt.TargetMismatchError) as err:
+            ckpt.restore(distckpt.abstract_target(factory(layers=4, width=16), mesh))
+        assert "model/layers/0/kernel: shape (8, 8) saved, (16, 16) in target" in str(err.value)
+        # Dtype change: never cast.
+        with pytest.raises(distckpt.TargetMismatchError) as err:
+            ckpt.restore(distckpt.abstract_target(factory(layers=4, dtype=jnp.bfloat16), mesh))
+        assert "model/layers/0/kernel: dtype float32 saved, bfloat16 in target" in str(err.value)
+        assert "never casts" in str(err.value)
+    # Nothing on disk changed.
+    assert sorted(os.listdir(tmp_path / "1" / "state")) == listing
+
+
+def test_partial_restore_reports_untouched_paths(tmp_path):
+    mesh = distckpt.make_mesh("fsdp=8")
+    saved = distckpt.init_sharded(factory(layers=2), mesh)
+    _save_one(tmp_path, saved)
+    grown = distckpt.init_sharded(factory(layers=3), mesh)
+    fresh_layer2 = np.asarray(nnx.state(grown["model"])["layers"][2]["kernel"].get_value())
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        restored = ckpt.restore(grown, partial=True)
+    assert "model/layers/2/kernel" in restored.untouched
+    state = nnx.state(restored.items["model"])
+    np.testing.assert_array_equal(state["layers"][2]["kernel"].get_value(), fresh_layer2)
+    np.testing.assert_array_equal(
+        state["layers"][0]["kernel"].get_value(),
+        nnx.state(saved["model"])["layers"][0]["kernel"].get_value())
+
+
+def test_retention_best_and_keep_forever(tmp_path):
+    mesh = distckpt.make_mesh("fsdp=8")
+    items = distckpt.init_sharded(factory(), mesh)
+    losses = {1: 0.9, 2: 0.3, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.95}
+    opts = distckpt.CheckpointOptions(max_to_keep=2, best_metric="loss", best_mode="min",
+                                      best_n=1, keep_period=4)
+    with distckpt.CheckpointService(tmp_path, opts) as ckpt:
+        for step, loss in losses.items():
+            ckpt.save(step, items, metrics={"loss": loss})
+            if step == 1:
+                ckpt.wait()
+                ckpt.keep_forever(1)
+        ckpt.wait()
+        assert ckpt.best_step() == 2
+    with distckpt.CheckpointService(tmp_path, opts) as ckpt:
+        # newest 2 (5, 6), best (2), every 4th (4), marked (1).
+        assert ckpt.all_steps() == [1, 2, 4, 5, 6]
+        restored = ckpt.restore(distckpt.abstract_target(factory(), mesh), step="best")
+        assert restored.step == 2 and restored.metrics == {"loss": 0.3}
+    assert json.loads((tmp_path / "distckpt_keep_forever.json").read_text()) == {"steps": [1]}
+
+
+def test_save_interval_explicit_steps_and_force(tmp_path):
+    mesh = distckpt.make_mesh("fsdp=8")
+    items = distckpt.init_sharded(factory(), mesh)
+    opts = distckpt.CheckpointOptions(save_interval_steps=10, save_on_steps=(3,), max_to_keep=None)
+    with distckpt.CheckpointService(tmp_path, opts) as ckpt:
+        saved = [s for s in range(1, 22) if ckpt.save(s, items)]
+        assert ckpt.save(7, items, force=True)
+        ckpt.wait()
+        assert saved == [3, 10, 20]
+        assert ckpt.all_steps() == [3, 7, 10, 20]
+        assert ckpt.latest_step() == 20
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
+    mesh = distckpt.make_mesh("fsdp=8")
+    with pytest.raises(distckpt.NoCheckpointError, match="does not exist"):
+        distckpt.CheckpointService(tmp_path / "nope", distckpt.CheckpointOptions(read_only=True))
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "empty").mkdir()
+    with distckpt.CheckpointService(tmp_path / "empty",
+                                    distckpt.CheckpointOptions(read_only=True)) as ckpt:
+        with pytest.raises(distckpt.NoCheckpointError, match="no committed checkpoint"):
+            ckpt.restore(distckpt.abstract_target(factory(), mesh))
+    assert os.listdir(tmp_path / "empty") == []
+    with distckpt.CheckpointService(tmp_path / "ck") as ckpt:
+        items = distckpt.init_sharded(factory(), mesh)
+        with pytest.raises(ValueError, match="non-negative int"):
+            ckpt.save(-1, items)
+        with pytest.raises(TypeError, match="non-empty mapping"):
+            ckpt.save(1, [items["model"]])
+        with pytest.raises(TypeError, match="JSON-serializable"):
+            ckpt.save(1, items, metadata={"x": object()})
+        assert ckpt.all_steps() == []
+        ckpt.save(1, items)
+        ckpt.wait()
+        with pytest.raises(distckpt.NoCheckpointError, match="step 9 is not a committed"):
+            ckpt.restore(distckpt.abstract_target(factory(), mesh), step=9)
+    with pytest.raises(ValueError, match="max_to_keep"):
+        distckpt.CheckpointOptions(max_to_keep=0)
+    with pytest.raises(ValueError, match="best_mode"):
+        distckpt.CheckpointOptions(best_mode="lowest")
+
+
+def test_mesh_spec_and_rules_errors():
+    assert str(distckpt.MeshSpec.parse("data=2, fsdp=4")) == "data=2,fsdp=4"
+    for bad, match in [("data", "AXIS=SIZE"), ("data=0", ">= 1"), ("a=2,a=4", "unique"),
+                       ("data=x", "AXIS=SIZE")]:
+        with pytest.raises(ValueError, match=match):
+            distckpt.MeshSpec.parse(bad)
+    with pytest.raises(ValueError, match="needs 6 devices but 8"):
+        distckpt.make_mesh("data=2,fsdp=3")
+    mesh = distckpt.make_mesh("fsdp=8")
+    with pytest.raises(ValueError, match="not divisible"):
+        distckpt.DEFAULT_RULES.spec(("embed",), (12,), mesh, "w")
+    spec = distckpt.DEFAULT_RULES.spec(("embed", "mlp"), (16, 8), mesh)
+    assert spec == jax.sharding.PartitionSpec("fsdp")
