@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             absl_logging.set_verbosity(absl_logging.WARNING)
         except ImportError:
             pass
+        # Orbax logs routine notes (e.g. "directory is read only") as absl warnings.
+        logging.getLogger("absl").setLevel(logging.ERROR)
     return int(args.func(args) or 0)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -186,6 +187,7 @@ class CheckpointService:
                 f"checkpoint directory {self.directory} does not exist (opened read-only)")
         self._keep_forever: set[int] = set(self._load_keep_forever())
         self._stats: list[SaveStats] = []
+        self._verified_steps: set[int] = set()
         self._inflight: SaveStats | None = None
         self._inflight_t0 = 0.0
         self._last_error_check = "init"
@@ -284,8 +286,31 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
-        """Committed steps known to this process, oldest first."""
-        return sorted(self._manager.all_steps())
+        """Committed steps known to this process, oldest first.
+
+        Orbax lists any directory named like a step; distckpt also requires a real
+        directory (not a symlink) whose provenance record names that step, so a junk
+        ``7/`` or a ``9 -> 0`` link is never restored. (A durable commit record of
+        distckpt's own, with fsync, comes with the crash-consistency work.)
+        """
+        return sorted(s for s in self._manager.all_steps() if self._looks_committed(s))
+
+    def _looks_committed(self, step: int) -> bool:
+        if step in self._verified_steps:
+            return True
+        path = self.directory / str(step)
+        record = path / "provenance" / "provenance.json"
+        try:
+            ok = (not os.path.islink(os.fspath(path)) and record.exists()
+                  and json_loads_limited(record).get("step") == step)
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            self._verified_steps.add(step)
+        else:
+            logger.warning("[process=%d] ignoring %s: not a committed distckpt step",
+                           jax.process_index(), path)
+        return ok
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -358,9 +383,14 @@ class CheckpointService:
         t0 = time.perf_counter()
         # The previous save must be committed (or have failed, on any process) first.
         self._agree_on_errors(f"save:step={step}:previous", self._finish_local())
-        exists = coordinator.primary_decides(
+        where = coordinator.primary_decides(
             f"save:step={step}:exists", lambda: self._step_on_disk(step), self.options.timeout_s)
-        if exists:
+        if where == "junk":
+            raise CheckpointError(
+                f"{self.directory / str(step)} exists but is not a committed distckpt step "
+                "(no provenance record, or a symlink); move it away, then save again. "
+                "Nothing was written.")
+        if where == "committed":
             if not overwrite:
                 raise StepExistsError(
                     f"step {step} already exists in {self.directory}; pass overwrite=True to "
@@ -368,8 +398,8 @@ class CheckpointService:
                 )
             logger.info("[process=%d] overwriting step %d", jax.process_index(), step)
             self._manager.reload()
-            if step in self._manager.all_steps():
-                self._manager.delete(step)
+            self._manager.delete(step)
+            self._verified_steps.discard(step)
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
         args = ocp.args.Composite(
             state=ocp.args.PyTreeSave(nnx_state.to_saveable(leaves)),
@@ -390,9 +420,12 @@ class CheckpointService:
         self._stats.append(stats)
         return True
 
-    def _step_on_disk(self, step: int) -> bool:
+    def _step_on_disk(self, step: int) -> str:
+        """'committed', 'junk' (a directory Orbax would list, but not a step) or 'free'."""
         self._manager.reload()
-        return step in self._manager.all_steps()
+        if step in self.all_steps():
+            return "committed"
+        return "junk" if step in self._manager.all_steps() else "free"
 
     def keep_forever(self, step: int) -> None:
         """Exempt a committed step from retention (every process calls it)."""
@@ -458,10 +491,10 @@ class CheckpointService:
         def decide() -> int | None:
             self._manager.reload()
             if want is not None:
-                return want if want in self._manager.all_steps() else -1
+                return want if want in self.all_steps() else -1
             if step == "best":
                 return self.best_step()
-            return self._manager.latest_step()
+            return self.latest_step()
 
         chosen = coordinator.primary_decides(f"restore:resolve:{step}", decide,
                                              self.options.timeout_s)
@@ -581,7 +614,6 @@ def json_loads_limited(path: epath.Path, limit: int = 16 * 1024 * 1024) -> Any:
 
 def write_json_atomic(path: epath.Path, value: Any) -> None:
     import json
-    import os
 
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(value))

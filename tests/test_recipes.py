@@ -29,6 +29,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+
+def _tool(name: str) -> str | None:
+    """A linter from the test extra: beside this interpreter first (an unactivated venv)."""
+    here = os.path.dirname(sys.executable)
+    return shutil.which(name, path=os.pathsep.join([here, os.environ.get("PATH", "")]))
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 DOCKER = ROOT / "docker"
@@ -304,9 +310,10 @@ def test_shell_recipe_requires_its_settings(script: Path, tmp_path: Path):
     assert not list(record.glob("distckpt-*.json"))
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.skipif(_tool("shellcheck") is None,
+                    reason="shellcheck not installed (it comes with the test extra)")
 def test_shellcheck():
-    proc = subprocess.run(["shellcheck", "--shell=bash", *map(str, SHELL_RECIPES)],
+    proc = subprocess.run([_tool("shellcheck"), "--shell=bash", *map(str, SHELL_RECIPES)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -558,10 +565,11 @@ def test_dockerfiles():
         assert ".git" in ignore and "distckpt" not in ignore
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed")
+@pytest.mark.skipif(_tool("hadolint") is None,
+                    reason="hadolint not installed (it comes with the test extra)")
 def test_hadolint():
     files = [str(DOCKER / "Dockerfile.cpu"), str(DOCKER / "Dockerfile.cuda")]
-    proc = subprocess.run(["hadolint", *files], capture_output=True, text=True)
+    proc = subprocess.run([_tool("hadolint"), *files], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 

@@ -193,3 +193,18 @@ def test_mesh_spec_and_rules_errors():
         distckpt.DEFAULT_RULES.spec(("embed",), (12,), mesh, "w")
     spec = distckpt.DEFAULT_RULES.spec(("embed", "mlp"), (16, 8), mesh)
     assert spec == jax.sharding.PartitionSpec("fsdp")
+
+
+def test_junk_and_symlinked_step_directories_are_not_steps(tmp_path):
+    mesh = distckpt.make_mesh("fsdp=8")
+    items = distckpt.init_sharded(factory(), mesh)
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        ckpt.save(1, items)
+    (tmp_path / "7").mkdir()  # junk named like a step (plain Orbax made it latest_step)
+    (tmp_path / "9").symlink_to(tmp_path / "1")  # plain Orbax restored step 1's data as 9
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+        assert ckpt.restore(distckpt.abstract_target(factory(), mesh)).step == 1
+        with pytest.raises(distckpt.CheckpointError, match="not a committed distckpt step"):
+            ckpt.save(7, items)
+        assert os.listdir(tmp_path / "7") == []
