@@ -43,7 +43,8 @@ from etils import epath
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
 
-from distckpt import coordinator, nnx_state, process_state, provenance
+from distckpt import coordinator, nnx_state, provenance
+from distckpt import process_state as per_process
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class CheckpointService:
             "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
             "metadata": ocp.JsonCheckpointHandler("metadata.json", multiprocessing_options=mp),
             "provenance": ocp.JsonCheckpointHandler("provenance.json", multiprocessing_options=mp),
-            "process_state": process_state.ProcessStateHandler(),
+            "process_state": per_process.ProcessStateHandler(),
         }
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, item_handlers=handlers, options=manager_options)
@@ -271,18 +272,33 @@ class CheckpointService:
                         self._inflight.step, self._inflight.commit_s)
             self._inflight = None
 
-    def _agree_on_errors(self, where: str, local: BaseException | None) -> None:
-        """Gather background-save failures from every process; raise on all if any failed."""
-        message = None if local is None else f"{type(local).__name__}: {local}"
-        reports = coordinator.all_gather(f"errors:{where}", message, self.options.timeout_s)
-        failed = {i: m for i, m in enumerate(reports) if m is not None}
-        if failed:
-            lines = "; ".join(f"process {i}: {m}" for i, m in failed.items())
-            raise SaveFailedError(
-                f"[process={jax.process_index()}] a background save failed ({lines}); the "
-                f"failed step is not committed. Earlier committed steps are intact: "
-                f"{self.all_steps()}"
-            ) from local
+    def _agree_on_errors(self, where: str, background: BaseException | None,
+                         rejected: BaseException | None = None) -> None:
+        """Gather failures from every process; raise on all of them if any process failed.
+
+        `background` is this process's failed background commit, `rejected` its invalid
+        save input (which may differ per process, e.g. process_state). A process that
+        raised alone would leave its peers waiting at the save's barriers.
+        """
+        local = background or rejected
+        report = None if local is None else {
+            "kind": "background" if background is not None else "input",
+            "error": f"{type(local).__name__}: {local}"}
+        reports = coordinator.all_gather(f"errors:{where}", report, self.options.timeout_s)
+        failed = {i: r for i, r in enumerate(reports) if r is not None}
+        if not failed:
+            return
+        if background is None and rejected is not None and \
+                all(r["kind"] == "input" for r in failed.values()):
+            raise rejected  # this process's own bad input, as the caller passed it
+        lines = "; ".join(f"process {i}: {r['error']}" for i, r in failed.items())
+        what = ("a background save failed" if any(r["kind"] == "background"
+                                                  for r in failed.values())
+                else "the save was rejected")
+        raise SaveFailedError(
+            f"[process={jax.process_index()}] {what} ({lines}); nothing new is committed. "
+            f"Committed steps are intact: {self.all_steps()}"
+        ) from local
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -375,14 +391,20 @@ class CheckpointService:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if not (force or self.should_save(step)):
             return False
-        leaves = nnx_state.flatten_items(items)  # validates before anything touches disk
-        metadata_json = dict(metadata or {})
-        metrics_json = {k: float(v) for k, v in (metrics or {}).items()}
-        coordinator._encode(metadata_json, "metadata")  # JSON-serializable, bounded
+        leaves, metadata_json, metrics_json, rejected = [], {}, {}, None
+        try:  # validate everything before anything touches disk
+            leaves = nnx_state.flatten_items(items)
+            metadata_json = dict(metadata or {})
+            metrics_json = {k: float(v) for k, v in (metrics or {}).items()}
+            coordinator._encode(metadata_json, "metadata")
+            coordinator._encode(process_state, "process_state")
+        except (TypeError, ValueError) as e:
+            rejected = e
 
         t0 = time.perf_counter()
-        # The previous save must be committed (or have failed, on any process) first.
-        self._agree_on_errors(f"save:step={step}:previous", self._finish_local())
+        # The previous save must be committed (or have failed) and every process's input
+        # must be valid, on all processes, before this one starts.
+        self._agree_on_errors(f"save:step={step}:start", self._finish_local(), rejected)
         where = coordinator.primary_decides(
             f"save:step={step}:exists", lambda: self._step_on_disk(step), self.options.timeout_s)
         if where == "junk":
@@ -405,7 +427,7 @@ class CheckpointService:
             state=ocp.args.PyTreeSave(nnx_state.to_saveable(leaves)),
             metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),
             provenance=ocp.args.JsonSave(record),
-            process_state=process_state_lib_save(process_state),
+            process_state=per_process.ProcessStateSave(process_state),
         )
         stats = SaveStats(step=step, stall_s=0.0)
         self._inflight, self._inflight_t0 = stats, t0
@@ -527,7 +549,7 @@ class CheckpointService:
         step: int | Literal["latest", "best"] | None = None,
         *,
         partial: bool = False,
-        process_state_remap: process_state.ProcessStateRemap | None = None,
+        process_state_remap: per_process.ProcessStateRemap | None = None,
     ) -> Restored:
         """Restore a step (newest by default) into `target`, on this job's mesh.
 
@@ -547,7 +569,7 @@ class CheckpointService:
                 state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
                                              partial_restore=partial),
                 metadata=ocp.args.JsonRestore(),
-                process_state=process_state.ProcessStateRestore(),
+                process_state=per_process.ProcessStateRestore(),
             ))
         except Exception as e:
             raise CheckpointError(
@@ -557,18 +579,13 @@ class CheckpointService:
             leaf, nnx_state.lookup(out["state"], tuple(str(k) for k in leaf.path)))
             for leaf in wanted}
         items = nnx_state.write_back(target, values)
-        mine = process_state.select(out["process_state"], record["process_count"],
+        mine = per_process.select(out["process_state"], record["process_count"],
                                     process_state_remap)
         saved_json = dict(out["metadata"] or {})
         return Restored(step=step, items=items, metadata=dict(saved_json.get("user") or {}),
                         metrics=saved_json.get("metrics") or None, process_state=mine,
                         provenance=record,
                         untouched=tuple(untouched), seconds=time.perf_counter() - t0)
-
-
-def process_state_lib_save(value: Any) -> process_state.ProcessStateSave:
-    coordinator._encode(value, "process_state")
-    return process_state.ProcessStateSave(value)
 
 
 def check_target(saved: Mapping[str, Any], leaves: Sequence[nnx_state.Leaf], step: int, *,

@@ -189,9 +189,21 @@ def scenario_writes(a) -> None:
         ckpt.save(1, items, metadata={"run": "again"}, overwrite=True)
         ckpt.wait()
         after = ckpt.metadata(1)
+        # Only process 1 passes a bad per-process record: every process must refuse step 2
+        # (none may walk alone into the save's barriers), and the job goes on.
+        bad = {"not json": {1, 2}} if jax.process_index() == 1 else {"ok": 1}
+        try:
+            ckpt.save(2, items, process_state=bad)
+            rejected = None
+        except Exception as e:
+            rejected = f"{type(e).__name__}: {e}"
+        ckpt.save(3, items)
+        ckpt.wait()
+        steps = ckpt.all_steps()
     writes = coordinator.all_gather("test:writes", sorted(set(log)))
     write(a.out, {"writes": writes, "exists_errors": coordinator.all_gather("test:errs", errors),
-                  "metadata_after_overwrite": after})
+                  "metadata_after_overwrite": after, "steps": steps,
+                  "rejected": coordinator.all_gather("test:rejected", rejected)})
 
 
 def scenario_barrier(a) -> None:

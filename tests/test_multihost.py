@@ -68,7 +68,7 @@ def test_restore_onto_other_topologies(saved_by_four, run_hosts, hosts, devices,
     assert [r["host"] for r in got["process_states"]] == [0, 1, 2, 3]
 
 
-def test_only_primary_writes_metadata_and_step_exists_everywhere(tmp_path, run_hosts):
+def test_primary_only_metadata_agreed_errors_and_existing_steps(tmp_path, run_hosts):
     out = tmp_path / "writes.json"
     run_hosts(2, 2, "writes", str(out), "--dir", str(tmp_path / "ckpt"),
               "--mesh", "fsdp=4").check()
@@ -89,3 +89,8 @@ def test_only_primary_writes_metadata_and_step_exists_everywhere(tmp_path, run_h
     assert len(errs) == 2 and errs[0] == errs[1] and len(errs[0]) == 1
     assert "step 1 already exists" in errs[0][0] and "overwrite=True" in errs[0][0]
     assert got["metadata_after_overwrite"] == {"run": "again"}
+    # One process's bad input was refused on every process; nothing of step 2 was written.
+    own, peer = got["rejected"][1], got["rejected"][0]
+    assert own.startswith("TypeError") and "JSON-serializable" in own
+    assert peer.startswith("SaveFailedError") and "process 1: TypeError" in peer
+    assert got["steps"] == [1, 3]
