@@ -418,3 +418,21 @@ def all_agree(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> An
         table = ", ".join(f"process {i}: {v!r}" for i, v in enumerate(values))
         raise RuntimeError(f"processes disagree on {name!r}: {table}")
     return values[0]
+
+
+def publish(name: str, value: str) -> None:
+    """Post a short note every process can read at once (e.g. 'my save failed')."""
+    client = _distributed_client()
+    if jax.process_count() > 1 and client is not None:
+        client.key_value_set(f"{_KV_PREFIX}/note/{name}", value, allow_overwrite=True)
+
+
+def read_note(name: str) -> str | None:
+    """A note some process published under `name`, or None; never blocks."""
+    client = _distributed_client()
+    if jax.process_count() == 1 or client is None:
+        return None
+    try:
+        return client.key_value_try_get(f"{_KV_PREFIX}/note/{name}")
+    except Exception:  # NOT_FOUND
+        return None

@@ -31,8 +31,18 @@ def _filename(process: int) -> str:
     return f"process_{process}.json"
 
 
+FaultHook = Callable[[str, int], None]
+"""fault_hook(point, step): called at named points of a save; raising injects a failure."""
+
+
 class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
     """Every process writes its own JSON record; restore reads all records."""
+
+    def __init__(self, fault_hook: FaultHook | None = None,
+                 on_failure: Callable[[int, BaseException], None] | None = None):
+        self.fault_hook = fault_hook
+        self.on_failure = on_failure
+        self.step = -1  # set by the service before each save
 
     @staticmethod
     def _write_sync(directory: epath.Path, value: Any) -> None:
@@ -41,7 +51,16 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
         (directory / _filename(jax.process_index())).write_text(json.dumps(record))
 
     async def _write(self, directory: epath.Path, value: Any) -> None:
-        self._write_sync(directory, value)
+        # Runs in the background commit, after save() has returned. Orbax logs a failure
+        # here but may only raise it at its commit timeout, so report it straight away.
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("process_state:write", self.step)
+            self._write_sync(directory, value)
+        except BaseException as e:
+            if self.on_failure is not None:
+                self.on_failure(self.step, e)
+            raise
 
     async def async_save(self, directory: epath.Path, args: ProcessStateSave):
         return [future.CommitFutureAwaitingContractedSignals(

@@ -100,6 +100,9 @@ class CheckpointOptions:
     """The process that writes shared metadata and takes filesystem decisions."""
     read_only: bool = False
     """Never write or delete anything (evaluation, inspection, a drill's restore side)."""
+    fault_hook: per_process.FaultHook | None = None
+    """Tests and drills: fault_hook(point, step) runs at named save points; raising there
+    injects a failure. Point today: 'process_state:write' (in the background commit)."""
 
     def __post_init__(self):
         if self.max_to_keep is not None and self.max_to_keep < 1:
@@ -195,6 +198,10 @@ class CheckpointService:
         self._closed = False
         self._save_policy = self._save_decision_policy()
         mp = ocp.options.MultiprocessingOptions(primary_host=self.options.primary_host)
+        self._process_handler = per_process.ProcessStateHandler(
+            self.options.fault_hook, on_failure=self._on_background_failure)
+        self._last_save_step: int | None = None
+        self._background_failure: tuple[int, BaseException] | None = None
         retention = self._preservation_policy()
         manager_options = ocp.CheckpointManagerOptions(
             save_decision_policy=self._save_policy,
@@ -216,7 +223,7 @@ class CheckpointService:
             "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
             "metadata": ocp.JsonCheckpointHandler("metadata.json", multiprocessing_options=mp),
             "provenance": ocp.JsonCheckpointHandler("provenance.json", multiprocessing_options=mp),
-            "process_state": per_process.ProcessStateHandler(),
+            "process_state": self._process_handler,
         }
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, item_handlers=handlers, options=manager_options)
@@ -264,6 +271,14 @@ class CheckpointService:
             return sorted(int(s) for s in json_loads_limited(path)["steps"])
 
         return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
+
+    def _failure_note(self, step: int | None) -> str:
+        return f"save-failed:{self.directory}:step={step}"
+
+    def _on_background_failure(self, step: int, error: BaseException) -> None:
+        """Called from the commit thread: remember the failure and tell the peers now."""
+        self._background_failure = (step, error)
+        coordinator.publish(self._failure_note(step), f"{type(error).__name__}: {error}")
 
     def _on_commit(self) -> None:
         if self._inflight is not None:
@@ -431,6 +446,8 @@ class CheckpointService:
         )
         stats = SaveStats(step=step, stall_s=0.0)
         self._inflight, self._inflight_t0 = stats, t0
+        self._process_handler.step = step
+        self._last_save_step = step
         try:
             self._manager.save(step, args=args, metrics=metrics_json or None, force=True)
         except Exception as e:
@@ -465,11 +482,34 @@ class CheckpointService:
                               self._finish_local())
 
     def _finish_local(self) -> BaseException | None:
-        """Wait for this process's background commit; return its error instead of raising."""
+        """Wait for this process's background commit; return its error instead of raising.
+
+        A peer whose commit failed never reaches the commit's final barrier, so waiting
+        for our own commit would last until the async timeout. Instead, while waiting,
+        a process whose commit failed posts that on the coordination service and the
+        others stop waiting as soon as they read it.
+        """
+        step = self._last_save_step
+        note = self._failure_note(step)
+        while True:
+            if self._background_failure is not None and self._background_failure[0] == step:
+                return self._background_failure[1]
+            peer = coordinator.read_note(note)
+            if peer is not None:
+                return SaveFailedError(f"a peer's background save of step {step} failed: {peer}")
+            try:
+                self._manager.check_for_errors()
+            except Exception as e:  # surfaced from Orbax's background commit thread
+                coordinator.publish(note, f"{type(e).__name__}: {e}")
+                return e
+            if not self._manager.is_saving_in_progress():
+                break
+            time.sleep(0.02)
         try:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
-        except Exception as e:  # surfaced from Orbax's background commit thread
+        except Exception as e:
+            coordinator.publish(note, f"{type(e).__name__}: {e}")
             return e
         return None
 

@@ -206,6 +206,37 @@ def scenario_writes(a) -> None:
                   "rejected": coordinator.all_gather("test:rejected", rejected)})
 
 
+def scenario_bgfail(a) -> None:
+    """Process 1's background write of step 2 fails; every process must hear of it."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh)
+
+    def fault(point: str, step: int) -> None:
+        if point == "process_state:write" and step == 2 and jax.process_index() == 1:
+            raise OSError(f"injected write failure at {point}")
+
+    opts = distckpt.CheckpointOptions(max_to_keep=None, timeout_s=a.timeout, fault_hook=fault)
+    ckpt = distckpt.CheckpointService(a.dir, opts)
+    ckpt.save(1, items)
+    ckpt.wait()
+    ckpt.save(2, items)  # returns once staged; the failure happens in the background
+    t0 = time.monotonic()
+    try:
+        ckpt.wait()
+        error = None
+    except distckpt.SaveFailedError as e:
+        error = str(e)
+    elapsed = time.monotonic() - t0
+    steps = ckpt.all_steps()
+    Path(f"{a.out}.{jax.process_index()}").write_text(json.dumps(
+        {"error": error, "elapsed": elapsed, "steps": steps}))
+    try:
+        ckpt.close()  # the failed commit's thread may still be at its barrier until timeout
+    except Exception:
+        pass
+
+
 def scenario_barrier(a) -> None:
     """Process `absent` never reaches the barrier; the others must time out naming it."""
     distckpt.initialize()

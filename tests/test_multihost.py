@@ -94,3 +94,16 @@ def test_primary_only_metadata_agreed_errors_and_existing_steps(tmp_path, run_ho
     assert own.startswith("TypeError") and "JSON-serializable" in own
     assert peer.startswith("SaveFailedError") and "process 1: TypeError" in peer
     assert got["steps"] == [1, 3]
+
+
+def test_background_failure_surfaces_on_every_process(tmp_path, run_hosts):
+    out = tmp_path / "bg"
+    timeout = 10.0
+    run_hosts(2, 2, "bgfail", str(out), "--dir", str(tmp_path / "ckpt"), "--mesh", "fsdp=4",
+              "--timeout", str(timeout)).check()
+    for pid in (0, 1):
+        got = json.loads((tmp_path / f"bg.{pid}").read_text())
+        assert got["error"] is not None, f"process {pid} did not hear of the failure"
+        assert "process 1" in got["error"] and "injected write failure" in got["error"]
+        assert got["steps"] == [1]  # the failed step is never listed
+        assert got["elapsed"] < timeout  # heard promptly, not at the async timeout
