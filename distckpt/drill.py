@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"),
+    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"), force=True,
                         format="%(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(args.spec).read_text())
     (worker_save if args.phase == "save" else worker_restore)(spec)

@@ -420,6 +420,7 @@ class CheckpointService:
         # The previous save must be committed (or have failed) and every process's input
         # must be valid, on all processes, before this one starts.
         self._agree_on_errors(f"save:step={step}:start", self._finish_local(), rejected)
+        t_agreed = time.perf_counter()
         where = coordinator.primary_decides(
             f"save:step={step}:exists", lambda: self._step_on_disk(step), self.options.timeout_s)
         if where == "junk":
@@ -444,6 +445,7 @@ class CheckpointService:
             provenance=ocp.args.JsonSave(record),
             process_state=per_process.ProcessStateSave(process_state),
         )
+        t_decided = time.perf_counter()
         stats = SaveStats(step=step, stall_s=0.0)
         self._inflight, self._inflight_t0 = stats, t0
         self._process_handler.step = step
@@ -454,6 +456,10 @@ class CheckpointService:
             self._inflight = None
             raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
         stats.stall_s = time.perf_counter() - t0
+        logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
+                    "%.3fs, step decision %.3fs, staging (orbax) %.3fs", jax.process_index(),
+                    step, stats.stall_s, t_agreed - t0, t_decided - t_agreed,
+                    time.perf_counter() - t_decided)
         if not self.options.async_save and stats.commit_s is None:
             stats.commit_s = stats.stall_s
         self._stats.append(stats)
