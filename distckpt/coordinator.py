@@ -330,7 +330,8 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
         raise BarrierTimeoutError(name, timeout_s, missing, detail) from e
 
 
-def _encode(value: Any, name: str) -> str:
+def encode_json(value: Any, name: str) -> str:
+    """JSON text of a small value, or a TypeError/ValueError naming `name`."""
     try:
         text = json.dumps(value)
     except TypeError as e:
@@ -352,14 +353,14 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
     """
     if jax.process_count() == 1:  # same checks as with many processes, so code ports
         value = decide()
-        _encode({"ok": True, "value": value}, name)
+        encode_json({"ok": True, "value": value}, name)
         return value
     client = _distributed_client()
     key = f"{_KV_PREFIX}/decision/{name}"
     if is_primary():
         try:
             payload = {"ok": True, "value": decide()}
-            text = _encode(payload, name)
+            text = encode_json(payload, name)
         except Exception as e:
             text = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"})
             client.key_value_set(key, text, allow_overwrite=True)
@@ -392,11 +393,11 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
 def all_gather(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Every process contributes a small JSON value; every process gets the list by index."""
     if jax.process_count() == 1:
-        _encode(value, name)
+        encode_json(value, name)
         return [value]
     client = _distributed_client()
     prefix = f"{_KV_PREFIX}/gather/{name}/"
-    client.key_value_set(prefix + str(jax.process_index()), _encode(value, name),
+    client.key_value_set(prefix + str(jax.process_index()), encode_json(value, name),
                          allow_overwrite=True)
     barrier(f"gather:{name}:written", timeout_s)
     entries = dict(client.key_value_dir_get(prefix))

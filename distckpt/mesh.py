@@ -209,12 +209,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
             logical, shape, mesh, path_str(path))
         return variable.replace(NamedSharding(mesh, spec))
 
-    return nnx.map_state(one, state) if hasattr(nnx, "map_state") else _map_state(one, state)
-
-
-def _map_state(fn, state: nnx.State) -> nnx.State:
-    flat = nnx.to_flat_state(state)
-    return nnx.from_flat_state([(p, fn(p, v)) for p, v in flat])
+    return nnx.map_state(one, state)
 
 
 def _no_eager(fn: Callable[[], T]) -> Callable[[], T]:
@@ -240,7 +235,7 @@ def abstract_target(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT
         sharding = _leaf(shardings, path).get_value()
         return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
 
-    sharded = _map_state(with_sharding, state)
+    sharded = nnx.map_state(with_sharding, state)
     return nnx.merge(graphdef, sharded)
 
 
@@ -257,13 +252,7 @@ def init_sharded(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT_RU
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh, rules)
     make = _no_eager(factory)
-
-    @jax.jit
-    def create():
-        return nnx.split(make())[1]
-
-    out_shardings = jax.tree.map(lambda v: v, shardings)
-    state = jax.jit(create, out_shardings=out_shardings)()
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import time
@@ -411,8 +412,8 @@ class CheckpointService:
             leaves = nnx_state.flatten_items(items)
             metadata_json = dict(metadata or {})
             metrics_json = {k: float(v) for k, v in (metrics or {}).items()}
-            coordinator._encode(metadata_json, "metadata")
-            coordinator._encode(process_state, "process_state")
+            coordinator.encode_json(metadata_json, "metadata")
+            coordinator.encode_json(process_state, "process_state")
         except (TypeError, ValueError) as e:
             rejected = e
 
@@ -668,16 +669,13 @@ def check_target(saved: Mapping[str, Any], leaves: Sequence[nnx_state.Leaf], ste
 
 
 def json_loads_limited(path: epath.Path, limit: int = 16 * 1024 * 1024) -> Any:
-    import json
-
+    """Parse a small JSON file, refusing files larger than `limit` bytes."""
     if path.stat().length > limit:
         raise ValueError(f"{path} is larger than {limit} bytes; refusing to read it")
     return json.loads(path.read_text())
 
 
 def write_json_atomic(path: epath.Path, value: Any) -> None:
-    import json
-
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(value))
     tmp.rename(path)
