@@ -21,6 +21,8 @@ from orbax.checkpoint import args as ocp_args
 from orbax.checkpoint import future
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
+from distckpt import jsonio
+
 MAX_BYTES = 16 * 1024 * 1024
 
 ProcessStateRemap = Callable[[list[Any], int, int], Any]
@@ -73,9 +75,7 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
         records = []
         index = 0
         while (path := directory / _filename(index)).exists():
-            if path.stat().length > MAX_BYTES:
-                raise ValueError(f"{path} is larger than {MAX_BYTES} bytes; refusing to read it")
-            records.append(json.loads(path.read_text())["state"])
+            records.append(jsonio.read_limited(path, MAX_BYTES)["state"])
             index += 1
         return records
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import time
@@ -44,7 +43,7 @@ from etils import epath
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
 
-from distckpt import coordinator, nnx_state, provenance
+from distckpt import coordinator, jsonio, nnx_state, provenance
 from distckpt import process_state as per_process
 
 logger = logging.getLogger(__name__)
@@ -195,7 +194,6 @@ class CheckpointService:
         self._verified_steps: set[int] = set()
         self._inflight: SaveStats | None = None
         self._inflight_t0 = 0.0
-        self._last_error_check = "init"
         self._closed = False
         self._save_policy = self._save_decision_policy()
         mp = ocp.options.MultiprocessingOptions(primary_host=self.options.primary_host)
@@ -269,7 +267,7 @@ class CheckpointService:
             path = self.directory / _KEEP_FILE
             if not path.exists():
                 return []
-            return sorted(int(s) for s in json_loads_limited(path)["steps"])
+            return sorted(int(s) for s in jsonio.read_limited(path)["steps"])
 
         return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
 
@@ -334,7 +332,7 @@ class CheckpointService:
         record = path / "provenance" / "provenance.json"
         try:
             ok = (not os.path.islink(os.fspath(path)) and record.exists()
-                  and json_loads_limited(record).get("step") == step)
+                  and jsonio.read_limited(record).get("step") == step)
         except (OSError, ValueError):
             ok = False
         if ok:
@@ -479,7 +477,7 @@ class CheckpointService:
             raise ValueError(f"step {step} is not committed; committed: {self.all_steps()}")
         self._keep_forever.add(step)
         if coordinator.is_primary():
-            write_json_atomic(self.directory / _KEEP_FILE, {"steps": sorted(self._keep_forever)})
+            jsonio.write_atomic(self.directory / _KEEP_FILE, {"steps": sorted(self._keep_forever)})
         coordinator.barrier(f"keep_forever:step={step}", self.options.timeout_s)
 
     def wait(self) -> None:
@@ -666,16 +664,3 @@ def check_target(saved: Mapping[str, Any], leaves: Sequence[nnx_state.Leaf], ste
             + "\n".join(problems) + hint)
     wanted = [by_name[n] for n in by_name if n in saved]
     return wanted, missing
-
-
-def json_loads_limited(path: epath.Path, limit: int = 16 * 1024 * 1024) -> Any:
-    """Parse a small JSON file, refusing files larger than `limit` bytes."""
-    if path.stat().length > limit:
-        raise ValueError(f"{path} is larger than {limit} bytes; refusing to read it")
-    return json.loads(path.read_text())
-
-
-def write_json_atomic(path: epath.Path, value: Any) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)
