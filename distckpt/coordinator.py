@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 300.0
 _KV_PREFIX = "distckpt"
-_MAX_DECISION_BYTES = 64 * 1024
+_MAX_DECISION_BYTES = 1024 * 1024
 
 _primary_host: int = 0
 

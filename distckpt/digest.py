@@ -1,30 +1,45 @@
-"""Content digests of sharded arrays that do not depend on how they are sharded.
+"""Content checksums of sharded arrays that do not depend on how they are sharded.
 
-To prove a restore onto another mesh (or another number of hosts) is exact,
-the digest of an array must be the same whichever devices hold which pieces.
-distckpt hashes every element together with its *global* flat index and adds
-the hashes modulo 2**64:
+A restore onto another mesh, another number of hosts or a single CPU process must
+be able to check what it read against what was saved, so the checksum of an
+array is defined on its *global* contents only:
 
-    digest(a) = sum over i of mix(mix(i ^ SEED) ^ bits(a[i]))   (mod 2**64)
+    lane_k(a) = sum over elements e of h_k(coordinates(e), bits(e))   (mod 2**32)
+    digest(a) = lane_0(a) . lane_1(a)                                  (64 bits, hex)
 
-* Addition is commutative, so each process sums the shards it holds (only the
-  first replica of each shard, so replicated data counts once) and the partial
-  sums are added across processes: no gather of array data.
-* Keying by the global index catches moved elements (a transposed or shifted
-  shard), which a plain sum of element hashes would not.
-* ``mix`` is the SplitMix64 finaliser, a bijection on 64-bit words with full
-  avalanche, so one flipped bit changes the digest except with probability
-  about 2**-64. This is a corruption and mismatch check, not a defence against
-  an adversary.
+where ``h_k`` chains the murmur3 finaliser ``fmix32`` (a bijection on 32-bit words
+with full avalanche) over a lane seed, the element's global coordinates and the
+32-bit words of its raw bits.
 
-Element bits are the raw bytes (1, 2, 4 or 8) widened to 64 bits, so -0.0 and
-0.0 or NaN payloads differ: the check is bit-exact. Typed PRNG keys are hashed
-through their key data.
+Why this and not a CRC over a fixed chunk grid:
+
+* **Topology independence for free.** Addition is commutative, so any process can
+  sum the elements it holds (the first replica of each shard only, so replicated
+  data counts once) and partial sums from any split of the array add up to the
+  same digest. A chunk grid would need a reader to reassemble chunks that straddle
+  its shards.
+* **Position matters.** Hashing the global coordinates with the bits catches moved
+  data (a transposed or shifted shard), which a sum of plain element hashes would
+  miss.
+* **Bit-exact.** Elements are hashed as raw bits: -0.0 vs 0.0 or two NaN payloads
+  differ. Typed PRNG keys are hashed through their key data.
+* **Off the training thread, no copy.** The sums run as small XLA computations on
+  the device holding each shard. :func:`dispatch` only *enqueues* them (JAX
+  dispatch is asynchronous, and it runs before any later step could donate the
+  buffers); the background commit thread collects the 8-byte results. Nothing is
+  copied to the host to checksum it. Measured on this 2-core CPU machine: about
+  1 GB/s per process, versus 0.18 GB/s for the same hash in NumPy.
+
+Detection: a single changed element changes a lane unless two 32-bit hashes
+collide (probability 2**-32 per lane, lanes seeded independently, so about 2**-64
+for both). This is a corruption check, not a defence against an adversary.
+:func:`numpy_digest` is a plain NumPy implementation of the same definition,
+used to test the XLA one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,85 +47,161 @@ import numpy as np
 
 from distckpt import coordinator
 
-_SEED = np.uint64(0x5D1C_C7E4_A0B3_2F19)
-_C1 = np.uint64(0xBF58_476D_1CE4_E5B9)
-_C2 = np.uint64(0x94D0_49BB_1331_11EB)
-_ROWS_PER_BLOCK = 1 << 20  # bounds the temporary index array
+_LANE_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+_M1, _M2 = 0x85EBCA6B, 0xC2B2AE35
+_MASK = 0xFFFF_FFFF
+
+Partial = tuple[int, int]
+"""A partial digest: the two 32-bit lane sums of some of an array's elements."""
+
+ZERO: Partial = (0, 0)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * _C1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _C2
-    return x ^ (x >> np.uint64(31))
+def _fmix(x, c1, c2):
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 13)
+    x = x * c2
+    return x ^ (x >> 16)
 
 
-def _bits(block: np.ndarray) -> np.ndarray:
-    if block.dtype == np.bool_:
-        block = block.astype(np.uint8)
-    width = block.dtype.itemsize
-    if width not in (1, 2, 4, 8):
-        raise TypeError(f"cannot digest dtype {block.dtype} ({width}-byte elements)")
-    return np.ascontiguousarray(block).view(f"u{width}").astype(np.uint64)
+def _words_jnp(x: jax.Array) -> list[jax.Array]:
+    """The element bits of `x` as 32-bit words (same shape as x each)."""
+    dtype = np.dtype(x.dtype)
+    if dtype.kind == "c":
+        return _words_jnp(jnp.real(x)) + _words_jnp(jnp.imag(x))
+    if dtype == np.bool_:
+        return [x.astype(jnp.uint32)]
+    if jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits < 8:  # int4, ...
+        signed = jnp.issubdtype(dtype, jnp.signedinteger)
+        return [x.astype(jnp.int8 if signed else jnp.uint8).astype(jnp.uint32)]
+    width = dtype.itemsize
+    if width == 8:
+        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        return [pair[..., 0], pair[..., 1]]
+    if width in (1, 2, 4):
+        return [jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}"))
+                .astype(jnp.uint32)]
+    raise TypeError(f"cannot checksum dtype {dtype} ({width}-byte elements)")
 
 
-def _strides(shape: tuple[int, ...]) -> list[int]:
-    strides, acc = [], 1
-    for dim in reversed(shape):
-        strides.append(acc)
-        acc *= dim
-    return list(reversed(strides))
+@jax.jit
+def _shard_lanes(data: jax.Array, starts: jax.Array) -> jax.Array:
+    """[2] uint32: the lane sums of `data`, whose [0, ...] element sits at `starts`."""
+    c1, c2 = jnp.uint32(_M1), jnp.uint32(_M2)
+    words = _words_jnp(data)
+    coords = [jax.lax.broadcasted_iota(jnp.uint32, data.shape, d) + starts[d]
+              for d in range(data.ndim)]
+    out = []
+    for seed in _LANE_SEEDS:
+        h = jnp.full(data.shape, seed, jnp.uint32)
+        for c in coords:
+            h = _fmix(h + c, c1, c2)
+        for w in words:
+            h = _fmix(h ^ w, c1, c2)
+        out.append(jnp.sum(h, dtype=jnp.uint32))
+    return jnp.stack(out)
 
 
-def _block_sum(data: np.ndarray, starts: tuple[int, ...], global_shape: tuple[int, ...]) -> int:
-    """Sum of element hashes of `data`, whose [0,...] element sits at `starts` globally."""
-    if data.size == 0:
-        return 0
-    if data.ndim == 0:
-        index = np.array([0], dtype=np.uint64)
-        h = _mix(_mix(index ^ _SEED) ^ _bits(data.reshape(1)))
-        return int(h.sum(dtype=np.uint64))
-    strides = _strides(global_shape)
-    total = np.uint64(0)
-    rows = data.shape[0]
-    inner = int(np.prod(data.shape[1:], dtype=np.int64)) or 1
-    step = max(1, _ROWS_PER_BLOCK // inner)
-    # Offsets of the inner dimensions, shared by every row block.
-    inner_index = np.zeros(data.shape[1:], dtype=np.uint64)
-    for d in range(1, data.ndim):
-        shape = [1] * (data.ndim - 1)
-        shape[d - 1] = data.shape[d]
-        axis = (np.arange(data.shape[d], dtype=np.uint64) + np.uint64(starts[d])) * \
-            np.uint64(strides[d])
-        inner_index = inner_index + axis.reshape(shape)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        row = (np.arange(r0, r1, dtype=np.uint64) + np.uint64(starts[0])) * np.uint64(strides[0])
-        index = row.reshape((-1,) + (1,) * (data.ndim - 1)) + inner_index[None]
-        h = _mix(_mix(index ^ _SEED) ^ _bits(data[r0:r1]))
-        total = total + h.sum(dtype=np.uint64)
-    return int(total)
-
-
-def local_partial(array: jax.Array) -> int:
-    """This process's share of the digest of a (possibly sharded, multi-host) array."""
+def _key_data(array: jax.Array) -> jax.Array:
     if jnp.issubdtype(array.dtype, jax.dtypes.prng_key):
-        array = jax.random.key_data(array)
-    shape = tuple(array.shape)
-    total = 0
-    for shard in array.addressable_shards:
-        if shard.replica_id != 0:
-            continue
-        starts = tuple(0 if s.start is None else s.start for s in shard.index)
-        total = (total + _block_sum(np.asarray(shard.data), starts, shape)) % (1 << 64)
-    return total
+        return jax.random.key_data(array)
+    return array
 
 
-def numpy_digest(array: np.ndarray) -> int:
-    """The digest of a whole host array (equals the sharded digest of the same contents)."""
+def add(*partials: Partial) -> Partial:
+    """Combine partial digests (lane-wise sums mod 2**32)."""
+    a = sum(p[0] for p in partials) & _MASK
+    b = sum(p[1] for p in partials) & _MASK
+    return (a, b)
+
+
+def to_hex(p: Partial) -> str:
+    return f"{p[0]:08x}{p[1]:08x}"
+
+
+def from_hex(s: str) -> Partial:
+    if len(s) != 16:
+        raise ValueError(f"not a digest: {s!r}")
+    return (int(s[:8], 16), int(s[8:], 16))
+
+
+class Pending:
+    """Digest computations enqueued on the devices; result() waits for them."""
+
+    def __init__(self, outputs: list[list[jax.Array]]):
+        self._outputs = outputs
+
+    def result(self) -> list[Partial]:
+        """This process's partial digest of each array (blocks until computed)."""
+        out = []
+        for lanes in self._outputs:
+            total = ZERO
+            for device_lanes in lanes:
+                a, b = (int(v) for v in np.asarray(device_lanes))
+                total = add(total, (a, b))
+            out.append(total)
+        return out
+
+
+def dispatch(arrays: Sequence[jax.Array]) -> Pending:
+    """Enqueue this process's partial digests of `arrays`; returns at once.
+
+    Call it on the training thread right after the step's arrays exist (the
+    computations are ordered before any later donation of those buffers); call
+    ``result()`` from anywhere later.
+    """
+    outputs = []
+    for array in arrays:
+        array = _key_data(array)
+        lanes = []
+        if array.size:
+            for shard in array.addressable_shards:
+                if shard.replica_id != 0:
+                    continue
+                starts = np.array([0 if s.start is None else s.start for s in shard.index]
+                                  or [0], dtype=np.uint32)
+                lanes.append(_shard_lanes(shard.data, starts))
+        outputs.append(lanes)
+    return Pending(outputs)
+
+
+def local_partial(array: jax.Array) -> Partial:
+    """This process's share of the digest of a (possibly sharded, multi-host) array."""
+    return dispatch([array]).result()[0]
+
+
+def numpy_digest(array: np.ndarray) -> str:
+    """The digest of a whole host array, in plain NumPy (the reference definition)."""
     array = np.asarray(array)
-    return _block_sum(array, (0,) * array.ndim, tuple(array.shape))
+    if array.size == 0:
+        return to_hex(ZERO)
+    dtype = array.dtype
+    if dtype.kind == "c":
+        parts = [array.real, array.imag]
+    else:
+        parts = [array]
+    words = []
+    for part in parts:
+        part = np.ascontiguousarray(part)
+        if part.dtype == np.bool_:
+            words.append(part.astype(np.uint32))
+        elif part.dtype.itemsize == 8:
+            pair = part.view(np.uint32).reshape(part.shape + (2,))
+            words += [pair[..., 0], pair[..., 1]]
+        else:
+            words.append(part.view(f"u{part.dtype.itemsize}").astype(np.uint32))
+    c1, c2 = np.uint32(_M1), np.uint32(_M2)
+    grids = np.indices(array.shape, dtype=np.uint32) if array.ndim else []
+    lanes = []
+    for seed in _LANE_SEEDS:
+        h = np.full(array.shape, seed, np.uint32)
+        for c in grids:
+            h = _fmix(h + c, c1, c2)
+        for w in words:
+            h = _fmix(h ^ w, c1, c2)
+        lanes.append(int(h.sum(dtype=np.uint64)) & _MASK)
+    return to_hex((lanes[0], lanes[1]))
 
 
 def digests(arrays: Mapping[str, jax.Array] | Iterable[tuple[str, jax.Array]],
@@ -121,10 +212,8 @@ def digests(arrays: Mapping[str, jax.Array] | Iterable[tuple[str, jax.Array]],
     must identify the call (e.g. ``"drill:step=8"``).
     """
     pairs = list(arrays.items() if isinstance(arrays, Mapping) else arrays)
-    mine = [str(local_partial(a)) for _, a in pairs]
+    mine = [to_hex(p) for p in dispatch([a for _, a in pairs]).result()]
     gathered = coordinator.all_gather(f"digest:{name}", mine)
-    out = {}
-    for i, (key, array) in enumerate(pairs):
-        total = sum(int(p[i]) for p in gathered) % (1 << 64)
-        out[key] = f"{total:016x}:{array.dtype}:{'x'.join(map(str, array.shape)) or 'scalar'}"
-    return out
+    return {key: to_hex(add(*(from_hex(p[i]) for p in gathered)))
+            for i, (key, _) in enumerate(pairs)}
+

@@ -2,7 +2,9 @@
 
 Orbax's JSON handler writes on the primary host only; a data loader's position
 differs per host, so every process writes ``process_<i>.json`` into the step's
-``process_state`` item. Restoring onto the same process count hands each
+``process_state`` item. The same record carries the process's partial content
+digests of the arrays it wrote (:mod:`distckpt.digest`), collected in the
+background commit; the primary combines them into the step's commit record. Restoring onto the same process count hands each
 process its own record. Onto a different count the records cannot be mapped
 silently (torchtitan#811 dropped them): the caller passes a
 :data:`ProcessStateRemap` hook, or restore raises.
@@ -21,7 +23,7 @@ from orbax.checkpoint import args as ocp_args
 from orbax.checkpoint import future
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
-from distckpt import jsonio
+from distckpt import digest, jsonio
 
 MAX_BYTES = 16 * 1024 * 1024
 
@@ -47,18 +49,22 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
         self.step = -1  # set by the service before each save
 
     @staticmethod
-    def _write_sync(directory: epath.Path, value: Any) -> None:
+    def _write_sync(directory: epath.Path, args: ProcessStateSave) -> None:
         record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-                  "state": value}
+                  "state": args.state}
+        if args.digests is not None:
+            partials = args.digests.result()
+            record["checksums"] = {name: digest.to_hex(p)
+                                   for name, p in zip(args.names, partials, strict=True)}
         (directory / _filename(jax.process_index())).write_text(json.dumps(record))
 
-    async def _write(self, directory: epath.Path, value: Any) -> None:
+    async def _write(self, directory: epath.Path, args: ProcessStateSave) -> None:
         # Runs in the background commit, after save() has returned. Orbax logs a failure
         # here but may only raise it at its commit timeout, so report it straight away.
         try:
             if self.fault_hook is not None:
                 self.fault_hook("process_state:write", self.step)
-            self._write_sync(directory, value)
+            self._write_sync(directory, args)
         except BaseException as e:
             if self.on_failure is not None:
                 self.on_failure(self.step, e)
@@ -66,10 +72,10 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
 
     async def async_save(self, directory: epath.Path, args: ProcessStateSave):
         return [future.CommitFutureAwaitingContractedSignals(
-            self._write(directory, args.state), name="distckpt_process_state")]
+            self._write(directory, args), name="distckpt_process_state")]
 
     def save(self, directory: epath.Path, args: ProcessStateSave) -> None:
-        self._write_sync(directory, args.state)
+        self._write_sync(directory, args)
 
     def restore(self, directory: epath.Path, args: ProcessStateRestore | None = None) -> list[Any]:
         records = []
@@ -90,12 +96,37 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
 @dataclasses.dataclass
 class ProcessStateSave(ocp_args.CheckpointArgs):
     state: Any = None
+    digests: digest.Pending | None = None
+    """This process's partial digests of the saved arrays (computing on the devices)."""
+    names: tuple[str, ...] = ()
+    """The leaf names of those arrays, in the same order."""
 
 
 @ocp_args.register_with_handler(ProcessStateHandler, for_restore=True)
 @dataclasses.dataclass
 class ProcessStateRestore(ocp_args.CheckpointArgs):
     pass
+
+
+def read_checksums(directory: epath.Path, process_count: int) -> dict[str, str]:
+    """Combine every process's partial digests (the step's `process_state` item directory)."""
+    totals: dict[str, digest.Partial] = {}
+    names: set[str] | None = None
+    for index in range(process_count):
+        path = directory / _filename(index)
+        if not path.exists():
+            raise ValueError(f"process {index} left no record ({path.name}) in {directory}")
+        record = jsonio.read_limited(path, MAX_BYTES)
+        partials = record.get("checksums")
+        if not isinstance(partials, dict):
+            raise ValueError(f"process {index}'s record has no checksums")
+        if names is None:
+            names = set(partials)
+        elif set(partials) != names:
+            raise ValueError(f"process {index} checksummed different arrays than process 0")
+        for name, hexed in partials.items():
+            totals[name] = digest.add(totals.get(name, digest.ZERO), digest.from_hex(hexed))
+    return {name: digest.to_hex(p) for name, p in sorted(totals.items())}
 
 
 def select(records: list[Any], saved_count: int, remap: ProcessStateRemap | None) -> Any:

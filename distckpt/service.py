@@ -1,30 +1,35 @@
-"""CheckpointService: sharded, asynchronous save and strict restore of NNX state.
+"""CheckpointService: sharded, asynchronous, verified save and restore of NNX state.
 
-A step is an Orbax composite checkpoint with four items:
+A step is a directory ``<dir>/<step>/`` with four items and a commit record:
 
 ``state``          every process writes the shards it owns (TensorStore/OCDBT);
-``metadata``       user metadata, JSON, written by the primary host only;
+``metadata``       user metadata and metrics, JSON, written by the primary host only;
 ``provenance``     what the step holds and where it came from (primary only);
-``process_state``  one JSON record per process (e.g. a data iterator position).
+``process_state``  one JSON record per process (e.g. a data iterator position), which
+                   also carries that process's partial content digests;
+``distckpt_commit.json``  written last, by the primary, after every file is fsynced:
+                   the step's manifest (content digest of every array, size of every
+                   file). A step is committed iff this record is present and
+                   consistent (:mod:`distckpt.commit`).
 
-Metrics go to Orbax's step metadata (primary only) and drive best-N retention.
-
-Saving is asynchronous: :meth:`CheckpointService.save` returns once the arrays
-are staged, training continues and the commit happens in the background. A
-failure in that background commit is gathered from every process at the next
-``save()``, ``wait()`` or ``close()`` and raised on all of them, so no host
-proceeds alone to a barrier its peers will never reach. Orbax writes into a
-temporary directory and renames it on commit, so a step whose commit failed is
-never listed.
+Saving is asynchronous: :meth:`CheckpointService.save` returns once the arrays are
+staged and their digests are enqueued on the devices; training continues and the
+commit happens in the background. A failure in that background commit is gathered
+from every process at the next ``save()``, ``wait()`` or ``close()`` and raised on
+all of them, so no host proceeds alone to a barrier its peers will never reach.
 
 Decisions that read the filesystem (does this step exist? which step is the
-newest?) are taken by the primary host and handed to the others
-(:func:`distckpt.coordinator.primary_decides`): hosts of a shared filesystem do
-not see its changes at the same moment.
+newest? is this step usable?) are taken by the primary host and handed to the
+others (:func:`distckpt.coordinator.primary_decides`): hosts of a shared
+filesystem do not see its changes at the same moment.
 
 Restore is strict: the target's leaves must match the step's leaves in path,
-shape and dtype, or one error lists every difference; nothing is cast. A
-partial restore is opt-in and reports the target paths it left untouched.
+shape and dtype, or one error lists every difference; nothing is cast. A partial
+restore is opt-in and reports the target paths it left untouched. Restore
+verifies every array it read against the commit record (opt out with
+``verify=False``). With no step given it falls back from newest to oldest over
+steps that are incomplete, unreadable or corrupt, logs why, and (when writable)
+quarantines them; every process ends on the same step.
 """
 
 from __future__ import annotations
@@ -43,8 +48,19 @@ from etils import epath
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
 
-from distckpt import coordinator, jsonio, nnx_state, provenance
+from distckpt import commit, coordinator, digest, jsonio, nnx_state, provenance
 from distckpt import process_state as per_process
+from distckpt.errors import (
+    CheckpointError,
+    FormatVersionError,
+    NoCheckpointError,
+    SaveFailedError,
+    StepExistsError,
+    StepUnusableError,
+    StorageNotSharedError,
+    TargetMismatchError,
+)
+from distckpt.reader import StepReader, compare, local_partials
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +68,9 @@ _ITEMS = ("state", "metadata", "provenance", "process_state")
 _KEEP_FILE = "distckpt_keep_forever.json"
 
 
-class CheckpointError(RuntimeError):
-    """Base class of distckpt's checkpoint errors."""
-
-
-class StepExistsError(CheckpointError):
-    """The step is already committed and overwrite=False."""
-
-
-class NoCheckpointError(CheckpointError, FileNotFoundError):
-    """No committed step to restore."""
-
-
-class TargetMismatchError(CheckpointError, ValueError):
-    """The restore target does not match the saved leaves (paths, shapes, dtypes)."""
-
-
-class SaveFailedError(CheckpointError):
-    """A background save failed on at least one process."""
+__all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatVersionError",
+           "NoCheckpointError", "Restored", "SaveFailedError", "SaveStats", "StepExistsError",
+           "StepUnusableError", "StorageNotSharedError", "TargetMismatchError", "check_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +100,22 @@ class CheckpointOptions:
     primary_host: int = 0
     """The process that writes shared metadata and takes filesystem decisions."""
     read_only: bool = False
-    """Never write or delete anything (evaluation, inspection, a drill's restore side)."""
+    """Never write, move or delete anything (evaluation, inspection, a drill's restore side)."""
+    verify: bool = True
+    """Check every restored array against the content digests in the commit record."""
+    require_shared_storage: bool = True
+    """Probe at start-up that every host sees the same directory, and fail fast if not.
+    False is per-host local mode: each host writes its own shards into its own directory
+    and the primary writes the shared files; restoring needs the directories merged."""
+    probe_timeout_s: float = 15.0
+    """How long the storage probe waits for the primary's probe file to become visible
+    (network filesystems can be slow to show a new file to other hosts)."""
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
-    injects a failure. Point today: 'process_state:write' (in the background commit)."""
+    injects a failure, os.kill there simulates a crash. Points: 'save:staged' (save(),
+    after staging), 'process_state:write' (background, every process),
+    'commit:renamed' (primary, after the rename and fsync, before the commit record),
+    'commit:recorded' (primary, after the commit record, before retention)."""
 
     def __post_init__(self):
         if self.max_to_keep is not None and self.max_to_keep < 1:
@@ -122,6 +135,8 @@ class CheckpointOptions:
             raise ValueError(f"save_on_steps must be non-negative, got {self.save_on_steps}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.probe_timeout_s < 0:
+            raise ValueError(f"probe_timeout_s must be >= 0, got {self.probe_timeout_s}")
 
     def score_fn(self) -> Callable[[Mapping[str, Any]], float] | None:
         if self.best_fn is not None:
@@ -147,6 +162,8 @@ class SaveStats:
     """How long save() blocked the caller."""
     commit_s: float | None = None
     """From the start of save() until the step was committed (None while in flight)."""
+    started: float = dataclasses.field(default=0.0, repr=False)
+    """time.perf_counter() when save() began."""
 
 
 @dataclasses.dataclass
@@ -163,6 +180,13 @@ class Restored:
     untouched: tuple[str, ...] = ()
     """Target leaves a partial restore did not find in the step (left as they were)."""
     seconds: float = 0.0
+    """Wall time of the restore, verification included."""
+    verify_seconds: float = 0.0
+    """Of which: checksumming the restored arrays and comparing."""
+    verified: bool = False
+    """Whether every restored array matched its saved digest."""
+    skipped: tuple[tuple[int, str], ...] = ()
+    """(step, reason) of newer steps the fallback passed over."""
 
 
 @dataclasses.dataclass
@@ -186,37 +210,58 @@ class CheckpointService:
         self.options = options or CheckpointOptions()
         self.directory = epath.Path(directory)
         coordinator.set_primary_host(self.options.primary_host)
-        if self.options.read_only and not self._exists_agreed("init:exists", self.directory):
-            raise NoCheckpointError(
-                f"checkpoint directory {self.directory} does not exist (opened read-only)")
+        self._check_directory()
         self._keep_forever: set[int] = set(self._load_keep_forever())
         self._stats: list[SaveStats] = []
-        self._verified_steps: set[int] = set()
-        self._inflight: SaveStats | None = None
-        self._inflight_t0 = 0.0
         self._closed = False
         self._save_policy = self._save_decision_policy()
-        mp = ocp.options.MultiprocessingOptions(primary_host=self.options.primary_host)
-        self._process_handler = per_process.ProcessStateHandler(
-            self.options.fault_hook, on_failure=self._on_background_failure)
         self._last_save_step: int | None = None
         self._background_failure: tuple[int, BaseException] | None = None
-        retention = self._preservation_policy()
+        self._manager: ocp.CheckpointManager | None = None
+        self._process_handler: per_process.ProcessStateHandler | None = None
+        if not self.options.read_only:
+            self._open_writer()
+
+    def _check_directory(self) -> None:
+        """Refuse a directory that is not usable, before anything is created."""
+        def state() -> str:
+            if not self.directory.exists():
+                return "missing"
+            return "dir" if self.directory.is_dir() else "file"
+
+        where = coordinator.primary_decides("init:directory", state, self.options.timeout_s)
+        if where == "file":
+            raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory; "
+                                  "pass a directory path")
+        if where == "missing" and self.options.read_only:
+            raise NoCheckpointError(
+                f"checkpoint directory {self.directory} does not exist (opened read-only); "
+                "check the path")
+
+    def _open_writer(self) -> None:
+        o = self.options
+        if coordinator.is_primary():
+            self.directory.mkdir(parents=True, exist_ok=True)
+        coordinator.barrier(f"init:{self.directory}:created", o.timeout_s)
+        if o.require_shared_storage:
+            self._probe_shared_storage()
+        mp = ocp.options.MultiprocessingOptions(primary_host=o.primary_host)
+        self._process_handler = per_process.ProcessStateHandler(
+            o.fault_hook, on_failure=self._on_background_failure)
         manager_options = ocp.CheckpointManagerOptions(
             save_decision_policy=self._save_policy,
-            save_interval_steps=0 if self.options.read_only else 1,
-            preservation_policy=None if self.options.read_only else retention,
-            best_fn=self.options.score_fn(),
-            best_mode=self.options.best_mode,
-            enable_async_checkpointing=self.options.async_save,
-            async_options=ocp.AsyncOptions(
-                timeout_secs=int(self.options.timeout_s),
-                post_finalization_callback=self._on_commit,
-            ),
+            save_interval_steps=1,
+            preservation_policy=self._preservation_policy(),
+            best_fn=o.score_fn(),
+            best_mode=o.best_mode,
+            enable_async_checkpointing=o.async_save,
+            async_options=ocp.AsyncOptions(timeout_secs=int(o.timeout_s)),
             multiprocessing_options=mp,
-            read_only=self.options.read_only,
-            create=not self.options.read_only,
+            create=False,
             cleanup_tmp_directories=False,
+            step_name_format=commit.CommittedNameFormat(),
+            temporary_path_class=commit.durable_rename_class(self.directory,
+                                                              self._finalize_commit),
         )
         handlers = {
             "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
@@ -226,6 +271,36 @@ class CheckpointService:
         }
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, item_handlers=handlers, options=manager_options)
+
+    def _probe_shared_storage(self) -> None:
+        """Every host must see a file the primary just wrote (flax#3364, orbax#999)."""
+        if jax.process_count() == 1:
+            return
+        nonce = coordinator.primary_decides(
+            f"init:{self.directory}:probe", lambda: f"{os.getpid()}-{time.time_ns()}",
+            self.options.timeout_s)
+        probe = self.directory / f".distckpt-probe-{nonce}"
+        if coordinator.is_primary():
+            probe.write_text(nonce)
+        coordinator.barrier(f"init:{self.directory}:probe-written", self.options.timeout_s)
+        deadline = time.monotonic() + self.options.probe_timeout_s
+        seen = probe.exists()
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen = probe.exists()
+        views = coordinator.all_gather(f"init:{self.directory}:probe-seen", seen,
+                                       self.options.timeout_s + self.options.probe_timeout_s)
+        if coordinator.is_primary():
+            probe.unlink(missing_ok=True)
+        blind = [i for i, v in enumerate(views) if not v]
+        if blind:
+            raise StorageNotSharedError(
+                f"[process={jax.process_index()}] checkpoint directory {self.directory} is not "
+                f"shared: process(es) {blind} did not see the probe file the primary host "
+                f"wrote there within {self.options.probe_timeout_s:g}s. Point every host at "
+                "the same shared filesystem or object store path, raise probe_timeout_s for "
+                "a slow network filesystem, or pass require_shared_storage=False for per-host "
+                "local directories that you merge yourself. Nothing was written.")
 
     # ------------------------------------------------------------------ policies
     def _save_decision_policy(self) -> sdp.SaveDecisionPolicy:
@@ -259,15 +334,15 @@ class CheckpointService:
         return bool(self._save_policy.should_save(info, previous_steps=[], context=context))
 
     # ------------------------------------------------------------------ helpers
-    def _exists_agreed(self, name: str, path: epath.Path) -> bool:
-        return coordinator.primary_decides(name, lambda: path.exists(), self.options.timeout_s)
-
     def _load_keep_forever(self) -> list[int]:
         def read() -> list[int]:
             path = self.directory / _KEEP_FILE
             if not path.exists():
                 return []
-            return sorted(int(s) for s in jsonio.read_limited(path)["steps"])
+            try:
+                return sorted(int(s) for s in jsonio.read_limited(path)["steps"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path} is unreadable ({e}); fix or remove it") from e
 
         return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
 
@@ -279,12 +354,27 @@ class CheckpointService:
         self._background_failure = (step, error)
         coordinator.publish(self._failure_note(step), f"{type(error).__name__}: {error}")
 
-    def _on_commit(self) -> None:
-        if self._inflight is not None:
-            self._inflight.commit_s = time.perf_counter() - self._inflight_t0
-            logger.info("[process=%d] step %d committed in %.3fs", jax.process_index(),
-                        self._inflight.step, self._inflight.commit_s)
-            self._inflight = None
+    def _fault(self, point: str, step: int) -> None:
+        if self.options.fault_hook is not None:
+            self.options.fault_hook(point, step)
+
+    def _finalize_commit(self, path: epath.Path, step: int) -> dict[str, Any]:
+        """Primary, commit thread, after the rename and fsync: build the commit record."""
+        try:
+            self._fault("commit:renamed", step)
+            checksums = per_process.read_checksums(path / "process_state", jax.process_count())
+            stats = self._stats[-1] if self._stats and self._stats[-1].step == step else None
+            commit_s = None if stats is None else time.perf_counter() - stats.started
+            record = commit.build_record(step, path, checksums, {
+                "process_count": jax.process_count(), "commit_s": commit_s})
+        except BaseException as e:
+            self._on_background_failure(step, e)
+            raise
+        if stats is not None:
+            stats.commit_s = commit_s
+            logger.info("[process=%d] step %d committed in %.3fs", jax.process_index(), step,
+                        commit_s)
+        return record
 
     def _agree_on_errors(self, where: str, background: BaseException | None,
                          rejected: BaseException | None = None) -> None:
@@ -297,7 +387,7 @@ class CheckpointService:
         local = background or rejected
         report = None if local is None else {
             "kind": "background" if background is not None else "input",
-            "error": f"{type(local).__name__}: {local}"}
+            "error": f"{type(local).__name__}: {local}"[:2000]}
         reports = coordinator.all_gather(f"errors:{where}", report, self.options.timeout_s)
         failed = {i: r for i, r in enumerate(reports) if r is not None}
         if not failed:
@@ -316,31 +406,13 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
-        """Committed steps known to this process, oldest first.
+        """Committed steps as this process sees them, oldest first.
 
-        Orbax lists any directory named like a step; distckpt also requires a real
-        directory (not a symlink) whose provenance record names that step, so a junk
-        ``7/`` or a ``9 -> 0`` link is never restored. (A durable commit record of
-        distckpt's own, with fsync, comes with the crash-consistency work.)
+        A step counts only with a consistent commit record (:mod:`distckpt.commit`): a
+        junk ``7/``, a symlinked step, a step whose record is missing and temporary
+        directories are never listed.
         """
-        return sorted(s for s in self._manager.all_steps() if self._looks_committed(s))
-
-    def _looks_committed(self, step: int) -> bool:
-        if step in self._verified_steps:
-            return True
-        path = self.directory / str(step)
-        record = path / "provenance" / "provenance.json"
-        try:
-            ok = (not os.path.islink(os.fspath(path)) and record.exists()
-                  and jsonio.read_limited(record).get("step") == step)
-        except (OSError, ValueError):
-            ok = False
-        if ok:
-            self._verified_steps.add(step)
-        else:
-            logger.warning("[process=%d] ignoring %s: not a committed distckpt step",
-                           jax.process_index(), path)
-        return ok
+        return commit.committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -351,8 +423,15 @@ class CheckpointService:
         score = self.options.score_fn()
         if score is None:
             raise ValueError("best_step() needs CheckpointOptions(best_metric=...) or best_fn=")
-        scored = [(score(m), s) for s in self.all_steps()
-                  if (m := self._manager.metrics(s)) is not None]
+        scored = []
+        for s in self.all_steps():
+            try:
+                m = StepReader(self.directory, s).metrics()
+            except StepUnusableError as e:
+                logger.warning("[process=%d] best_step: skipping %s", jax.process_index(), e)
+                continue
+            if m is not None:
+                scored.append((score(m), s))
         if not scored:
             return None
         pick = min if self.options.best_mode == "min" else max
@@ -361,19 +440,16 @@ class CheckpointService:
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         """The metrics saved with `step` (None if it was saved without any)."""
-        return self._read_json_item(step).get("metrics") or None
+        return StepReader(self.directory, step).metrics()
 
     def metadata(self, step: int) -> dict[str, Any]:
         """The user metadata saved with `step`."""
-        return dict(self._read_json_item(step).get("user") or {})
-
-    def _read_json_item(self, step: int) -> dict[str, Any]:
-        out = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        return dict(out["metadata"] or {})
+        return dict(StepReader(self.directory, step).user_json().get("user") or {})
 
     def reload(self) -> None:
-        """Re-read the list of committed steps from storage."""
-        self._manager.reload()
+        """Re-read the list of committed steps from storage (writers' Orbax manager)."""
+        if self._manager is not None:
+            self._manager.reload()
 
     @property
     def save_stats(self) -> list[SaveStats]:
@@ -399,7 +475,7 @@ class CheckpointService:
         anything, if `step` is committed and `overwrite` is False.
         """
         self._ensure_open()
-        if self.options.read_only:
+        if self.options.read_only or self._manager is None:
             raise CheckpointError(f"{self.directory} was opened read_only; it cannot be saved to")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -421,55 +497,59 @@ class CheckpointService:
         self._agree_on_errors(f"save:step={step}:start", self._finish_local(), rejected)
         t_agreed = time.perf_counter()
         where = coordinator.primary_decides(
-            f"save:step={step}:exists", lambda: self._step_on_disk(step), self.options.timeout_s)
-        if where == "junk":
-            raise CheckpointError(
-                f"{self.directory / str(step)} exists but is not a committed distckpt step "
-                "(no provenance record, or a symlink); move it away, then save again. "
-                "Nothing was written.")
+            f"save:step={step}:exists", lambda: self._prepare_step_dir(step, overwrite),
+            self.options.timeout_s)
         if where == "committed":
-            if not overwrite:
-                raise StepExistsError(
-                    f"step {step} already exists in {self.directory}; pass overwrite=True to "
-                    "replace it, or save under a new step"
-                )
+            raise StepExistsError(
+                f"step {step} already exists in {self.directory}; pass overwrite=True to "
+                "replace it, or save under a new step")
+        self._manager.reload()
+        if where == "overwrite":
             logger.info("[process=%d] overwriting step %d", jax.process_index(), step)
-            self._manager.reload()
             self._manager.delete(step)
-            self._verified_steps.discard(step)
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
+        saveable = nnx_state.to_saveable(leaves)
+        names = tuple(leaf.name for leaf in leaves)
+        pending = digest.dispatch([nnx_state.lookup(saveable, tuple(str(k) for k in leaf.path))
+                                   for leaf in leaves])
         args = ocp.args.Composite(
-            state=ocp.args.PyTreeSave(nnx_state.to_saveable(leaves)),
+            state=ocp.args.PyTreeSave(saveable),
             metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),
             provenance=ocp.args.JsonSave(record),
-            process_state=per_process.ProcessStateSave(process_state),
+            process_state=per_process.ProcessStateSave(process_state, pending, names),
         )
         t_decided = time.perf_counter()
-        stats = SaveStats(step=step, stall_s=0.0)
-        self._inflight, self._inflight_t0 = stats, t0
+        stats = SaveStats(step=step, stall_s=0.0, started=t0)
+        self._stats.append(stats)
         self._process_handler.step = step
         self._last_save_step = step
         try:
             self._manager.save(step, args=args, metrics=metrics_json or None, force=True)
         except Exception as e:
-            self._inflight = None
             raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
+        self._fault("save:staged", step)
         stats.stall_s = time.perf_counter() - t0
         logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
-                    "%.3fs, step decision %.3fs, staging (orbax) %.3fs", jax.process_index(),
-                    step, stats.stall_s, t_agreed - t0, t_decided - t_agreed,
-                    time.perf_counter() - t_decided)
+                    "%.3fs, step decision + digests %.3fs, staging (orbax) %.3fs",
+                    jax.process_index(), step, stats.stall_s, t_agreed - t0,
+                    t_decided - t_agreed, time.perf_counter() - t_decided)
         if not self.options.async_save and stats.commit_s is None:
             stats.commit_s = stats.stall_s
-        self._stats.append(stats)
         return True
 
-    def _step_on_disk(self, step: int) -> str:
-        """'committed', 'junk' (a directory Orbax would list, but not a step) or 'free'."""
-        self._manager.reload()
-        if step in self.all_steps():
-            return "committed"
-        return "junk" if step in self._manager.all_steps() else "free"
+    def _prepare_step_dir(self, step: int, overwrite: bool) -> str:
+        """Primary: 'free', 'committed' or 'overwrite'; moves an uncommitted leftover aside."""
+        path = commit.step_dir(self.directory, step)
+        if not (path.exists() or os.path.islink(os.fspath(path))):
+            return "free"
+        try:
+            commit.read_record(path, step)
+        except commit.CommitRecordError as e:
+            moved = commit.quarantine(self.directory, step, "uncommitted")
+            logger.warning("[process=%d] %s was not a committed step (%s); moved it to %s "
+                           "before saving step %d", jax.process_index(), path, e, moved, step)
+            return "free"
+        return "overwrite" if overwrite else "committed"
 
     def keep_forever(self, step: int) -> None:
         """Exempt a committed step from retention (every process calls it)."""
@@ -477,7 +557,8 @@ class CheckpointService:
             raise ValueError(f"step {step} is not committed; committed: {self.all_steps()}")
         self._keep_forever.add(step)
         if coordinator.is_primary():
-            jsonio.write_atomic(self.directory / _KEEP_FILE, {"steps": sorted(self._keep_forever)})
+            commit.write_durable(self.directory / _KEEP_FILE,
+                                 {"steps": sorted(self._keep_forever)})
         coordinator.barrier(f"keep_forever:step={step}", self.options.timeout_s)
 
     def wait(self) -> None:
@@ -494,6 +575,8 @@ class CheckpointService:
         a process whose commit failed posts that on the coordination service and the
         others stop waiting as soon as they read it.
         """
+        if self._manager is None:
+            return None
         step = self._last_save_step
         note = self._failure_note(step)
         while True:
@@ -516,7 +599,19 @@ class CheckpointService:
         except Exception as e:
             coordinator.publish(note, f"{type(e).__name__}: {e}")
             return e
+        if step is not None and self._background_failure is None:
+            self._fill_commit_time(step)
         return None
+
+    def _fill_commit_time(self, step: int) -> None:
+        stats = self._stats[-1] if self._stats else None
+        if stats is None or stats.step != step or stats.commit_s is not None:
+            return
+        try:  # non-primary processes learn the commit time from the record
+            stats.commit_s = commit.read_record(commit.step_dir(self.directory, step),
+                                                step).get("commit_s")
+        except commit.CommitRecordError:
+            pass
 
     def close(self) -> None:
         """Finish the in-flight save and release resources. Never swallows an error."""
@@ -526,7 +621,8 @@ class CheckpointService:
             self.wait()
         finally:
             self._closed = True
-            self._manager.close()
+            if self._manager is not None:
+                self._manager.close()
 
     def __enter__(self) -> CheckpointService:
         return self
@@ -536,10 +632,11 @@ class CheckpointService:
             self.close()
         else:  # do not mask the original error; still release the manager
             self._closed = True
-            try:
-                self._manager.close()
-            except Exception:
-                logger.exception("closing the checkpoint manager after an error failed")
+            if self._manager is not None:
+                try:
+                    self._manager.close()
+                except Exception:
+                    logger.exception("closing the checkpoint manager after an error failed")
 
     def _ensure_open(self) -> None:
         if self._closed:
@@ -548,45 +645,42 @@ class CheckpointService:
     # ------------------------------------------------------------------ restore
     def resolve_step(self, step: int | Literal["latest", "best"] | None = None) -> int:
         """The step to restore, decided by the primary host from a fresh listing."""
+        candidates = self._candidates(step)
+        return candidates[0]
+
+    def _candidates(self, step: int | Literal["latest", "best"] | None) -> list[int]:
+        """Steps to try, in order (newest first for None/'latest'), agreed by all processes."""
         if isinstance(step, int) and not isinstance(step, bool):
-            want = step
+            want: int | None = step
         elif step in (None, "latest", "best"):
             want = None
         else:
             raise ValueError(f"step must be an int, 'latest', 'best' or None; got {step!r}")
 
-        def decide() -> int | None:
-            self._manager.reload()
+        def decide() -> dict[str, Any]:
+            steps = self.all_steps()
             if want is not None:
-                return want if want in self.all_steps() else -1
+                return {"steps": [want] if want in steps else [], "all": steps}
             if step == "best":
-                return self.best_step()
-            return self.latest_step()
+                best = self.best_step()
+                return {"steps": [] if best is None else [best], "all": steps}
+            return {"steps": sorted(steps, reverse=True), "all": steps}
 
         chosen = coordinator.primary_decides(f"restore:resolve:{step}", decide,
                                              self.options.timeout_s)
-        self._manager.reload()
-        if chosen is None:
+        if not chosen["steps"]:
+            if want is not None:
+                raise NoCheckpointError(
+                    f"step {want} is not a committed checkpoint in {self.directory}; "
+                    f"committed steps: {chosen['all']}")
             raise NoCheckpointError(
                 f"no committed checkpoint in {self.directory}"
                 + (" with metrics to rank by" if step == "best" else "")
                 + "; start from scratch or point at another directory")
-        if chosen == -1:
-            raise NoCheckpointError(
-                f"step {want} is not a committed checkpoint in {self.directory}; committed "
-                f"steps: {self.all_steps()}")
-        return chosen
+        return chosen["steps"]
 
     def read_provenance(self, step: int) -> dict[str, Any]:
-        record = self._manager.restore(
-            step, args=ocp.args.Composite(provenance=ocp.args.JsonRestore()))["provenance"]
-        if record.get("format") != "distckpt":
-            raise CheckpointError(f"step {step} in {self.directory} has no distckpt provenance")
-        if int(record.get("format_version", 0)) > provenance.FORMAT_VERSION:
-            raise CheckpointError(
-                f"step {step} was written by a newer distckpt (format "
-                f"{record['format_version']} > {provenance.FORMAT_VERSION}); upgrade distckpt")
-        return record
+        return StepReader(self.directory, step).provenance
 
     def restore(
         self,
@@ -595,42 +689,130 @@ class CheckpointService:
         *,
         partial: bool = False,
         process_state_remap: per_process.ProcessStateRemap | None = None,
+        verify: bool | None = None,
     ) -> Restored:
-        """Restore a step (newest by default) into `target`, on this job's mesh.
+        """Restore a step into `target`, on this job's mesh.
 
         `target` has the same item names as the save; its leaves carry the shardings to
         restore into (see distckpt.abstract_target). Strict unless `partial=True`.
+        With `step` None (or 'latest') the newest usable step is restored: steps that
+        are incomplete, unreadable or fail verification are skipped (and quarantined
+        when the service is writable). An explicit step or 'best' never falls back.
         """
         self._ensure_open()
         t0 = time.perf_counter()
-        step = self.resolve_step(step)
-        record = self.read_provenance(step)
+        verify = self.options.verify if verify is None else verify
+        fallback = step is None or step == "latest"
+        candidates = self._candidates(step)
         leaves = nnx_state.flatten_items(target)
-        wanted, untouched = check_target(record["leaves"], leaves, step, partial=partial)
-        tree = nnx_state.restore_target(wanted)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(tree)
+        skipped: list[tuple[int, str]] = []
+        for s in candidates:
+            try:
+                restored = self._restore_step(s, target, leaves, partial=partial,
+                                              remap=process_state_remap, verify=verify)
+            except StepUnusableError as e:
+                if not fallback:
+                    raise
+                skipped.append((s, e.reason))
+                self._set_aside(s, e)
+                continue
+            restored.skipped = tuple(skipped)
+            restored.seconds = time.perf_counter() - t0
+            return restored
+        raise NoCheckpointError(
+            f"no usable checkpoint in {self.directory}: every committed step failed "
+            f"({'; '.join(f'step {s}: {r}' for s, r in skipped)}). The bad steps are "
+            + ("kept as they were (read-only)." if self.options.read_only else
+               f"in {self.directory / commit.QUARANTINE_DIR}.")
+            + " Start from scratch, or restore one of them explicitly with partial=True.")
+
+    def _set_aside(self, step: int, error: StepUnusableError) -> None:
+        logger.error("[process=%d] step %d is not usable, falling back to an older step: %s",
+                     jax.process_index(), step, error.reason)
+        if self.options.read_only:
+            return
+
+        def move() -> str:
+            return str(commit.quarantine(self.directory, step, error.kind))
+
+        moved = coordinator.primary_decides(f"restore:quarantine:{step}", move,
+                                            self.options.timeout_s)
+        logger.warning("[process=%d] quarantined step %d at %s", jax.process_index(), step,
+                       moved)
+        self.reload()
+
+    def _restore_step(self, step: int, target: Mapping[str, Any],
+                      leaves: list[nnx_state.Leaf], *, partial: bool,
+                      remap: per_process.ProcessStateRemap | None,
+                      verify: bool) -> Restored:
+        """Restore one step on every process; raise StepUnusableError on all if any failed."""
+        local: dict[str, Any] = {}
+        result = None
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
-                                             partial_restore=partial),
-                metadata=ocp.args.JsonRestore(),
-                process_state=per_process.ProcessStateRestore(),
-            ))
-        except Exception as e:
-            raise CheckpointError(
-                f"[process={jax.process_index()}] reading step {step} from {self.directory} "
-                f"failed: {type(e).__name__}: {e}") from e
-        values = {leaf.name: nnx_state.rebuild_value(
-            leaf, nnx_state.lookup(out["state"], tuple(str(k) for k in leaf.path)))
-            for leaf in wanted}
-        items = nnx_state.write_back(target, values)
-        mine = per_process.select(out["process_state"], record["process_count"],
-                                    process_state_remap)
-        saved_json = dict(out["metadata"] or {})
-        return Restored(step=step, items=items, metadata=dict(saved_json.get("user") or {}),
-                        metrics=saved_json.get("metrics") or None, process_state=mine,
-                        provenance=record,
-                        untouched=tuple(untouched), seconds=time.perf_counter() - t0)
+            reader = StepReader(self.directory, step)
+            reader.check_files()
+            record = reader.provenance
+        except StepUnusableError as e:
+            local = {"error": e.reason, "kind": e.kind}
+        else:
+            # A target that does not fit is the caller's problem, not the step's: raise now
+            # (every process reads the same provenance, so all raise alike).
+            wanted, untouched = check_target(record["leaves"], leaves, step, partial=partial)
+            try:
+                result, values, named = self._read_arrays(reader, wanted, record, remap)
+                if verify:
+                    t_v = time.perf_counter()
+                    local = {"partials": local_partials(named)}
+                    result.verify_seconds = time.perf_counter() - t_v
+                result.untouched = tuple(untouched)
+            except StepUnusableError as e:
+                local = {"error": e.reason, "kind": e.kind}
+        gathered = coordinator.all_gather(f"restore:step={step}:outcome", local,
+                                          self.options.timeout_s)
+        errors = [(i, g) for i, g in enumerate(gathered) if "error" in g]
+        if errors:
+            kinds = {g["kind"] for _, g in errors}
+            kind = "corrupt" if "corrupt" in kinds else sorted(kinds)[0]
+            reason = "; ".join(f"process {i}: {g['error']}" for i, g in errors[:4])
+            raise StepUnusableError(step, reason, kind=kind)
+        assert result is not None
+        if verify:
+            t_v = time.perf_counter()
+            problems = compare(step, reader.checksums, [g["partials"] for g in gathered],
+                               [leaf.name for leaf in wanted])
+            result.verify_seconds += time.perf_counter() - t_v
+            if problems:
+                raise StepUnusableError(
+                    step, f"{len(problems)} array(s) differ from what was saved: "
+                    + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""),
+                    kind="corrupt")
+            result.verified = True
+        # Only now, with every process's read verified, touch the caller's objects.
+        result.items = nnx_state.write_back(target, values)
+        return result
+
+    def _read_arrays(self, reader: StepReader, wanted: list[nnx_state.Leaf],
+                     record: dict[str, Any], remap: per_process.ProcessStateRemap | None
+                     ) -> tuple[Restored, dict[str, Any], list[tuple[str, jax.Array]]]:
+        tree = nnx_state.restore_target(wanted)
+        out = reader.restore_arrays(tree, partial=True)
+        raw = [(leaf.name, nnx_state.lookup(out, tuple(str(k) for k in leaf.path)))
+               for leaf in wanted]
+        saved_json = reader.user_json()
+        records = reader.process_records()
+        try:
+            mine = per_process.select(records, record["process_count"], remap)
+        except ValueError as e:
+            if len(records) != record["process_count"]:
+                raise StepUnusableError(reader.step, str(e), kind="incomplete") from e
+            raise
+        values = {name: nnx_state.rebuild_value(leaf, value)
+                  for leaf, (name, value) in zip(wanted, raw, strict=True)}
+        restored = Restored(step=reader.step, items={},
+                            metadata=dict(saved_json.get("user") or {}),
+                            metrics=saved_json.get("metrics") or None, process_state=mine,
+                            provenance=record)
+        return restored, values, raw
 
 
 def check_target(saved: Mapping[str, Any], leaves: Sequence[nnx_state.Leaf], step: int, *,

@@ -195,16 +195,35 @@ def test_mesh_spec_and_rules_errors():
     assert spec == jax.sharding.PartitionSpec("fsdp")
 
 
-def test_junk_and_symlinked_step_directories_are_not_steps(tmp_path):
+def test_only_steps_with_a_commit_record_count_and_leftovers_are_moved_aside(tmp_path):
+    """Issue 3b: junk, a symlinked step, a deleted record and a planted temp dir."""
     mesh = distckpt.make_mesh("fsdp=8")
     items = distckpt.init_sharded(factory(), mesh)
-    with distckpt.CheckpointService(tmp_path) as ckpt:
+    with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(max_to_keep=None)) \
+            as ckpt:
         ckpt.save(1, items)
+        ckpt.save(2, items)
     (tmp_path / "7").mkdir()  # junk named like a step (plain Orbax made it latest_step)
     (tmp_path / "9").symlink_to(tmp_path / "1")  # plain Orbax restored step 1's data as 9
-    with distckpt.CheckpointService(tmp_path) as ckpt:
-        assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
-        assert ckpt.restore(distckpt.abstract_target(factory(), mesh)).step == 1
-        with pytest.raises(distckpt.CheckpointError, match="not a committed distckpt step"):
-            ckpt.save(7, items)
-        assert os.listdir(tmp_path / "7") == []
+    (tmp_path / "2" / "distckpt_commit.json").unlink()  # a step whose record was deleted
+    planted = tmp_path / "11.orbax-checkpoint-tmp"
+    planted.mkdir()
+    (planted / "junk").write_text("x")
+    target = lambda: distckpt.abstract_target(factory(), mesh)  # noqa: E731
+    with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(read_only=True)) \
+            as reader:
+        assert reader.all_steps() == [1] and reader.latest_step() == 1
+        assert reader.restore(target()).step == 1
+        with pytest.raises(distckpt.NoCheckpointError, match="committed steps: \\[1\\]"):
+            reader.restore(target(), step=9)
+    assert sorted(os.listdir(tmp_path)) == ["1", "11.orbax-checkpoint-tmp", "2", "7", "9"]
+    with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(max_to_keep=None)) \
+            as ckpt:
+        for step in (7, 9, 2, 11):  # saving each again works
+            ckpt.save(step, items)
+            ckpt.wait()
+            assert ckpt.restore(target(), step=step).verified
+        assert ckpt.all_steps() == [1, 2, 7, 9, 11]
+        assert ckpt.restore(target(), step=1).verified  # the symlink's target is untouched
+    moved = sorted(p.split(".")[0] for p in os.listdir(tmp_path / "distckpt-quarantine"))
+    assert moved == ["2", "7", "9"]  # set aside, never deleted

@@ -1,0 +1,292 @@
+"""What counts as a committed step, and how a commit is made durable.
+
+A step directory ``<dir>/<step>/`` is committed if and only if it holds distckpt's
+**commit record** ``distckpt_commit.json``, written last by the primary host, and
+the record is consistent: it parses, names this step, and the step directory is a
+real directory (not a symlink). Orbax's own listing (any directory named like a
+step) is not used: a junk ``7/``, a symlink ``9 -> 0``, a step whose record was
+deleted and a planted temporary directory are all ignored.
+
+Durability (local and network filesystems): the primary finalizes a step in this
+order, inside Orbax's commit thread:
+
+1. Orbax writes its metadata and renames ``<step>.orbax-checkpoint-tmp`` to
+   ``<step>`` (neither is fsynced by Orbax);
+2. every file and directory in the step is fsynced, then the checkpoint directory
+   (so the rename itself is durable);
+3. the commit record is written to a temporary name, fsynced, renamed into place,
+   and the step directory is fsynced.
+
+A crash before 3 completes leaves a step without a record, which is never
+listed; saving that step again moves the leftover aside (see :func:`quarantine`).
+
+The record also carries the step's **manifest**: the content digest of every
+array (:mod:`distckpt.digest`, combined from every process's partial sums) and
+the size of every file, so a reader can tell a truncated or missing file before
+reading it and verify contents after.
+
+Steps that fail verification are *quarantined*, never deleted: moved to
+``<dir>/distckpt-quarantine/<step>.<UTC time>.<reason>``. Only a writer does this;
+readers (read-only services, ``inspect``, ``verify``) change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from etils import epath
+from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint._src.path import step as step_lib
+
+from distckpt import jsonio
+
+COMMIT_FILE = "distckpt_commit.json"
+QUARANTINE_DIR = "distckpt-quarantine"
+FORMAT = "distckpt-commit"
+FORMAT_VERSION = 1
+_STEP_NAME = re.compile(r"^(0|[1-9][0-9]*)$")
+
+
+class CommitRecordError(ValueError):
+    """A step directory has no usable commit record (the reason is the message)."""
+
+
+def is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+# ---------------------------------------------------------------------- fsync
+def fsync_path(path: epath.Path) -> None:
+    """fsync one file or directory (local filesystems; a no-op on object storage)."""
+    if not is_local(path):
+        return
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: epath.Path) -> int:
+    """fsync every file and directory under `root`, then `root`; returns the count."""
+    if not is_local(root):
+        return 0
+    count = 0
+    for dirpath, _, filenames in os.walk(os.fspath(root)):
+        for name in filenames:
+            fsync_path(epath.Path(dirpath) / name)
+            count += 1
+        fsync_path(epath.Path(dirpath))
+        count += 1
+    return count
+
+
+def write_durable(path: epath.Path, value: Any) -> None:
+    """Write JSON to `path` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    data = json.dumps(value, indent=1, sort_keys=True)
+    if is_local(path):
+        fd = os.open(os.fspath(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(os.fspath(tmp), os.fspath(path))
+        fsync_path(path.parent)
+    else:  # object storage: a single PUT is atomic
+        path.write_text(data)
+
+
+# ---------------------------------------------------------------------- records
+def step_dir(directory: epath.Path, step: int) -> epath.Path:
+    return directory / str(step)
+
+
+def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
+    """The commit record of the step directory `path`, or CommitRecordError saying why not."""
+    if step is None:
+        if not _STEP_NAME.match(path.name):
+            raise CommitRecordError(f"{path.name!r} is not a step number")
+        step = int(path.name)
+    if is_local(path) and os.path.islink(os.fspath(path)):
+        raise CommitRecordError("the step directory is a symlink")
+    if not path.exists():
+        raise CommitRecordError("no such step directory")
+    if not path.is_dir():
+        raise CommitRecordError("not a directory")
+    record_path = path / COMMIT_FILE
+    if not record_path.exists():
+        raise CommitRecordError(f"no commit record ({COMMIT_FILE}): the save never "
+                                "finished, or this is not a distckpt step")
+    try:
+        record = jsonio.read_limited(record_path)
+    except (OSError, ValueError) as e:
+        raise CommitRecordError(f"unreadable commit record: {type(e).__name__}: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CommitRecordError("the commit record is not a distckpt commit record")
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CommitRecordError(
+            f"written by a newer distckpt (commit format {version!r} > {FORMAT_VERSION}); "
+            "upgrade distckpt to read it")
+    if record.get("step") != step:
+        raise CommitRecordError(f"the commit record names step {record.get('step')!r}, "
+                                f"not {step} (a copied or renamed step?)")
+    for key in ("checksums", "files"):
+        if not isinstance(record.get(key), dict):
+            raise CommitRecordError(f"the commit record has no {key!r} table")
+    return record
+
+
+def step_names(directory: epath.Path) -> Iterator[tuple[int, epath.Path]]:
+    """(step, path) for every entry of `directory` named like a step (committed or not)."""
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for path in entries:
+        if _STEP_NAME.match(path.name):
+            yield int(path.name), path
+
+
+def scan(directory: epath.Path) -> dict[int, dict[str, Any] | CommitRecordError]:
+    """Every step-named entry: its commit record, or the error saying why it is not one."""
+    out: dict[int, dict[str, Any] | CommitRecordError] = {}
+    for step, path in step_names(directory):
+        try:
+            out[step] = read_record(path, step)
+        except CommitRecordError as e:
+            out[step] = e
+    return dict(sorted(out.items()))
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    return [s for s, r in scan(directory).items() if isinstance(r, dict)]
+
+
+def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
+    """Problems with the files the record lists (missing, or a different size)."""
+    problems = []
+    for rel, size in sorted(record["files"].items()):
+        f = path / rel
+        try:
+            actual = f.stat().length
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing")
+            continue
+        if actual != size:
+            problems.append(f"{rel}: {actual} bytes, {size} when committed (truncated or "
+                            "rewritten)")
+    return problems
+
+
+def file_sizes(path: epath.Path) -> dict[str, int]:
+    """Relative path -> size of every file under `path` (the record itself excluded)."""
+    out = {}
+    if is_local(path):
+        root = os.fspath(path)
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root)
+                if rel != COMMIT_FILE:
+                    out[rel] = os.stat(full).st_size
+        return out
+    for f in path.rglob("*"):
+        if f.is_file() and f.name != COMMIT_FILE:
+            out[os.path.relpath(os.fspath(f), os.fspath(path))] = f.stat().length
+    return out
+
+
+def build_record(step: int, path: epath.Path, checksums: Mapping[str, str],
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+            "committed_at": time.time(), "checksums": dict(checksums),
+            "files": file_sizes(path), **(extra or {})}
+
+
+# ---------------------------------------------------------------------- quarantine
+def quarantine(directory: epath.Path, step: int, reason: str) -> epath.Path:
+    """Move `<directory>/<step>` aside (never delete); returns where it went."""
+    src = step_dir(directory, step)
+    dest_root = directory / QUARANTINE_DIR
+    dest_root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(tz=datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", reason).strip("-")[:60] or "bad"
+    dest = dest_root / f"{step}.{stamp}.{slug}"
+    if is_local(src):
+        os.rename(os.fspath(src), os.fspath(dest))  # moves a symlink itself, not its target
+        fsync_path(directory)
+        fsync_path(dest_root)
+    else:
+        src.rename(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------- orbax hooks
+class CommittedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
+    """Orbax step naming that lists only steps with a valid distckpt commit record.
+
+    Orbax uses it for its listing, hence for retention: junk never counts as one
+    of the newest N steps, and is never deleted by retention either.
+    """
+
+    def __init__(self):
+        self._standard = step_lib.standard_name_format()
+
+    def build_name(self, step: int) -> str:
+        return self._standard.build_name(step)
+
+    def find_all(self, base_path: epath.PathLike) -> Iterator[step_lib.Metadata]:
+        base = epath.Path(base_path)
+        return iter([step_lib.Metadata(step=s, path=step_dir(base, s))
+                     for s in committed_steps(base)])
+
+    def find_step(self, base_path: epath.PathLike, step: int) -> step_lib.Metadata:
+        path = step_dir(epath.Path(base_path), step)
+        try:
+            read_record(path, step)
+        except CommitRecordError as e:
+            raise ValueError(f"step {step} in {base_path} is not committed: {e}") from e
+        return step_lib.Metadata(step=step, path=path)
+
+    def __str__(self) -> str:
+        return "distckpt.CommittedNameFormat"
+
+
+Finalizer = Callable[[epath.Path, int], dict[str, Any]]
+"""finalizer(step_path, step) -> commit record (runs on the primary, after the rename)."""
+
+
+def durable_rename_class(directory: epath.Path, finalizer: Finalizer) -> type:
+    """An Orbax TemporaryPath class: rename, fsync everything, then the commit record.
+
+    Orbax also uses the class for the items inside a step; those are only renamed.
+    """
+    root = os.path.abspath(os.fspath(directory))
+
+    class DurableRenameTemporaryPath(atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self):
+            await super().finalize()
+            final = self.get_final()
+            if os.path.abspath(os.fspath(final.parent)) == root and \
+                    _STEP_NAME.match(final.name):
+                await asyncio.to_thread(_commit, final, finalizer)
+
+    return DurableRenameTemporaryPath
+
+
+def _commit(path: epath.Path, finalizer: Finalizer) -> None:
+    step = int(path.name)
+    fsync_tree(path)
+    fsync_path(path.parent)
+    record = finalizer(path, step)
+    write_durable(path / COMMIT_FILE, record)
