@@ -21,9 +21,11 @@ A crash before 3 completes leaves a step without a record, which is never
 listed; saving that step again moves the leftover aside (see :func:`quarantine`).
 
 The record also carries the step's **manifest**: the content digest of every
-array (:mod:`distckpt.digest`, combined from every process's partial sums) and
-the size of every file, so a reader can tell a truncated or missing file before
-reading it and verify contents after.
+array (:mod:`distckpt.digest`, combined from every process's partial sums), the
+size of every file and a CRC-32 of every small file (JSON metadata, manifests), so
+a reader can tell a truncated, missing or edited file before reading any array
+data, and verify array contents after. (Measured: a flipped byte in OCDBT array
+data restores silently with plain Orbax; only OCDBT's b-tree nodes carry CRCs.)
 
 Steps that fail verification are *quarantined*, never deleted: moved to
 ``<dir>/distckpt-quarantine/<step>.<UTC time>.<reason>``. Only a writer does this;
@@ -38,6 +40,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -49,6 +52,9 @@ from distckpt import jsonio
 
 COMMIT_FILE = "distckpt_commit.json"
 QUARANTINE_DIR = "distckpt-quarantine"
+TRASH_DIR = "distckpt-trash"
+"""Retention renames a step here first (atomic), then it is deleted: a crash mid-delete
+never leaves a half-deleted step that is still listed."""
 FORMAT = "distckpt-commit"
 FORMAT_VERSION = 1
 _STEP_NAME = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -146,6 +152,10 @@ def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
     return record
 
 
+def is_step_name(name: str) -> bool:
+    return bool(_STEP_NAME.match(name))
+
+
 def step_names(directory: epath.Path) -> Iterator[tuple[int, epath.Path]]:
     """(step, path) for every entry of `directory` named like a step (committed or not)."""
     try:
@@ -173,8 +183,13 @@ def committed_steps(directory: epath.Path) -> list[int]:
 
 
 def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
-    """Problems with the files the record lists (missing, or a different size)."""
+    """Problems with the files the record lists (missing, resized, small file changed).
+
+    Each problem starts with the file's relative path; a changed-contents problem ends
+    with 'CRC-32 mismatch)'.
+    """
     problems = []
+    crcs = record.get("crc32") or {}
     for rel, size in sorted(record["files"].items()):
         f = path / rel
         try:
@@ -185,7 +200,18 @@ def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
         if actual != size:
             problems.append(f"{rel}: {actual} bytes, {size} when committed (truncated or "
                             "rewritten)")
+        elif rel in crcs and _crc32(f) != crcs[rel]:
+            problems.append(f"{rel}: contents changed since the commit (CRC-32 mismatch)")
     return problems
+
+
+SMALL_FILE_BYTES = 1 << 20
+"""Files up to this size (JSON, manifests) get a CRC-32 in the commit record; array data
+is covered by the content digests instead."""
+
+
+def _crc32(path: epath.Path) -> int:
+    return zlib.crc32(path.read_bytes())
 
 
 def file_sizes(path: epath.Path) -> dict[str, int]:
@@ -208,9 +234,11 @@ def file_sizes(path: epath.Path) -> dict[str, int]:
 
 def build_record(step: int, path: epath.Path, checksums: Mapping[str, str],
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    files = file_sizes(path)
+    crcs = {rel: _crc32(path / rel) for rel, size in files.items() if size <= SMALL_FILE_BYTES}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
-            "committed_at": time.time(), "checksums": dict(checksums),
-            "files": file_sizes(path), **(extra or {})}
+            "committed_at": time.time(), "checksums": dict(checksums), "files": files,
+            "crc32": crcs, **(extra or {})}
 
 
 # ---------------------------------------------------------------------- quarantine
@@ -266,7 +294,25 @@ Finalizer = Callable[[epath.Path, int], dict[str, Any]]
 """finalizer(step_path, step) -> commit record (runs on the primary, after the rename)."""
 
 
-def durable_rename_class(directory: epath.Path, finalizer: Finalizer) -> type:
+def purge_trash(directory: epath.Path) -> int:
+    """Delete the steps retention moved to the trash; returns how many."""
+    trash = directory / TRASH_DIR
+    if not trash.exists():
+        return 0
+    count = 0
+    for entry in list(trash.iterdir()):
+        if is_local(entry) and os.path.islink(os.fspath(entry)):
+            entry.unlink()
+        elif entry.is_dir():
+            entry.rmtree()
+        else:
+            entry.unlink()
+        count += 1
+    return count
+
+
+def durable_rename_class(directory: epath.Path, finalizer: Finalizer,
+                         after_record: Callable[[int], None] | None = None) -> type:
     """An Orbax TemporaryPath class: rename, fsync everything, then the commit record.
 
     Orbax also uses the class for the items inside a step; those are only renamed.
@@ -279,14 +325,18 @@ def durable_rename_class(directory: epath.Path, finalizer: Finalizer) -> type:
             final = self.get_final()
             if os.path.abspath(os.fspath(final.parent)) == root and \
                     _STEP_NAME.match(final.name):
-                await asyncio.to_thread(_commit, final, finalizer)
+                await asyncio.to_thread(_commit, final, finalizer, after_record)
 
     return DurableRenameTemporaryPath
 
 
-def _commit(path: epath.Path, finalizer: Finalizer) -> None:
+def _commit(path: epath.Path, finalizer: Finalizer,
+            after_record: Callable[[int], None] | None) -> None:
     step = int(path.name)
     fsync_tree(path)
     fsync_path(path.parent)
     record = finalizer(path, step)
     write_durable(path / COMMIT_FILE, record)
+    if after_record is not None:
+        after_record(step)
+    purge_trash(path.parent)  # steps an earlier retention pass set aside

@@ -54,10 +54,12 @@ class StepReader:
         """Raise StepUnusableError if a file the commit record lists is missing or resized."""
         problems = commit.check_files(self.path, self.record)
         if problems:
+            changed = all(p.endswith("CRC-32 mismatch)") for p in problems)
+            what = "corrupt" if changed else "incomplete"
             raise StepUnusableError(
-                self.step, f"incomplete: {len(problems)} file(s) differ from the commit "
+                self.step, f"{what}: {len(problems)} file(s) differ from the commit "
                 f"record: {'; '.join(problems[:5])}" + (" ..." if len(problems) > 5 else ""),
-                kind="incomplete")
+                kind=what)
 
     def _json(self, rel: str) -> Any:
         try:
@@ -127,8 +129,8 @@ class StepReader:
         finally:
             handler.close()
 
-    def array_metadata(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape, dtype) of every array as stored (key leaves as key data)."""
+    def array_metadata(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
+        """name -> (path, shape, dtype) of every array as stored (key leaves as key data)."""
         handler = ocp.PyTreeCheckpointHandler()
         try:
             tree = handler.metadata(self.path / STATE_ITEM).tree
@@ -139,8 +141,8 @@ class StepReader:
             handler.close()
         out = {}
         for path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            out[name] = (tuple(meta.shape), str(meta.dtype))
+            keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            out["/".join(keys)] = (keys, tuple(meta.shape), str(meta.dtype))
         return out
 
 

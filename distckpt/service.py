@@ -242,6 +242,7 @@ class CheckpointService:
         o = self.options
         if coordinator.is_primary():
             self.directory.mkdir(parents=True, exist_ok=True)
+            commit.purge_trash(self.directory)  # left by a crash during retention
         coordinator.barrier(f"init:{self.directory}:created", o.timeout_s)
         if o.require_shared_storage:
             self._probe_shared_storage()
@@ -260,8 +261,10 @@ class CheckpointService:
             create=False,
             cleanup_tmp_directories=False,
             step_name_format=commit.CommittedNameFormat(),
-            temporary_path_class=commit.durable_rename_class(self.directory,
-                                                              self._finalize_commit),
+            temporary_path_class=commit.durable_rename_class(
+                self.directory, self._finalize_commit,
+                lambda step: self._fault("commit:recorded", step)),
+            todelete_subdir=commit.TRASH_DIR,
         )
         handlers = {
             "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
@@ -623,6 +626,8 @@ class CheckpointService:
             self._closed = True
             if self._manager is not None:
                 self._manager.close()
+                if coordinator.is_primary():
+                    commit.purge_trash(self.directory)
 
     def __enter__(self) -> CheckpointService:
         return self

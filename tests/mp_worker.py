@@ -256,6 +256,24 @@ def scenario_barrier(a) -> None:
     Path(f"{a.out}.{jax.process_index()}").write_text(json.dumps(result))
 
 
+def scenario_fallback(a) -> None:
+    """Restore with the newest steps damaged (by the test): every process ends on one step."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    out = {}
+    for mode in ("read_only", "writable"):
+        opts = distckpt.CheckpointOptions(read_only=mode == "read_only")
+        with distckpt.CheckpointService(a.dir, opts) as ckpt:
+            restored = ckpt.restore(distckpt.abstract_target(factory(width=a.width), mesh))
+            out[mode] = {"step": restored.step, "skipped": restored.skipped,
+                         "verified": restored.verified,
+                         "fingerprint": fingerprint(restored.items)["digests"],
+                         "listed": ckpt.all_steps()}
+    agreed = coordinator.all_gather("fallback:steps", [out[m]["step"] for m in out])
+    out["steps_by_process"] = agreed
+    write(a.out, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")
@@ -265,6 +283,7 @@ def main() -> None:
     p.add_argument("--rules")
     p.add_argument("--absent", type=int, default=1)
     p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--width", type=int, default=8)
     a = p.parse_args()
     globals()[f"scenario_{a.scenario}"](a)
 
