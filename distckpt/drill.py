@@ -26,6 +26,19 @@ sum; the drill accepts a relative difference of 1e-5 (about 80 float32 ulps),
 an order of magnitude above the ~1e-7 observed for the default slices, and far
 below what a wrong parameter, optimizer moment or RNG key produces (>1e-3).
 
+Faults (``--fault``) prove the reliability promises on the way:
+
+* ``kill-during-save``: every saving host is SIGKILLed inside the background commit
+  of the last save (a power loss mid-save). The restore must pick the previous
+  save, verified; ``steps_lost`` is then the save interval plus the steps after
+  the last save.
+* ``preempt``: one saving host gets SIGTERM mid-run. Every host saves the same
+  step (:mod:`distckpt.preemption`), commits and exits 0; the restore must pick
+  that step and lose nothing.
+* ``corrupt``: after the save phase, bytes of the newest step's largest array
+  data file are flipped. The restore must detect it, skip that step (the report
+  says why) and restore the previous save, verified.
+
 The report (a table, and JSON with ``--json``) says whether the restore was
 verified, which step was restored, how many steps of work were lost, how long
 the restore took, each save's blocking stall and commit time, and the loss
@@ -50,6 +63,7 @@ from distckpt.mesh import MeshSpec
 SAME_TOPOLOGY_RTOL = 0.0
 CROSS_TOPOLOGY_RTOL = 1e-5
 _PROGRESS = re.compile(r"DRILL (\w+) (.*)$")
+FAULTS = ("kill-during-save", "preempt", "corrupt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +121,8 @@ class DrillConfig:
     """Global batch size."""
     timeout_s: float = 600.0
     """Limit for each phase."""
+    fault: str | None = None
+    """A fault to inject: one of FAULTS (see the module docstring)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.save_every < 1:
@@ -114,6 +130,20 @@ class DrillConfig:
         if self.save_every > self.steps:
             raise ValueError(f"save_every={self.save_every} > steps={self.steps}: nothing would "
                              "be saved; lower --save-every or raise --steps")
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; choose one of {', '.join(FAULTS)}")
+        if self.fault in ("kill-during-save", "corrupt") and self.last_save < 2 * self.save_every:
+            raise ValueError(
+                f"--fault {self.fault} needs two saves to fall back between, but steps="
+                f"{self.steps} with save_every={self.save_every} saves once; use --steps >= "
+                f"{2 * self.save_every}")
+        if self.fault == "preempt" and self.steps < 3:
+            raise ValueError("--fault preempt needs --steps >= 3 (time to deliver the signal)")
+
+    @property
+    def preempt_after(self) -> int:
+        """The step after which the drill sends SIGTERM to one saving host."""
+        return max(1, self.steps // 2)
 
     @property
     def last_save(self) -> int:
@@ -138,11 +168,20 @@ def _emit(kind: str, **fields) -> None:
     print(f"DRILL {kind} {json.dumps(fields)}", flush=True)
 
 
+def _write_result(path: str, value: dict[str, Any]) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
 def worker_save(spec: dict[str, Any]) -> None:
+    import signal
+
     import jax
 
     from distckpt import coordinator, digest, train
     from distckpt.mesh import make_mesh
+    from distckpt.preemption import PreemptionGuard
     from distckpt.service import CheckpointOptions, CheckpointService
 
     coordinator.initialize()
@@ -152,26 +191,47 @@ def worker_save(spec: dict[str, Any]) -> None:
     step_fn = train.make_train_step(mesh)
     losses: dict[int, float] = {}
     digests: dict[int, dict[str, str]] = {}
-    options = CheckpointOptions(max_to_keep=None, save_interval_steps=spec["save_every"])
-    with CheckpointService(spec["ckpt_dir"], options) as ckpt:
+    kill_step = spec.get("kill_step")
+
+    def fault_hook(point: str, step: int) -> None:
+        # Every host dies inside the background commit of `kill_step` (a power loss).
+        if point == "process_state:write" and step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    options = CheckpointOptions(max_to_keep=None, save_interval_steps=spec["save_every"],
+                                fault_hook=fault_hook if kill_step is not None else None)
+    result: dict[str, Any] = {"losses": losses, "digests": digests, "save_stats": [],
+                              "preempted_at": None, "process_count": jax.process_count(),
+                              "devices": jax.device_count()}
+    with PreemptionGuard("drill") as guard, CheckpointService(spec["ckpt_dir"], options) as ckpt:
         last = spec["steps"] + (1 if spec["steps"] % spec["save_every"] == 0 else 0)
         for step in range(1, last + 1):
             tokens = train.tokens_for_step(step, cfg, mesh)
             losses[step] = float(step_fn(state["model"], state["optimizer"], tokens))
             if step > spec["steps"]:  # the reference update past the last save; not saved
                 break
+            preempted = guard.reached_sync_point(step)
             saved = ckpt.save(step, state, metrics={"loss": losses[step]},
-                              process_state={"next_step": step + 1})
+                              process_state={"next_step": step + 1}, force=preempted)
             if saved:
                 digests[step] = digest.digests(_leaf_arrays(state), f"drill:save:step={step}")
+            if preempted:
+                ckpt.wait()
+                result["preempted_at"] = step
+            result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
             if coordinator.is_primary():
+                # Written as the run goes, so a killed run still says what it did.
+                _write_result(spec["out"], result)
                 _emit("progress", phase="save", step=step, loss=losses[step], saved=saved)
+            if preempted:
+                # One more update, for the restore side's loss comparison (not saved).
+                losses[step + 1] = float(step_fn(state["model"], state["optimizer"],
+                                                 train.tokens_for_step(step + 1, cfg, mesh)))
+                break
         ckpt.wait()
-        stats = [dataclasses.asdict(s) for s in ckpt.save_stats]
+        result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
     if coordinator.is_primary():
-        Path(spec["out"]).write_text(json.dumps({
-            "losses": losses, "digests": digests, "save_stats": stats,
-            "process_count": jax.process_count(), "devices": jax.device_count()}))
+        _write_result(spec["out"], result)
 
 
 def worker_restore(spec: dict[str, Any]) -> None:
@@ -214,7 +274,8 @@ def worker_restore(spec: dict[str, Any]) -> None:
             "restore_seconds_inside": restored.seconds, "content_mismatch": content_mismatch,
             "sharding_mismatch": sharding_mismatch, "next_loss": loss, "next_step": step,
             "leaves": len(arrays), "bytes": total_bytes, "process_count": jax.process_count(),
-            "process_state": restored.process_state}))
+            "process_state": restored.process_state, "verified_by_service": restored.verified,
+            "skipped": [list(x) for x in restored.skipped]}))
 
 
 # --------------------------------------------------------------------------- driver
@@ -239,6 +300,11 @@ class DrillReport:
     sharding_mismatch: list[str]
     phase_seconds: dict[str, float]
     directory: str
+    fault: str | None = None
+    skipped: list[list[Any]] = dataclasses.field(default_factory=list)
+    """[step, reason] of newer steps the restore skipped (e.g. a corrupt step)."""
+    trained_until: int | None = None
+    """The last step the saving slice trained (before a fault stopped it)."""
     failure: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -258,7 +324,7 @@ def _prepare_dir(directory: str | None) -> Path:
 
 
 def _run_phase(name: str, slice_: SliceSpec, spec: dict[str, Any], workdir: Path,
-               timeout_s: float, on_line) -> tuple[int, Path]:
+               timeout_s: float, on_line, on_start=None) -> tuple[int, Path]:
     from distckpt.launcher import launch
 
     spec_path = workdir / f"{name}-spec.json"
@@ -267,8 +333,23 @@ def _run_phase(name: str, slice_: SliceSpec, spec: dict[str, Any], workdir: Path
     with open(log_path, "w") as log:
         result = launch([sys.executable, "-m", "distckpt.drill", name, str(spec_path)],
                         slice_.hosts, slice_.devices, out=log, timeout_s=timeout_s,
-                        line_callback=on_line, forward_signals=True)
+                        line_callback=on_line, forward_signals=True, on_start=on_start)
     return result.returncode, log_path
+
+
+def corrupt_newest(ckpt_dir: Path, step: int) -> str:
+    """Flip one bit in each of 8 places of the step's largest array data file."""
+    import random
+
+    files = [p for p in (ckpt_dir / str(step) / "state").rglob("*")
+             if p.is_file() and p.parent.name == "d"]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    rng = random.Random(step)
+    for _ in range(8):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    target.write_bytes(bytes(data))
+    return str(target.relative_to(ckpt_dir))
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -282,32 +363,60 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
     ckpt_dir = workdir / "checkpoints"
     base = {"model": config.model, "batch": config.batch, "ckpt_dir": str(ckpt_dir)}
 
+    pids: list[int] = []
+    signalled: list[int] = []
+
     def on_line(_host: int, line: str) -> None:
         match = _PROGRESS.search(line)
-        if match and progress is not None:
-            progress(json.loads(match.group(2)))
+        if not match:
+            return
+        fields = json.loads(match.group(2))
+        if (config.fault == "preempt" and not signalled and fields.get("phase") == "save"
+                and fields.get("step", 0) >= config.preempt_after and pids):
+            import signal
+
+            os.kill(pids[-1], signal.SIGTERM)  # one host only; the others must follow
+            signalled.append(pids[-1])
+        if progress is not None:
+            progress(fields)
 
     report = DrillReport(
         verified=False, source=str(config.source), target=str(config.target),
         restored_step=None, expected_step=config.last_save, steps_lost=None, leaves=0, bytes=0,
         restore_seconds=None, save_stall_seconds=[], commit_seconds=[], loss_before=None,
         loss_after=None, loss_abs_diff=None, loss_rel_tol=CROSS_TOPOLOGY_RTOL,
-        content_mismatch=[], sharding_mismatch=[], phase_seconds={}, directory=str(workdir))
+        content_mismatch=[], sharding_mismatch=[], phase_seconds={}, directory=str(workdir),
+        fault=config.fault)
     same = config.source == config.target
     report.loss_rel_tol = SAME_TOPOLOGY_RTOL if same else CROSS_TOPOLOGY_RTOL
 
     t0 = time.perf_counter()
     save_out = workdir / "save-result.json"
+    killing = config.fault == "kill-during-save"
     rc, log = _run_phase("save", config.source, {
         **base, "mesh": str(config.source.mesh), "steps": config.steps,
-        "save_every": config.save_every, "out": str(save_out)}, workdir, config.timeout_s, on_line)
+        "save_every": config.save_every, "out": str(save_out),
+        "kill_step": config.last_save if killing else None},
+        workdir, config.timeout_s, on_line, on_start=pids.extend)
     report.phase_seconds["save"] = time.perf_counter() - t0
-    if rc != 0 or not save_out.exists():
-        report.failure = f"save phase exited {rc}; log {log}:\n{_tail(log)}"
+    if (rc != 0 and not killing) or (killing and rc == 0) or not save_out.exists():
+        why = "was not killed" if killing and rc == 0 else f"exited {rc}"
+        report.failure = f"save phase {why}; log {log}:\n{_tail(log)}"
         return report
     saved = json.loads(save_out.read_text())
     report.save_stall_seconds = [s["stall_s"] for s in saved["save_stats"]]
     report.commit_seconds = [s["commit_s"] for s in saved["save_stats"]]
+    report.trained_until = config.steps
+    if config.fault == "preempt":
+        if saved["preempted_at"] is None:
+            report.failure = (f"SIGTERM to host pid {signalled} did not preempt the run; log "
+                              f"{log}:\n{_tail(log)}")
+            return report
+        report.trained_until = report.expected_step = saved["preempted_at"]
+    elif config.fault in ("kill-during-save", "corrupt"):
+        report.expected_step = config.last_save - config.save_every
+    if config.fault == "corrupt":
+        corrupt_newest(ckpt_dir, config.last_save)
 
     t0 = time.perf_counter()
     restore_out = workdir / "restore-result.json"
@@ -320,7 +429,8 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
         return report
     got = json.loads(restore_out.read_text())
     report.restored_step = got["restored_step"]
-    report.steps_lost = config.steps - got["restored_step"]
+    report.steps_lost = report.trained_until - got["restored_step"]
+    report.skipped = got["skipped"]
     report.leaves, report.bytes = got["leaves"], got["bytes"]
     report.restore_seconds = got["restore_seconds"]
     report.content_mismatch = got["content_mismatch"]
@@ -331,9 +441,13 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
         report.loss_abs_diff = abs(report.loss_after - report.loss_before)
     tol = report.loss_rel_tol * max(1.0, abs(report.loss_before or 0.0))
     problems = []
-    if report.restored_step != config.last_save:
-        problems.append(f"restored step {report.restored_step}, expected the newest save "
-                        f"{config.last_save}")
+    if report.restored_step != report.expected_step:
+        problems.append(f"restored step {report.restored_step}, expected step "
+                        f"{report.expected_step}")
+    if not got["verified_by_service"]:
+        problems.append("the restore did not verify the arrays against the commit record")
+    if config.fault == "corrupt" and config.last_save not in [s for s, _ in report.skipped]:
+        problems.append(f"the corrupted step {config.last_save} was not reported as skipped")
     if report.content_mismatch:
         problems.append(f"{len(report.content_mismatch)} leaves differ from what was saved: "
                         f"{report.content_mismatch[:5]}")

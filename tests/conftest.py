@@ -24,6 +24,8 @@ import pytest  # noqa: E402
 
 from distckpt.launcher import launch  # noqa: E402
 
+pytest_plugins = ["tests.s3_fixture"]  # a real SeaweedFS S3 server (tests/s3_fixture.py)
+
 WORKER = str(Path(__file__).parent / "mp_worker.py")
 
 

@@ -1,0 +1,1 @@
+"""Test infrastructure that ships with distckpt (real servers for tests and benchmarks)."""
