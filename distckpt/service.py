@@ -48,7 +48,7 @@ from etils import epath
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
 
-from distckpt import commit, coordinator, digest, jsonio, nnx_state, provenance
+from distckpt import commit, coordinator, digest, jsonio, nnx_state, provenance, storage
 from distckpt import process_state as per_process
 from distckpt.errors import (
     CheckpointError,
@@ -164,6 +164,8 @@ class SaveStats:
     """From the start of save() until the step was committed (None while in flight)."""
     started: float = dataclasses.field(default=0.0, repr=False)
     """time.perf_counter() when save() began."""
+    digest_s: float = 0.0
+    """Of the stall: enqueueing the content checksums (compiling them on a first save)."""
 
 
 @dataclasses.dataclass
@@ -202,13 +204,20 @@ class _KeepMarked(pp.PreservationPolicy):
 class CheckpointService:
     """Sharded async checkpoints of NNX state in `directory`, shared by all processes.
 
+    `directory` is a local path, ``s3://bucket/prefix`` or ``gs://bucket/prefix`` (or a
+    :class:`distckpt.storage.Location` with explicit endpoint and credentials); object
+    stores take their endpoint, region and credentials from the environment
+    (:mod:`distckpt.storage`) and commit without renames (:mod:`distckpt.commit`).
+
     Every process constructs the service with the same arguments and calls save() and
     restore() with the same steps in the same order.
     """
 
-    def __init__(self, directory: str | epath.PathLike, options: CheckpointOptions | None = None):
+    def __init__(self, directory: str | epath.PathLike | storage.Location,
+                 options: CheckpointOptions | None = None):
         self.options = options or CheckpointOptions()
-        self.directory = epath.Path(directory)
+        # Every process prepares object storage (s3fs, the Orbax adapter) before Orbax runs.
+        self.location, self.directory = storage.open_directory(directory)
         coordinator.set_primary_host(self.options.primary_host)
         self._check_directory()
         self._keep_forever: set[int] = set(self._load_keep_forever())
@@ -229,7 +238,14 @@ class CheckpointService:
                 return "missing"
             return "dir" if self.directory.is_dir() else "file"
 
-        where = coordinator.primary_decides("init:directory", state, self.options.timeout_s)
+        decided = coordinator.primary_decides(
+            "init:directory", lambda: {"where": state(), "key": os.fspath(self.directory)},
+            self.options.timeout_s)
+        where = decided["where"]
+        # Coordination names below use the primary's path, never this process's own: a
+        # host given another path (a per-host or unshared directory) must still meet its
+        # peers at the same barriers, so the storage probe can fail fast and name it.
+        self._key = decided["key"]
         if where == "file":
             raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory; "
                                   "pass a directory path")
@@ -243,7 +259,7 @@ class CheckpointService:
         if coordinator.is_primary():
             self.directory.mkdir(parents=True, exist_ok=True)
             commit.purge_trash(self.directory)  # left by a crash during retention
-        coordinator.barrier(f"init:{self.directory}:created", o.timeout_s)
+        coordinator.barrier(f"init:{self._key}:created", o.timeout_s)
         if o.require_shared_storage:
             self._probe_shared_storage()
         mp = ocp.options.MultiprocessingOptions(primary_host=o.primary_host)
@@ -261,10 +277,11 @@ class CheckpointService:
             create=False,
             cleanup_tmp_directories=False,
             step_name_format=commit.CommittedNameFormat(),
-            temporary_path_class=commit.durable_rename_class(
+            temporary_path_class=commit.commit_path_class(
                 self.directory, self._finalize_commit,
                 lambda step: self._fault("commit:recorded", step)),
-            todelete_subdir=commit.TRASH_DIR,
+            # Object storage has no rename: retention there is commit.ObjectStoreDeleter.
+            todelete_subdir=commit.TRASH_DIR if self.location.is_local else None,
         )
         handlers = {
             "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
@@ -274,24 +291,35 @@ class CheckpointService:
         }
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, item_handlers=handlers, options=manager_options)
+        if not self.location.is_local:
+            # Orbax 0.12.8 takes no deleter argument; its own would delete the step's
+            # objects in listing order, the commit record among them, while readers may
+            # still list the step. Ours deletes the record first (commit.delete_step).
+            if not hasattr(self._manager, "_checkpoint_deleter"):
+                raise CheckpointError(
+                    f"orbax-checkpoint {ocp.__version__} has no CheckpointManager."
+                    "_checkpoint_deleter; distckpt's object-storage retention supports "
+                    "orbax-checkpoint 0.12.8")
+            self._manager._checkpoint_deleter = commit.ObjectStoreDeleter(
+                self.directory, coordinator.is_primary)
 
     def _probe_shared_storage(self) -> None:
         """Every host must see a file the primary just wrote (flax#3364, orbax#999)."""
         if jax.process_count() == 1:
             return
         nonce = coordinator.primary_decides(
-            f"init:{self.directory}:probe", lambda: f"{os.getpid()}-{time.time_ns()}",
+            f"init:{self._key}:probe", lambda: f"{os.getpid()}-{time.time_ns()}",
             self.options.timeout_s)
         probe = self.directory / f".distckpt-probe-{nonce}"
         if coordinator.is_primary():
             probe.write_text(nonce)
-        coordinator.barrier(f"init:{self.directory}:probe-written", self.options.timeout_s)
+        coordinator.barrier(f"init:{self._key}:probe-written", self.options.timeout_s)
         deadline = time.monotonic() + self.options.probe_timeout_s
         seen = probe.exists()
         while not seen and time.monotonic() < deadline:
             time.sleep(0.2)
             seen = probe.exists()
-        views = coordinator.all_gather(f"init:{self.directory}:probe-seen", seen,
+        views = coordinator.all_gather(f"init:{self._key}:probe-seen", seen,
                                        self.options.timeout_s + self.options.probe_timeout_s)
         if coordinator.is_primary():
             probe.unlink(missing_ok=True)
@@ -300,7 +328,11 @@ class CheckpointService:
             raise StorageNotSharedError(
                 f"[process={jax.process_index()}] checkpoint directory {self.directory} is not "
                 f"shared: process(es) {blind} did not see the probe file the primary host "
-                f"wrote there within {self.options.probe_timeout_s:g}s. Point every host at "
+                "wrote there"
+                + ("" if self._key == os.fspath(self.directory) else
+                   f" (the primary host's directory is {self._key}; every host must be given "
+                   "the same path)")
+                + f" within {self.options.probe_timeout_s:g}s. Point every host at "
                 "the same shared filesystem or object store path, raise probe_timeout_s for "
                 "a slow network filesystem, or pass require_shared_storage=False for per-host "
                 "local directories that you merge yourself. Nothing was written.")
@@ -350,7 +382,7 @@ class CheckpointService:
         return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
 
     def _failure_note(self, step: int | None) -> str:
-        return f"save-failed:{self.directory}:step={step}"
+        return f"save-failed:{self._key}:step={step}"
 
     def _on_background_failure(self, step: int, error: BaseException) -> None:
         """Called from the commit thread: remember the failure and tell the peers now."""
@@ -513,8 +545,10 @@ class CheckpointService:
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
         saveable = nnx_state.to_saveable(leaves)
         names = tuple(leaf.name for leaf in leaves)
+        t_digest = time.perf_counter()
         pending = digest.dispatch([nnx_state.lookup(saveable, tuple(str(k) for k in leaf.path))
-                                   for leaf in leaves])
+                                   for leaf in leaves], defer=True)
+        digest_s = time.perf_counter() - t_digest
         args = ocp.args.Composite(
             state=ocp.args.PyTreeSave(saveable),
             metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),
@@ -522,7 +556,7 @@ class CheckpointService:
             process_state=per_process.ProcessStateSave(process_state, pending, names),
         )
         t_decided = time.perf_counter()
-        stats = SaveStats(step=step, stall_s=0.0, started=t0)
+        stats = SaveStats(step=step, stall_s=0.0, started=t0, digest_s=digest_s)
         self._stats.append(stats)
         self._process_handler.step = step
         self._last_save_step = step
@@ -543,14 +577,16 @@ class CheckpointService:
     def _prepare_step_dir(self, step: int, overwrite: bool) -> str:
         """Primary: 'free', 'committed' or 'overwrite'; moves an uncommitted leftover aside."""
         path = commit.step_dir(self.directory, step)
-        if not (path.exists() or os.path.islink(os.fspath(path))):
+        if not (path.exists() or (self.location.is_local and os.path.islink(os.fspath(path)))):
             return "free"
         try:
             commit.read_record(path, step)
         except commit.CommitRecordError as e:
             moved = commit.quarantine(self.directory, step, "uncommitted")
-            logger.warning("[process=%d] %s was not a committed step (%s); moved it to %s "
-                           "before saving step %d", jax.process_index(), path, e, moved, step)
+            if moved is not None:  # None: an object store's empty "folder", nothing to move
+                logger.warning("[process=%d] %s was not a committed step (%s); moved it to "
+                               "%s before saving step %d", jax.process_index(), path, e,
+                               moved, step)
             return "free"
         return "overwrite" if overwrite else "committed"
 
