@@ -30,6 +30,34 @@ data restores silently with plain Orbax; only OCDBT's b-tree nodes carry CRCs.)
 Steps that fail verification are *quarantined*, never deleted: moved to
 ``<dir>/distckpt-quarantine/<step>.<UTC time>.<reason>``. Only a writer does this;
 readers (read-only services, ``inspect``, ``verify``) change nothing.
+
+Object storage (``s3://``, ``gs://``; :mod:`distckpt.storage`) has no rename, so the
+same rules are kept another way:
+
+* **Commit**: Orbax writes the step in place (``CommitFileTemporaryPath``: no
+  temporary name) and its own ``commit_success.txt`` at finalize; then the primary
+  lists the step's objects (one listing), builds the record and writes it with a
+  single PUT, last. A PUT is all-or-nothing, so a reader sees no record or the whole
+  record. A crash before that PUT leaves objects without a record: never listed.
+  There is nothing to fsync; object stores are durable once a PUT returns.
+* **Saving over a leftover**: ``CommitFileTemporaryPath.create()`` deletes whatever
+  is at ``<dir>/<step>/`` before writing. The service decides first (a committed step
+  raises StepExistsError, an uncommitted leftover is moved aside), and the step-level
+  path class refuses to create over a step that has a commit record, whatever the
+  caller decided.
+* **Retention** (:class:`ObjectStoreDeleter`, in place of Orbax's deleter, whose
+  ``todelete_subdir`` "rename" would copy every object): write a tombstone
+  ``<dir>/distckpt-trash/<step>.<UTC time>.deleting``, delete the commit record (the
+  step stops being listed at once), delete the other objects, delete the tombstone.
+  A reader that listed the step just before finds its files missing and gets a
+  StepUnusableError, so a restore falls back to an older step. A crash midway leaves
+  an unlisted leftover plus its tombstone; :func:`purge_trash` (run by a writer at
+  start-up, after each commit and at close) finishes the deletion.
+* **Quarantine and moving leftovers aside**: a server-side copy of every object to
+  ``<dir>/distckpt-quarantine/<step>.<UTC time>.<reason>/`` (the record last), then
+  the source's record is deleted first and its other objects after. Costly for big
+  steps, but rare, and nothing is lost: a crash midway leaves the step listed (before
+  the record is deleted) or unlisted with its copy already made.
 """
 
 from __future__ import annotations
@@ -48,13 +76,14 @@ from etils import epath
 from orbax.checkpoint._src.path import atomicity
 from orbax.checkpoint._src.path import step as step_lib
 
-from distckpt import jsonio
+from distckpt import jsonio, storage
 
 COMMIT_FILE = "distckpt_commit.json"
 QUARANTINE_DIR = "distckpt-quarantine"
 TRASH_DIR = "distckpt-trash"
 """Retention renames a step here first (atomic), then it is deleted: a crash mid-delete
-never leaves a half-deleted step that is still listed."""
+never leaves a half-deleted step that is still listed. On object storage it holds only
+tombstones of steps being deleted (see the module docstring)."""
 FORMAT = "distckpt-commit"
 FORMAT_VERSION = 1
 _STEP_NAME = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -66,6 +95,13 @@ class CommitRecordError(ValueError):
 
 def is_local(path: epath.Path) -> bool:
     return "://" not in os.fspath(path)
+
+
+def _normalized(path: epath.PathLike) -> str:
+    """A path to compare directories by: absolute locally, the URL without a trailing
+    slash on object storage (os.path.abspath would mangle ``s3://``)."""
+    text = os.fspath(path)
+    return text.rstrip("/") if "://" in text else os.path.abspath(text)
 
 
 # ---------------------------------------------------------------------- fsync
@@ -122,7 +158,9 @@ def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
         if not _STEP_NAME.match(path.name):
             raise CommitRecordError(f"{path.name!r} is not a step number")
         step = int(path.name)
-    if is_local(path) and os.path.islink(os.fspath(path)):
+    if not is_local(path):
+        return _check_record(_read_object_record(path), step)
+    if os.path.islink(os.fspath(path)):
         raise CommitRecordError("the step directory is a symlink")
     if not path.exists():
         raise CommitRecordError("no such step directory")
@@ -136,6 +174,24 @@ def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
         record = jsonio.read_limited(record_path)
     except (OSError, ValueError) as e:
         raise CommitRecordError(f"unreadable commit record: {type(e).__name__}: {e}") from e
+    return _check_record(record, step)
+
+
+def _read_object_record(path: epath.Path) -> Any:
+    """The parsed record of an object-store step (no directories there: no symlink or
+    is-a-directory checks, and two requests instead of five)."""
+    try:
+        return jsonio.read_limited(path / COMMIT_FILE)
+    except FileNotFoundError:
+        if not path.exists():
+            raise CommitRecordError("no such step directory") from None
+        raise CommitRecordError(f"no commit record ({COMMIT_FILE}): the save never "
+                                "finished, or this is not a distckpt step") from None
+    except (OSError, ValueError) as e:
+        raise CommitRecordError(f"unreadable commit record: {type(e).__name__}: {e}") from e
+
+
+def _check_record(record: Any, step: int) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CommitRecordError("the commit record is not a distckpt commit record")
     version = record.get("format_version")
@@ -149,7 +205,18 @@ def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
     for key in ("checksums", "files"):
         if not isinstance(record.get(key), dict):
             raise CommitRecordError(f"the commit record has no {key!r} table")
+    for rel in list(record["files"]) + list(record.get("crc32") or {}):
+        if not _safe_relative(rel):
+            raise CommitRecordError(f"the commit record names a file outside the step: {rel!r}")
     return record
+
+
+def _safe_relative(rel: Any) -> bool:
+    """A relative path inside the step: no absolute paths, no '..', no empty parts."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel:
+        return False
+    parts = rel.replace("\\", "/").split("/")
+    return all(p not in ("", ".", "..") for p in parts)
 
 
 def is_step_name(name: str) -> bool:
@@ -190,10 +257,17 @@ def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
     """
     problems = []
     crcs = record.get("crc32") or {}
+    # Object storage: one listing for every size instead of a request per file.
+    listed = None if is_local(path) else storage.list_files(path)
     for rel, size in sorted(record["files"].items()):
         f = path / rel
         try:
-            actual = f.stat().length
+            if listed is None:
+                actual = f.stat().length
+            elif rel in listed:
+                actual = listed[rel]
+            else:
+                raise FileNotFoundError(rel)
         except FileNotFoundError:
             problems.append(f"{rel}: missing")
             continue
@@ -226,10 +300,8 @@ def file_sizes(path: epath.Path) -> dict[str, int]:
                 if rel != COMMIT_FILE:
                     out[rel] = os.stat(full).st_size
         return out
-    for f in path.rglob("*"):
-        if f.is_file() and f.name != COMMIT_FILE:
-            out[os.path.relpath(os.fspath(f), os.fspath(path))] = f.stat().length
-    return out
+    # Object storage: one listing (etils' rglob/walk do not work on s3fs).
+    return {rel: size for rel, size in storage.list_files(path).items() if rel != COMMIT_FILE}
 
 
 def build_record(step: int, path: epath.Path, checksums: Mapping[str, str],
@@ -242,21 +314,75 @@ def build_record(step: int, path: epath.Path, checksums: Mapping[str, str],
 
 
 # ---------------------------------------------------------------------- quarantine
-def quarantine(directory: epath.Path, step: int, reason: str) -> epath.Path:
-    """Move `<directory>/<step>` aside (never delete); returns where it went."""
+def _stamp() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def quarantine(directory: epath.Path, step: int, reason: str) -> epath.Path | None:
+    """Move `<directory>/<step>` aside (never delete); returns where it went.
+
+    On object storage: a server-side copy, then the source's commit record is deleted
+    first and its other objects after (see the module docstring). None when there was
+    nothing to move (an object store's step with no objects left, e.g. one that
+    retention deleted while a reader was using it).
+    """
     src = step_dir(directory, step)
     dest_root = directory / QUARANTINE_DIR
-    dest_root.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(tz=datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", reason).strip("-")[:60] or "bad"
-    dest = dest_root / f"{step}.{stamp}.{slug}"
+    dest = dest_root / f"{step}.{_stamp()}.{slug}"
     if is_local(src):
+        dest_root.mkdir(parents=True, exist_ok=True)
         os.rename(os.fspath(src), os.fspath(dest))  # moves a symlink itself, not its target
         fsync_path(directory)
         fsync_path(dest_root)
-    else:
-        src.rename(dest)
+        return dest
+    names = storage.list_files(src)
+    if not names:
+        return None
+    rest = sorted(n for n in names if n != COMMIT_FILE)
+    storage.copy_files(src, dest, rest)
+    if COMMIT_FILE in names:
+        storage.copy_files(src, dest, [COMMIT_FILE])
+        storage.remove_files(src, [COMMIT_FILE])  # the step stops being listed here
+    storage.remove_files(src, rest)
     return dest
+
+
+def delete_step(directory: epath.Path, step: int) -> None:
+    """Object storage: delete a step so that no reader ever lists a partial one.
+
+    Tombstone, commit record, the other objects, tombstone (see the module docstring).
+    """
+    path = step_dir(directory, step)
+    tombstone = directory / TRASH_DIR / f"{step}.{_stamp()}.deleting"
+    tombstone.write_text(json.dumps({"step": step}))
+    _delete_objects(path)
+    storage.remove_files(directory / TRASH_DIR, [tombstone.name])
+
+
+def _delete_objects(path: epath.Path) -> None:
+    storage.remove_files(path, [COMMIT_FILE])  # unlisted from here on
+    storage.remove_files(path, sorted(storage.list_files(path)))
+
+
+class ObjectStoreDeleter:
+    """Orbax's CheckpointDeleter protocol for object storage: :func:`delete_step` on the
+    primary host, nothing elsewhere (Orbax calls it on every process)."""
+
+    def __init__(self, directory: epath.Path, is_primary: Callable[[], bool]):
+        self._directory = directory
+        self._is_primary = is_primary
+
+    def delete(self, step: int) -> None:
+        if self._is_primary():
+            delete_step(self._directory, step)
+
+    def delete_steps(self, steps) -> None:
+        for step in steps:
+            self.delete(step)
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------- orbax hooks
@@ -295,8 +421,19 @@ Finalizer = Callable[[epath.Path, int], dict[str, Any]]
 
 
 def purge_trash(directory: epath.Path) -> int:
-    """Delete the steps retention moved to the trash; returns how many."""
+    """Delete the steps retention moved to the trash; returns how many.
+
+    Object storage: finish the deletions whose tombstones a crash left behind.
+    """
     trash = directory / TRASH_DIR
+    if not is_local(directory):
+        tombstones = sorted(storage.list_files(trash))
+        for name in tombstones:
+            step = name.split(".", 1)[0]
+            if "/" not in name and _STEP_NAME.match(step):
+                _delete_objects(step_dir(directory, int(step)))
+            storage.remove_files(trash, [name])
+        return len(tombstones)
     if not trash.exists():
         return 0
     count = 0
@@ -311,23 +448,50 @@ def purge_trash(directory: epath.Path) -> int:
     return count
 
 
-def durable_rename_class(directory: epath.Path, finalizer: Finalizer,
-                         after_record: Callable[[int], None] | None = None) -> type:
-    """An Orbax TemporaryPath class: rename, fsync everything, then the commit record.
+def commit_path_class(directory: epath.Path, finalizer: Finalizer,
+                      after_record: Callable[[int], None] | None = None) -> type:
+    """The Orbax TemporaryPath class that commits steps of `directory`.
 
-    Orbax also uses the class for the items inside a step; those are only renamed.
+    Local and network filesystems: rename, fsync everything, then the commit record.
+    Object storage: write in place, then the commit record with one PUT (see the module
+    docstring). Orbax also uses the class for the items inside a step; those are only
+    renamed (or written in place).
     """
-    root = os.path.abspath(os.fspath(directory))
+    root = _normalized(directory)
+
+    def is_step(final: epath.Path) -> bool:
+        return _normalized(final.parent) == root and bool(_STEP_NAME.match(final.name))
 
     class DurableRenameTemporaryPath(atomicity.AtomicRenameTemporaryPath):
         async def finalize(self):
             await super().finalize()
             final = self.get_final()
-            if os.path.abspath(os.fspath(final.parent)) == root and \
-                    _STEP_NAME.match(final.name):
+            if is_step(final):
                 await asyncio.to_thread(_commit, final, finalizer, after_record)
 
-    return DurableRenameTemporaryPath
+    if is_local(directory):
+        return DurableRenameTemporaryPath
+
+    in_place = storage.temporary_path_base(storage.Location.parse(os.fspath(directory)))
+
+    class InPlaceCommitPath(in_place):
+        async def create(self):
+            # Orbax deletes whatever is at the step's path before writing there: never a
+            # committed step, whatever the caller decided (primary host only).
+            final = self.get_final()
+            if is_step(final) and await asyncio.to_thread((final / COMMIT_FILE).exists):
+                raise FileExistsError(
+                    f"refusing to write step {final.name} over the committed step at "
+                    f"{final}; save it with overwrite=True or under a new step")
+            return await super().create()
+
+        async def finalize(self):
+            await super().finalize()
+            final = self.get_final()
+            if is_step(final):
+                await asyncio.to_thread(_commit, final, finalizer, after_record)
+
+    return InPlaceCommitPath
 
 
 def _commit(path: epath.Path, finalizer: Finalizer,

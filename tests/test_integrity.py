@@ -249,3 +249,16 @@ def test_fallback_agrees_across_processes_and_quarantines(four_steps, tmp_path, 
     assert all(os.listdir(d / commit.QUARANTINE_DIR / n) for n in
                os.listdir(d / commit.QUARANTINE_DIR))
     assert jax.device_count() == 8
+
+
+def test_paths_in_a_commit_record_cannot_leave_the_step(four_steps, tmp_path):
+    d = copy_of(four_steps, tmp_path / "d")
+    (tmp_path / "secret").write_text("x")
+    rec_path = d / "4" / commit.COMMIT_FILE
+    rec = json.loads(rec_path.read_text())
+    rec["files"]["../../secret"] = 1
+    rec_path.write_text(json.dumps(rec))
+    scanned = commit.scan(d)
+    assert isinstance(scanned[4], commit.CommitRecordError)
+    assert "outside the step" in str(scanned[4])
+    assert commit.committed_steps(d) == [1, 2, 3]
