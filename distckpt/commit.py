@@ -154,6 +154,7 @@ def step_dir(directory: epath.Path, step: int) -> epath.Path:
 
 def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
     """The commit record of the step directory `path`, or CommitRecordError saying why not."""
+    path = epath.Path(path)
     if step is None:
         if not _STEP_NAME.match(path.name):
             raise CommitRecordError(f"{path.name!r} is not a step number")
@@ -225,6 +226,7 @@ def is_step_name(name: str) -> bool:
 
 def step_names(directory: epath.Path) -> Iterator[tuple[int, epath.Path]]:
     """(step, path) for every entry of `directory` named like a step (committed or not)."""
+    directory = epath.Path(directory)
     try:
         entries = list(directory.iterdir())
     except (FileNotFoundError, NotADirectoryError):
