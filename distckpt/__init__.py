@@ -11,12 +11,17 @@ from distckpt.coordinator import barrier as barrier
 from distckpt.coordinator import initialize as initialize
 from distckpt.coordinator import is_primary as is_primary
 from distckpt.coordinator import primary_decides as primary_decides
+from distckpt.errors import FormatVersionError as FormatVersionError
+from distckpt.errors import StepUnusableError as StepUnusableError
+from distckpt.errors import StorageNotSharedError as StorageNotSharedError
 from distckpt.mesh import DEFAULT_RULES as DEFAULT_RULES
 from distckpt.mesh import MeshSpec as MeshSpec
 from distckpt.mesh import Rules as Rules
 from distckpt.mesh import abstract_target as abstract_target
 from distckpt.mesh import init_sharded as init_sharded
 from distckpt.mesh import make_mesh as make_mesh
+from distckpt.preemption import PreemptionGuard as PreemptionGuard
+from distckpt.preemption import PreemptionTimeoutError as PreemptionTimeoutError
 from distckpt.process_state import drop_process_state as drop_process_state
 from distckpt.service import CheckpointError as CheckpointError
 from distckpt.service import CheckpointOptions as CheckpointOptions
@@ -35,12 +40,17 @@ __all__ = [
     "CheckpointError",
     "CheckpointOptions",
     "CheckpointService",
+    "FormatVersionError",
     "MeshSpec",
     "NoCheckpointError",
+    "PreemptionGuard",
+    "PreemptionTimeoutError",
     "Restored",
     "Rules",
     "SaveFailedError",
     "StepExistsError",
+    "StepUnusableError",
+    "StorageNotSharedError",
     "TargetMismatchError",
     "Topology",
     "abstract_target",

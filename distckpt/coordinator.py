@@ -220,7 +220,7 @@ def initialize(
     *,
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout_s: int = 300,
-    heartbeat_timeout_s: int = 100,
+    heartbeat_timeout_s: int | None = None,
     primary_host: int = 0,
     auto_detect: bool = True,
 ) -> Topology:
@@ -230,8 +230,17 @@ def initialize(
     ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, then JAX's cluster
     auto-detection (SLURM, Open MPI, Cloud TPU, Kubernetes), then a single
     process. On CPU, cross-process collectives use gloo. Safe to call twice.
+
+    `heartbeat_timeout_s` is how long the coordination service waits for a silent
+    process before declaring it dead and failing every survivor (default
+    ``DISTCKPT_HEARTBEAT_TIMEOUT_S`` from the environment, else JAX's 100 s).
     """
     set_primary_host(primary_host)
+    if heartbeat_timeout_s is None:
+        env_value = _env_int("DISTCKPT_HEARTBEAT_TIMEOUT_S")
+        heartbeat_timeout_s = 100 if env_value is None else env_value
+    if heartbeat_timeout_s < 1:
+        raise ValueError(f"heartbeat_timeout_s must be >= 1 second, got {heartbeat_timeout_s}")
     if is_initialized():
         return topology()
     params = resolve_cluster(coordinator_address, num_processes, process_id,

@@ -39,6 +39,13 @@ Faults (``--fault``) prove the reliability promises on the way:
   data file are flipped. The restore must detect it, skip that step (the report
   says why) and restore the previous save, verified.
 
+``--dir`` is a new or empty local directory (checkpoints in ``<dir>/checkpoints``, logs,
+phase specs and results next to them), or an empty object-store prefix
+(``s3://bucket/prefix``, ``gs://bucket/prefix``): the checkpoints are written there,
+by every simulated host, with the endpoint and credentials of the environment
+(:mod:`distckpt.storage`), and the logs, specs and results go to a new local temporary
+directory (the report's ``directory``; ``checkpoints`` says where the steps are).
+
 The report (a table, and JSON with ``--json``) says whether the restore was
 verified, which step was restored, how many steps of work were lost, how long
 the restore took, each save's blocking stall and commit time, and the loss
@@ -114,7 +121,8 @@ class DrillConfig:
     save_every: int = 4
     """Save interval in steps."""
     directory: str | None = None
-    """Empty or new directory for the checkpoints and logs (default: a new temp dir)."""
+    """Empty or new directory for the checkpoints and logs (default: a new temp dir), or
+    an empty ``s3://``/``gs://`` prefix for the checkpoints (logs go to a temp dir)."""
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides of distckpt.model.ModelConfig fields."""
     batch: int = 8
@@ -139,6 +147,10 @@ class DrillConfig:
                 f"{2 * self.save_every}")
         if self.fault == "preempt" and self.steps < 3:
             raise ValueError("--fault preempt needs --steps >= 3 (time to deliver the signal)")
+        if self.directory is not None and "://" in self.directory:
+            from distckpt import storage
+
+            storage.Location.parse(self.directory)  # a bad URL fails here (ValueError)
 
     @property
     def preempt_after(self) -> int:
@@ -306,9 +318,28 @@ class DrillReport:
     trained_until: int | None = None
     """The last step the saving slice trained (before a fault stopped it)."""
     failure: str | None = None
+    checkpoints: str | None = None
+    """Where the checkpoints are (``<directory>/checkpoints``, or the object-store URL)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
+    """(local directory for logs and specs, checkpoint directory or URL)."""
+    if directory is not None:
+        from distckpt import storage
+
+        location = storage.Location.parse(directory)
+        if not location.is_local:
+            _, root = storage.open_directory(location)
+            if storage.list_files(root):
+                raise ValueError(
+                    f"drill checkpoint prefix {location.url} is not empty; the drill needs a "
+                    "new or empty prefix so it never touches existing checkpoints")
+            return Path(tempfile.mkdtemp(prefix="distckpt-drill-")), location.url
+    workdir = _prepare_dir(directory)
+    return workdir, str(workdir / "checkpoints")
 
 
 def _prepare_dir(directory: str | None) -> Path:
@@ -337,10 +368,12 @@ def _run_phase(name: str, slice_: SliceSpec, spec: dict[str, Any], workdir: Path
     return result.returncode, log_path
 
 
-def corrupt_newest(ckpt_dir: Path, step: int) -> str:
+def corrupt_newest(ckpt_dir: Path | str, step: int) -> str:
     """Flip one bit in each of 8 places of the step's largest array data file."""
     import random
 
+    if "://" in str(ckpt_dir):
+        return _corrupt_newest_object(str(ckpt_dir), step)
     files = [p for p in (ckpt_dir / str(step) / "state").rglob("*")
              if p.is_file() and p.parent.name == "d"]
     target = max(files, key=lambda p: p.stat().st_size)
@@ -352,6 +385,25 @@ def corrupt_newest(ckpt_dir: Path, step: int) -> str:
     return str(target.relative_to(ckpt_dir))
 
 
+def _corrupt_newest_object(url: str, step: int) -> str:
+    """corrupt_newest on object storage: the same bits, read and rewritten as one object."""
+    import random
+
+    from distckpt import storage
+
+    _, root = storage.open_directory(url)
+    state = root / str(step) / "state"
+    sizes = {rel: size for rel, size in storage.list_files(state).items()
+             if rel.rsplit("/", 2)[-2:-1] == ["d"]}
+    rel = max(sizes, key=lambda r: sizes[r])
+    data = bytearray((state / rel).read_bytes())
+    rng = random.Random(step)
+    for _ in range(8):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    (state / rel).write_bytes(bytes(data))
+    return f"{step}/state/{rel}"
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     text = path.read_text(errors="replace").splitlines()
     return "\n".join(text[-lines:])
@@ -359,9 +411,8 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
     """Run both phases; `progress(phase, fields)` is called as workers report."""
-    workdir = _prepare_dir(config.directory)
-    ckpt_dir = workdir / "checkpoints"
-    base = {"model": config.model, "batch": config.batch, "ckpt_dir": str(ckpt_dir)}
+    workdir, ckpt_dir = _prepare_dirs(config.directory)
+    base = {"model": config.model, "batch": config.batch, "ckpt_dir": ckpt_dir}
 
     pids: list[int] = []
     signalled: list[int] = []
@@ -386,7 +437,7 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
         restore_seconds=None, save_stall_seconds=[], commit_seconds=[], loss_before=None,
         loss_after=None, loss_abs_diff=None, loss_rel_tol=CROSS_TOPOLOGY_RTOL,
         content_mismatch=[], sharding_mismatch=[], phase_seconds={}, directory=str(workdir),
-        fault=config.fault)
+        fault=config.fault, checkpoints=ckpt_dir)
     same = config.source == config.target
     report.loss_rel_tol = SAME_TOPOLOGY_RTOL if same else CROSS_TOPOLOGY_RTOL
 
@@ -416,7 +467,7 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
     elif config.fault in ("kill-during-save", "corrupt"):
         report.expected_step = config.last_save - config.save_every
     if config.fault == "corrupt":
-        corrupt_newest(ckpt_dir, config.last_save)
+        corrupt_newest(ckpt_dir if "://" in ckpt_dir else Path(ckpt_dir), config.last_save)
 
     t0 = time.perf_counter()
     restore_out = workdir / "restore-result.json"

@@ -75,8 +75,13 @@ def launch(
     out: TextIO | None = None,
     line_callback: Callable[[int, str], None] | None = None,
     forward_signals: bool = True,
+    on_start: Callable[[list[int]], None] | None = None,
 ) -> LaunchResult:
-    """Run `command` as `hosts` processes with `devices_per_host` CPU devices each."""
+    """Run `command` as `hosts` processes with `devices_per_host` CPU devices each.
+
+    `on_start(pids)`, if given, is called once every process has started, with their
+    pids by host index (tests use it to signal one host directly).
+    """
     if hosts < 1 or devices_per_host < 1:
         raise ValueError(f"need hosts >= 1 and devices per host >= 1, got {hosts}x"
                          f"{devices_per_host}")
@@ -106,6 +111,8 @@ def launch(
     pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in pumps:
         t.start()
+    if on_start is not None:
+        on_start([p.pid for p in procs])
 
     def signal_all(sig: int) -> None:
         for p in procs:

@@ -5,6 +5,11 @@ Data is a pure function of the step (a NumPy generator seeded with
 so a run is reproducible bit for bit on the same topology and the same batch
 reaches the model whatever the mesh. Each process records in its per-process
 state the next step its data stream will read, as a real loader would.
+
+The loop runs inside a :class:`distckpt.preemption.PreemptionGuard`: a SIGTERM to
+any process (or to all) makes every process save the same step, wait for its
+commit and return normally, so the job exits 0 and a restart resumes from that
+step. The guard is entered before the restore, so a signal during it is not lost.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from distckpt import coordinator
 from distckpt.mesh import DEFAULT_RULES, Rules, abstract_target, init_sharded
 from distckpt.model import ModelConfig, Transformer, next_token_loss, set_activation_sharding
+from distckpt.preemption import PreemptionGuard
 from distckpt.service import CheckpointOptions, CheckpointService
 
 logger = logging.getLogger(__name__)
@@ -120,6 +126,8 @@ class RunResult:
     losses: dict[int, float]
     """Loss of each update this run made, by step number."""
     saved_steps: list[int]
+    preempted_at: int | None = None
+    """The step every process saved on a preemption notice (None if not preempted)."""
 
 
 def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfig,
@@ -128,11 +136,16 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
         crash_after: int | None = None) -> RunResult:
     """Train to `steps`, saving every `save_every`; resume from the newest committed step.
 
+    On SIGTERM to any process, every process saves the same step, waits for its commit
+    and returns early with `preempted_at` set (see distckpt.preemption).
+
     `crash_after` (for tests and drills) waits until the in-flight save is committed
     after that step, then kills this process with SIGKILL, as a hardware failure would.
     """
     options = CheckpointOptions(max_to_keep=max_to_keep, save_interval_steps=save_every)
-    with CheckpointService(directory, options) as ckpt:
+    preempted_at: int | None = None
+    with PreemptionGuard("train", timeout_s=options.timeout_s) as guard, \
+            CheckpointService(directory, options) as ckpt:
         start = 0
         if ckpt.all_steps():
             restored = ckpt.restore(target(cfg, mesh, rules),
@@ -156,9 +169,17 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                 logger.info("step %d loss %.6f (%.3fs)", step, loss, time.perf_counter() - t0)
             if on_step is not None:
                 on_step(step, loss)
+            preempted = guard.reached_sync_point(step)
+            # A forced save first waits for a save still in flight.
             if ckpt.save(step, state, metrics={"loss": loss},
-                         process_state={"next_step": step + 1}):
+                         process_state={"next_step": step + 1}, force=preempted):
                 saved.append(step)
+            if preempted:
+                ckpt.wait()
+                preempted_at = step
+                logger.warning("[process=%d] preempted: saved step %d, committed; stopping",
+                               jax.process_index(), step)
+                break
             if crash_after is not None and step >= crash_after:
                 ckpt.wait()
                 logger.warning("[process=%d] crashing on purpose after step %d",
@@ -166,4 +187,4 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                 os.kill(os.getpid(), signal.SIGKILL)
         ckpt.wait()
     return RunResult(start_step=start, last_step=max(losses, default=start), losses=losses,
-                     saved_steps=saved)
+                     saved_steps=saved, preempted_at=preempted_at)
