@@ -48,9 +48,12 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     try:
         source, target = SliceSpec.parse(args.source), SliceSpec.parse(args.target)
-        config = DrillConfig(source=source, target=target, steps=args.steps,
+        steps = args.steps
+        if steps is None:  # two saves to fall back between when a fault is injected
+            steps = 2 * args.save_every if args.fault else 6
+        config = DrillConfig(source=source, target=target, steps=steps,
                              save_every=args.save_every, directory=args.dir,
-                             model=_model_overrides(args), batch=args.batch)
+                             model=_model_overrides(args), batch=args.batch, fault=args.fault)
         from distckpt.model import ModelConfig
 
         ModelConfig(**config.model)
@@ -97,8 +100,12 @@ def _print_report(console: Console, report) -> None:
     table.add_column("result")
     table.add_row("verified", "[green]yes[/green]" if report.verified else "[red]NO[/red]")
     table.add_row("from -> to", f"{report.source} -> {report.target}")
-    table.add_row("restored step", f"{report.restored_step} (newest save {report.expected_step})")
-    table.add_row("steps lost", str(report.steps_lost))
+    if report.fault:
+        table.add_row("fault injected", report.fault)
+    table.add_row("restored step", f"{report.restored_step} (expected {report.expected_step})")
+    table.add_row("steps lost", f"{report.steps_lost} (trained to step {report.trained_until})")
+    for step, reason in report.skipped:
+        table.add_row(f"skipped step {step}", reason[:200])
     table.add_row("leaves / bytes", f"{report.leaves} / {report.bytes:,}")
     table.add_row("contents bit-identical",
                   "yes" if report.restored_step is not None and not report.content_mismatch
@@ -141,6 +148,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
     from distckpt import coordinator, train
     from distckpt.mesh import make_mesh
     from distckpt.model import ModelConfig
@@ -148,57 +157,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     topo = coordinator.initialize()
     spec = args.mesh or f"fsdp={topo.global_devices}"
     cfg = train.TrainConfig(model=ModelConfig(**_model_overrides(args)), batch=args.batch)
+    delay = args.step_delay
     result = train.run(args.dir, args.steps, args.save_every, make_mesh(spec), cfg,
-                       max_to_keep=args.max_to_keep, crash_after=args.crash_after)
+                       max_to_keep=args.max_to_keep, crash_after=args.crash_after,
+                       on_step=(lambda _step, _loss: time.sleep(delay)) if delay else None)
     if coordinator.is_primary():
         print(json.dumps({"start_step": result.start_step, "last_step": result.last_step,
                           "saved_steps": result.saved_steps,
+                          "preempted_at": result.preempted_at,
                           "losses": {str(k): v for k, v in result.losses.items()}}), flush=True)
     return 0
 
 
-# --------------------------------------------------------------------------- inspect
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from distckpt.service import CheckpointError, CheckpointOptions, CheckpointService
-
-    try:
-        svc = CheckpointService(args.dir, CheckpointOptions(read_only=True))
-    except CheckpointError as e:
-        print(f"distckpt inspect: error: {e}", file=sys.stderr)
-        return 2
-    steps = svc.all_steps()
-    out: dict[str, Any] = {"directory": args.dir, "steps": steps}
-    if steps:
-        step = args.step if args.step is not None else steps[-1]
-        if step not in steps:
-            print(f"distckpt inspect: error: step {step} is not committed; steps: {steps}",
-                  file=sys.stderr)
-            return 2
-        record = svc.read_provenance(step)
-        out.update(step=step, provenance=record, metadata=svc.metadata(step),
-                   metrics=svc.metrics(step))
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    console = _console()
-    console.print(f"{args.dir}: committed steps {steps or 'none'}")
-    if not steps:
-        return 0
-    rec = out["provenance"]
-    console.print(f"step {out['step']}: saved by {rec['process_count']} processes, "
-                  f"{rec['device_count']} {rec['platform']} devices, mesh {rec['mesh']}, "
-                  f"metrics {out['metrics']}")
-    table = Table(show_header=True, header_style="bold")
-    for col in ("leaf", "shape", "dtype", "PartitionSpec"):
-        table.add_column(col)
-    for name, leaf in rec["leaves"].items():
-        table.add_row(name, str(tuple(leaf["shape"])), leaf["dtype"], str(leaf["spec"]))
-    console.print(table)
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
+
 def build_parser() -> argparse.ArgumentParser:
+    from distckpt.drill import FAULTS
+
     parser = argparse.ArgumentParser(
         prog="distckpt",
         description="Distributed multi-host checkpoints for JAX / Flax NNX.")
@@ -213,10 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "mesh gets fsdp=<all devices>)")
     p.add_argument("--to", dest="target", default="2x2:fsdp=2,tensor=2", metavar="SLICE",
                    help="slice that restores (default %(default)s)")
-    p.add_argument("--steps", type=int, default=6, help="training steps (default 6)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default 6; with --fault, twice --save-every)")
     p.add_argument("--save-every", type=int, default=4, help="save interval (default 4)")
     p.add_argument("--dir", help="new or empty directory to use (default: a new temp dir)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--fault", choices=FAULTS, default=None,
+                   help="inject a fault and prove recovery: kill-during-save (every saving "
+                   "host SIGKILLed inside the last save's commit), preempt (SIGTERM to one "
+                   "saving host), corrupt (flip bytes of the newest step's array data)")
     p.add_argument("--progress", action="store_true",
                    help="show progress bars even when stdout is not a terminal")
     _add_model_flags(p)
@@ -241,14 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-to-keep", type=int, default=3, help="steps to keep (default 3)")
     p.add_argument("--crash-after", type=int, default=None,
                    help="testing: SIGKILL this process after that step's save commits")
+    p.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="testing: sleep this long after each step (a slower step; same numbers)")
     _add_model_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("inspect", help="list steps, topology and leaves of a checkpoint dir")
-    p.add_argument("dir", help="checkpoint directory")
-    p.add_argument("--step", type=int, help="step to describe (default newest)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_inspect)
+    from distckpt import check_cli
+
+    check_cli.add_parsers(sub)
 
     try:
         from distckpt import remat_cli
