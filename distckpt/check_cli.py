@@ -28,7 +28,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_inspect(report)
-    if report["problems"] and not report["steps"] and not os.path.isdir(args.dir):
+    if report["problems"] and not report["steps"] and not report["found"]:
         return 2
     return 1 if report["problems"] else 0
 

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         remat_cli = None
     if remat_cli is not None:
         remat_cli.add_parser(sub)
+    from distckpt import bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 

@@ -10,12 +10,11 @@ changes nothing on disk.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from etils import epath
 
-from distckpt import commit
+from distckpt import commit, storage
 from distckpt.errors import CheckpointError, StepUnusableError
 from distckpt.reader import StepReader
 
@@ -77,14 +76,22 @@ def describe_step(directory: epath.Path, step: int) -> dict[str, Any]:
 
 def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dict[str, Any]:
     """A JSON-friendly report of `directory`; `problems` says what is wrong, if anything."""
-    path = epath.Path(directory)
-    report: dict[str, Any] = {"directory": os.fspath(directory), "problems": [], "steps": []}
+    report: dict[str, Any] = {"directory": str(directory), "found": False, "problems": [],
+                              "steps": []}
+    try:
+        _, path = storage.open_directory(directory)
+    except (storage.StorageConfigError, ImportError) as e:
+        report["problems"].append(f"{directory}: {e}")
+        return report
     if not path.exists():
-        report["problems"].append(f"{directory} does not exist; check the path")
+        report["problems"].append(f"{directory} does not exist; check the path"
+                                  + ("" if commit.is_local(path) else
+                                     " (an object store prefix with no objects)"))
         return report
     if not path.is_dir():
         report["problems"].append(f"{directory} is a file, not a checkpoint directory")
         return report
+    report["found"] = True  # a directory (local), or a prefix with objects (object store)
     scanned = commit.scan(path)
     for s, rec in scanned.items():
         report["steps"].append({"step": s, "committed": isinstance(rec, dict),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import args as ocp_args
 from orbax.checkpoint import future
@@ -90,6 +91,58 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
 
     def close(self) -> None:
         pass
+
+
+class _ReportingFuture:
+    """A commit future that reports its failure the moment a waiter sees it."""
+
+    def __init__(self, inner: future.Future, report: Callable[[BaseException], None]):
+        self._inner = inner
+        self._report = report
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return self._inner.result(timeout=timeout)
+        except BaseException as e:
+            self._report(e)
+            raise
+
+    def cancel(self) -> bool | None:
+        cancel = getattr(self._inner, "cancel", None)
+        return None if cancel is None else cancel()
+
+
+class ReportingPyTreeHandler(ocp.PyTreeCheckpointHandler):
+    """Orbax's PyTree handler, whose failed background array writes are reported at once.
+
+    Orbax only logs a failed array write (disk full, an I/O error) in its commit thread;
+    its own finalize thread then takes the error, its closing barrier can time out, and
+    every process waits for a save that will never finish. `on_failure(error)` runs as
+    soon as a write's future fails, on the failing process, so the service can tell
+    every process at once (as ProcessStateHandler does for per-process records).
+    """
+
+    def __init__(self, on_failure: Callable[[BaseException], None] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._on_failure = on_failure
+
+    async def async_save(self, *args, **kwargs):
+        futures = await super().async_save(*args, **kwargs)
+        if self._on_failure is None or not futures:
+            return futures
+        return [_ReportingFuture(f, self._on_failure) for f in futures]
+
+
+@ocp_args.register_with_handler(ReportingPyTreeHandler, for_save=True)
+@dataclasses.dataclass
+class ReportingPyTreeSave(ocp_args.PyTreeSave):
+    """ocp.args.PyTreeSave, for ReportingPyTreeHandler (Orbax maps args types to handlers)."""
+
+
+@ocp_args.register_with_handler(ReportingPyTreeHandler, for_restore=True)
+@dataclasses.dataclass
+class ReportingPyTreeRestore(ocp_args.PyTreeRestore):
+    """ocp.args.PyTreeRestore, for ReportingPyTreeHandler."""
 
 
 @ocp_args.register_with_handler(ProcessStateHandler, for_save=True)

@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from distckpt import commit, digest, jsonio, provenance
+from distckpt import commit, digest, jsonio, provenance, storage
 from distckpt import process_state as per_process
 from distckpt.errors import FormatVersionError, StepUnusableError
 
@@ -39,8 +39,8 @@ def _short(e: BaseException, limit: int = 400) -> str:
 class StepReader:
     """Read-only access to one committed step."""
 
-    def __init__(self, directory: epath.PathLike, step: int):
-        self.directory = epath.Path(directory)
+    def __init__(self, directory: epath.PathLike | storage.Location, step: int):
+        _, self.directory = storage.open_directory(directory)
         self.step = step
         self.path = commit.step_dir(self.directory, step)
         try:

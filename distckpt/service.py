@@ -239,7 +239,7 @@ class CheckpointService:
             return "dir" if self.directory.is_dir() else "file"
 
         decided = coordinator.primary_decides(
-            "init:directory", lambda: {"where": state(), "key": os.fspath(self.directory)},
+            "init:directory", lambda: {"where": state(), "key": self._own_key()},
             self.options.timeout_s)
         where = decided["where"]
         # Coordination names below use the primary's path, never this process's own: a
@@ -253,6 +253,13 @@ class CheckpointService:
             raise NoCheckpointError(
                 f"checkpoint directory {self.directory} does not exist (opened read-only); "
                 "check the path")
+
+    def _own_key(self) -> str:
+        """This process's directory as a coordination name. The coordination service's
+        key-value store splits names at '/', so a URL's '//' would not survive it."""
+        if self.location.is_local:
+            return os.fspath(self.directory)
+        return self.location.url.replace("://", ":", 1)
 
     def _open_writer(self) -> None:
         o = self.options
@@ -284,7 +291,9 @@ class CheckpointService:
             todelete_subdir=commit.TRASH_DIR if self.location.is_local else None,
         )
         handlers = {
-            "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+            "state": per_process.ReportingPyTreeHandler(
+                on_failure=lambda e: self._on_background_failure(self._last_save_step, e),
+                multiprocessing_options=mp),
             "metadata": ocp.JsonCheckpointHandler("metadata.json", multiprocessing_options=mp),
             "provenance": ocp.JsonCheckpointHandler("provenance.json", multiprocessing_options=mp),
             "process_state": self._process_handler,
@@ -329,7 +338,7 @@ class CheckpointService:
                 f"[process={jax.process_index()}] checkpoint directory {self.directory} is not "
                 f"shared: process(es) {blind} did not see the probe file the primary host "
                 "wrote there"
-                + ("" if self._key == os.fspath(self.directory) else
+                + ("" if self._key == self._own_key() else
                    f" (the primary host's directory is {self._key}; every host must be given "
                    "the same path)")
                 + f" within {self.options.probe_timeout_s:g}s. Point every host at "
@@ -431,12 +440,14 @@ class CheckpointService:
                 all(r["kind"] == "input" for r in failed.values()):
             raise rejected  # this process's own bad input, as the caller passed it
         lines = "; ".join(f"process {i}: {r['error']}" for i, r in failed.items())
-        what = ("a background save failed" if any(r["kind"] == "background"
-                                                  for r in failed.values())
+        what = (f"the background save of step {self._last_save_step} to {self.directory} "
+                "failed" if any(r["kind"] == "background" for r in failed.values())
                 else "the save was rejected")
+        hint = (" The filesystem is full: free space there or save to another directory."
+                if "No space left on device" in lines else "")
         raise SaveFailedError(
             f"[process={jax.process_index()}] {what} ({lines}); nothing new is committed. "
-            f"Committed steps are intact: {self.all_steps()}"
+            f"Committed steps are intact: {self.all_steps()}.{hint}"
         ) from local
 
     # ------------------------------------------------------------------ queries
@@ -541,6 +552,9 @@ class CheckpointService:
         self._manager.reload()
         if where == "overwrite":
             logger.info("[process=%d] overwriting step %d", jax.process_index(), step)
+            # Every process has listed the step before the primary deletes it: a reload
+            # still listing it while it goes would stat a step that is gone (measured).
+            coordinator.barrier(f"save:step={step}:listed", self.options.timeout_s)
             self._manager.delete(step)
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
         saveable = nnx_state.to_saveable(leaves)
@@ -550,7 +564,7 @@ class CheckpointService:
                                    for leaf in leaves], defer=True)
         digest_s = time.perf_counter() - t_digest
         args = ocp.args.Composite(
-            state=ocp.args.PyTreeSave(saveable),
+            state=per_process.ReportingPyTreeSave(saveable),
             metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),
             provenance=ocp.args.JsonSave(record),
             process_state=per_process.ProcessStateSave(process_state, pending, names),
@@ -563,6 +577,8 @@ class CheckpointService:
         try:
             self._manager.save(step, args=args, metrics=metrics_json or None, force=True)
         except Exception as e:
+            # The peers' next wait() stops at this note instead of the commit's barrier.
+            coordinator.publish(self._failure_note(step), f"{type(e).__name__}: {e}")
             raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
         self._fault("save:staged", step)
         stats.stall_s = time.perf_counter() - t0
@@ -629,7 +645,7 @@ class CheckpointService:
             except Exception as e:  # surfaced from Orbax's background commit thread
                 coordinator.publish(note, f"{type(e).__name__}: {e}")
                 return e
-            if not self._manager.is_saving_in_progress():
+            if not self._manager.is_saving_in_progress() or self._orbax_gave_up():
                 break
             time.sleep(0.02)
         try:
@@ -641,6 +657,18 @@ class CheckpointService:
         if step is not None and self._background_failure is None:
             self._fill_commit_time(step)
         return None
+
+    def _orbax_gave_up(self) -> bool:
+        """Orbax's finalize thread ended while its save still counts as in progress.
+
+        After a failed write Orbax's closing barrier (which resets is_saving_in_progress)
+        can time out on a process, leaving the flag set for good; the error is then only
+        in the ended thread, and wait_until_finished() raises it.
+        """
+        ref = getattr(self._manager, "_finalize_thread", None)  # orbax-checkpoint 0.12.8
+        if ref is None:
+            return False
+        return bool(ref.map(lambda t: t is not None and not t.is_alive()))
 
     def _fill_commit_time(self, step: int) -> None:
         stats = self._stats[-1] if self._stats else None
@@ -658,12 +686,22 @@ class CheckpointService:
             return
         try:
             self.wait()
-        finally:
+        except BaseException:
+            # Orbax's threads of a failed save end only when their barriers time out, and
+            # then raise a bare barrier timeout: do not let it mask the error that says why.
             self._closed = True
             if self._manager is not None:
-                self._manager.close()
-                if coordinator.is_primary():
-                    commit.purge_trash(self.directory)
+                try:
+                    self._manager.close()
+                except Exception:
+                    logger.exception("[process=%d] closing the checkpoint manager after a "
+                                     "failed save also failed", jax.process_index())
+            raise
+        self._closed = True
+        if self._manager is not None:
+            self._manager.close()
+            if coordinator.is_primary():
+                commit.purge_trash(self.directory)
 
     def __enter__(self) -> CheckpointService:
         return self
@@ -774,7 +812,8 @@ class CheckpointService:
             return
 
         def move() -> str:
-            return str(commit.quarantine(self.directory, step, error.kind))
+            moved = commit.quarantine(self.directory, step, error.kind)
+            return "nowhere (it was gone)" if moved is None else str(moved)
 
         moved = coordinator.primary_decides(f"restore:quarantine:{step}", move,
                                             self.options.timeout_s)

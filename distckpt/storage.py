@@ -308,7 +308,10 @@ def _require(module: str, extra: str, scheme: str) -> None:
 def _configure_fsspec_s3(location: Location) -> None:
     import fsspec.config
 
-    kwargs: dict[str, Any] = {}
+    # No listings cache: s3fs would otherwise keep serving a directory listing it made
+    # earlier, blind to objects other processes (or TensorStore in this one) wrote or
+    # deleted since, and commit records would appear and vanish late (measured).
+    kwargs: dict[str, Any] = {"use_listings_cache": False}
     if location.endpoint:
         kwargs["endpoint_url"] = location.endpoint
     if location.region:
@@ -346,6 +349,29 @@ def prepare(location: Location | str) -> epath.Path:
     return loc.epath()
 
 
+def open_directory(directory: str | os.PathLike | Location) -> tuple[Location, epath.Path]:
+    """The location of a checkpoint directory as a user gave it, and its prepared path.
+
+    A local path is used as given (``epath.Path(directory)``; a relative path stays
+    relative); ``s3://`` and ``gs://`` are parsed with the environment and prepared
+    (:func:`prepare`) in this process. An ``s3://`` path at or below a location this
+    process already prepared (e.g. one with explicit credentials) uses that location's
+    endpoint and credentials, as the array data below it does.
+    """
+    if isinstance(directory, Location):
+        return directory, prepare(directory)
+    location = Location.parse(directory)
+    if location.is_local:
+        text = os.fspath(directory)
+        return location, epath.Path(location.path if text.startswith("file://") else text)
+    if location.scheme == "s3":
+        from distckpt import orbax_s3
+
+        location = dataclasses.replace(orbax_s3.location_for(location.url),
+                                       path=location.path)
+    return location, prepare(location)
+
+
 def temporary_path_base(location: Location) -> type:
     """The Orbax TemporaryPath class to subclass for commits at `location`.
 
@@ -358,6 +384,76 @@ def temporary_path_base(location: Location) -> type:
     if location.is_local:
         return atomicity.AtomicRenameTemporaryPath
     return atomicity.CommitFileTemporaryPath
+
+
+# ---------------------------------------------------------------------- object trees
+def _object_fs(path: epath.Path | str) -> tuple[Any, str]:
+    """The fsspec filesystem epath uses for an object-store path, and the path in it."""
+    import fsspec
+
+    text = os.fspath(path)
+    if "://" not in text:
+        raise StorageConfigError(f"{text} is a local path, not an object-store URL")
+    fs, inner = fsspec.core.url_to_fs(text)
+    return fs, inner.rstrip("/")
+
+
+def list_files(path: epath.Path | str) -> dict[str, int]:
+    """Relative path -> size of every file (object) below `path`, in one listing.
+
+    Local paths walk the tree. Object stores list every key under the prefix at once
+    (no per-file requests); "directories" (SeaweedFS keeps emptied ones, AWS S3 never
+    lists them) are not files and are left out. A missing path gives ``{}``.
+    """
+    text = os.fspath(path)
+    out: dict[str, int] = {}
+    if "://" not in text:
+        for dirpath, _, filenames in os.walk(text):
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                out[os.path.relpath(full, text)] = os.stat(full).st_size
+        return out
+    fs, root = _object_fs(text)
+    try:
+        found = fs.find(root, detail=True, withdirs=False)
+    except FileNotFoundError:
+        return {}
+    for key, info in found.items():
+        if info.get("type") != "file" or key.endswith("/") or not key.startswith(root + "/"):
+            continue
+        out[key[len(root) + 1:]] = int(info.get("size") or 0)
+    return out
+
+
+def copy_files(src: epath.Path | str, dst: epath.Path | str, names: list[str]) -> None:
+    """Copy the files `names` (relative paths) from below `src` to below `dst`.
+
+    Object stores copy on the server (no data passes through this process); local
+    paths copy through the filesystem.
+    """
+    if not names:
+        return
+    if "://" not in os.fspath(src):
+        for rel in names:
+            target = epath.Path(dst) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(os.path.join(os.fspath(src), rel), os.fspath(target))
+        return
+    fs, root = _object_fs(src)
+    _, dest = _object_fs(dst)
+    fs.copy([f"{root}/{rel}" for rel in names], [f"{dest}/{rel}" for rel in names])
+
+
+def remove_files(path: epath.Path | str, names: list[str]) -> None:
+    """Delete the files `names` (relative paths) below an object-store `path`, in bulk
+    requests (missing ones are ignored)."""
+    if not names:
+        return
+    fs, root = _object_fs(path)
+    try:
+        fs.rm([f"{root}/{rel}" for rel in names])
+    except FileNotFoundError:
+        pass
 
 
 # ---------------------------------------------------------------------- small files

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import SingleDeviceSharding
 
-from distckpt import commit, digest
+from distckpt import commit, digest, storage
 from distckpt.errors import CheckpointError, StepUnusableError
 from distckpt.reader import StepReader
 
@@ -121,7 +121,10 @@ def verify_step(directory: epath.PathLike, step: int, *,
 def verify_directory(directory: epath.PathLike, step: int | None = None, *,
                      batch_bytes: int = DEFAULT_BATCH_BYTES) -> dict[str, Any]:
     """Verify every committed step (or `step`); JSON-friendly report with 'ok'."""
-    path = epath.Path(directory)
+    try:
+        _, path = storage.open_directory(directory)
+    except (storage.StorageConfigError, ImportError) as e:
+        raise CheckpointError(f"{directory}: {e}") from e
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; check the path")
     if not path.is_dir():

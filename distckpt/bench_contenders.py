@@ -1,0 +1,318 @@
+"""The contenders of `distckpt bench`: raw file I/O, plain Orbax, distckpt.
+
+Each has the same small interface, used by :mod:`distckpt.bench_worker`: ``save(step,
+items)`` returns when a training loop could go on (the stall), ``wait()`` when the step is
+committed on every process, ``restore(step, reader=None)`` returns the restored arrays (ready),
+``step_dir(step, root=None)`` names the step's files, ``open_reader(root)`` opens another
+topology's checkpoints for a cross-topology restore, ``delete(step)`` and ``close()``.
+``items`` maps names to NNX objects (``{"state": module}`` or the training loop's
+``{"model": ..., "optimizer": ...}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from distckpt import coordinator
+from distckpt.bench import parse_contender
+
+
+@dataclasses.dataclass
+class Context:
+    """What every contender needs about the job."""
+
+    make_target: Callable[[], dict[str, Any]]
+    """Fresh abstract target items (same structure as the saved items, this job's
+    shardings)."""
+    item_names: tuple[str, ...]
+    """Names of the items saved (e.g. ('state',) or ('model', 'optimizer'))."""
+    timeout_s: float
+
+
+def _parse_flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (0/1/true/false), got {value!r}")
+
+
+def host_arrays(items: dict[str, Any]) -> list[jax.Array]:
+    """Every array of the items; typed PRNG keys as their key data."""
+    from distckpt import nnx_state
+
+    out = []
+    for leaf in nnx_state.flatten_items(items):
+        value = leaf.value
+        out.append(jax.random.key_data(value) if leaf.is_key else value)
+    return out
+
+
+def local_shards(arrays: list[jax.Array], unique: bool) -> list[np.ndarray]:
+    """Host views of this process's shards (CPU: zero-copy); unique: replica 0 only."""
+    out = []
+    for a in arrays:
+        for shard in a.addressable_shards:
+            if unique and shard.replica_id != 0:
+                continue
+            out.append(np.asarray(shard.data))
+    return out
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Raw:
+    """The limit: each process writes its unique shard bytes to one file, buffered, with
+    fsync (file and directory), and reads them back into preallocated host buffers."""
+
+    kind = "raw"
+
+    def __init__(self, root: Path, options: dict[str, str], ctx: Context):
+        if options:
+            raise ValueError(f"raw takes no options, got {sorted(options)}")
+        self.root, self.ctx = root, ctx
+        self.buffer = 8 << 20
+        self._items: dict[str, Any] | None = None
+
+    def _file(self, step: int) -> Path:
+        return self.root / str(step) / f"process_{jax.process_index()}.bin"
+
+    def save(self, step: int, items: dict[str, Any]) -> None:
+        path = self._file(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._items = items
+        with open(path, "wb", buffering=self.buffer) as f:
+            for shard in local_shards(host_arrays(items), unique=True):
+                f.write(memoryview(shard).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(path.parent)
+
+    def wait(self) -> None:
+        coordinator.barrier("bench:raw:committed", self.ctx.timeout_s)
+
+    def step_dir(self, step: int, root: Path | None = None) -> Path:
+        return (root or self.root) / str(step)
+
+    def open_reader(self, root: Path) -> Any:
+        raise ValueError("raw files hold one topology's shards; they cannot be resharded")
+
+    def restore(self, step: int, reader: Any = None) -> list[np.ndarray]:
+        assert reader is None and self._items is not None
+        target = local_shards(host_arrays(self._items), unique=True)
+        out = [np.empty_like(s) for s in target]
+        with open(self._file(step), "rb", buffering=0) as f:
+            for buf in out:
+                view = memoryview(buf).cast("B")
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise OSError(f"{self._file(step)} ended early")
+                    got += n
+        return out
+
+    def delete(self, step: int) -> None:
+        coordinator.barrier(f"bench:raw:delete:{step}", self.ctx.timeout_s)
+        if coordinator.is_primary():
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+class PlainOrbax:
+    """Orbax ``CheckpointManager`` as the seeds use it (``StandardSave`` of each item's NNX
+    state, default options); with options, a ``PyTreeCheckpointHandler`` tuned by them:
+
+    ``ocdbt=0|1``, ``zarr3=0|1``, ``compression=0|1``, ``chunk=BYTES`` (SaveArgs
+    chunk_byte_size), ``file_size=BYTES`` (OCDBT target data file size; needs zarr3),
+    ``save_gb=X``/``restore_gb=X`` (concurrent GB, 1e9 bytes, fractions allowed),
+    ``replica_parallel=0|1``, ``async=0|1``.
+    """
+
+    kind = "orbax"
+    KEYS = ("ocdbt", "zarr3", "compression", "chunk", "file_size", "save_gb", "restore_gb",
+            "replica_parallel", "async")
+
+    def __init__(self, root: Path, options: dict[str, str], ctx: Context,
+                 max_to_keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        from distckpt.remat_planner import parse_bytes
+
+        unknown = sorted(set(options) - set(self.KEYS))
+        if unknown:
+            raise ValueError(f"unknown orbax option(s) {unknown}; known: {list(self.KEYS)}")
+        self.ocp, self.ctx, self.root = ocp, ctx, root
+        self.custom = bool(set(options) - {"async"})
+        self.chunk = parse_bytes(options["chunk"]) if "chunk" in options else None
+        self.file_size = parse_bytes(options["file_size"]) if "file_size" in options else None
+        self.handler_kwargs: dict[str, Any] = {}
+        for key, arg, conv in (("ocdbt", "use_ocdbt", _parse_flag),
+                               ("zarr3", "use_zarr3", _parse_flag),
+                               ("compression", "use_compression", _parse_flag),
+                               ("save_gb", "save_concurrent_gb", float),
+                               ("restore_gb", "restore_concurrent_gb", float)):
+            if key in options:
+                self.handler_kwargs[arg] = conv(options[key])
+        if "replica_parallel" in options:
+            from orbax.checkpoint._src.serialization import type_handler_registry as reg
+            from orbax.checkpoint._src.serialization.jax_array_handlers import ArrayHandler
+
+            handler = ArrayHandler(use_replica_parallel=_parse_flag(options["replica_parallel"]))
+            self.handler_kwargs["type_handler_registry"] = reg.create_type_handler_registry(
+                *[(t, h) for t, h in reg._DEFAULT_TYPE_HANDLERS if t is not jax.Array],
+                (jax.Array, handler))
+        self.manager = self._manager(root, ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=_parse_flag(options.get("async", "1"))))
+
+    def _manager(self, root: Path, options: Any) -> Any:
+        if not self.custom:
+            return self.ocp.CheckpointManager(root, options=options)
+        handlers = {name: self.ocp.PyTreeCheckpointHandler(**self.handler_kwargs)
+                    for name in self.ctx.item_names}
+        return self.ocp.CheckpointManager(root, item_names=self.ctx.item_names,
+                                          item_handlers=handlers, options=options)
+
+    def save(self, step: int, items: dict[str, Any]) -> None:
+        ocp = self.ocp
+        args = {}
+        for name, obj in items.items():
+            state = nnx.state(obj)
+            if not self.custom:
+                args[name] = ocp.args.StandardSave(state)
+                continue
+            save_args = None
+            if self.chunk is not None:
+                save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=self.chunk),
+                                         state)
+            args[name] = ocp.args.PyTreeSave(state, save_args=save_args,
+                                             ocdbt_target_data_file_size=self.file_size)
+        self.manager.save(step, args=ocp.args.Composite(**args))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def step_dir(self, step: int, root: Path | None = None) -> Path:
+        return (root or self.root) / str(step)
+
+    def open_reader(self, root: Path) -> Any:
+        return self._manager(root, self.ocp.CheckpointManagerOptions(read_only=True))
+
+    def restore(self, step: int, reader: Any = None) -> list[jax.Array]:
+        ocp = self.ocp
+        args = {}
+        for name, obj in self.ctx.make_target().items():
+            target = nnx.state(obj)
+            if self.custom:
+                args[name] = ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+            else:
+                args[name] = ocp.args.StandardRestore(target)
+        out = (reader or self.manager).restore(step, args=ocp.args.Composite(**args))
+        arrays = [x for x in jax.tree.leaves([out[n] for n in args])
+                  if isinstance(x, jax.Array)]
+        jax.block_until_ready(arrays)
+        return arrays
+
+    def latest_step(self, root: Path) -> int | None:
+        reader = self.open_reader(root)
+        try:
+            return reader.latest_step()
+        finally:
+            reader.close()
+
+    def delete(self, step: int) -> None:
+        pass  # retention (max_to_keep) deletes
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class Distckpt:
+    """distckpt's CheckpointService with its defaults; options are CheckpointOptions
+    fields, e.g. ``distckpt:async_save=0``."""
+
+    kind = "distckpt"
+
+    def __init__(self, root: Path, options: dict[str, str], ctx: Context,
+                 max_to_keep: int = 3):
+        from distckpt.service import CheckpointOptions, CheckpointService
+
+        fields = {f.name: f for f in dataclasses.fields(CheckpointOptions)}
+        kwargs: dict[str, Any] = {"max_to_keep": max_to_keep}
+        for key, raw in options.items():
+            if key not in fields:
+                raise ValueError(f"unknown distckpt option {key!r}; CheckpointOptions fields: "
+                                 f"{sorted(fields)}")
+            default = fields[key].default
+            kwargs[key] = (_parse_flag(raw) if isinstance(default, bool)
+                           else type(default)(raw) if isinstance(default, int | float | str)
+                           else json.loads(raw))
+        self.ctx, self.root = ctx, root
+        self.options_cls, self.service_cls = CheckpointOptions, CheckpointService
+        self.service = CheckpointService(root, CheckpointOptions(**kwargs))
+
+    def save(self, step: int, items: dict[str, Any]) -> None:
+        self.service.save(step, items, force=True)
+
+    def wait(self) -> None:
+        self.service.wait()
+
+    def step_dir(self, step: int, root: Path | None = None) -> Path:
+        return (root or self.root) / str(step)
+
+    def open_reader(self, root: Path) -> Any:
+        return self.service_cls(root, self.options_cls(read_only=True))
+
+    def restore(self, step: int, reader: Any = None) -> list[jax.Array]:
+        from distckpt.process_state import drop_process_state
+
+        service = reader or self.service
+        restored = service.restore(self.ctx.make_target(), step=step,
+                                   process_state_remap=drop_process_state)
+        arrays = host_arrays(restored.items)
+        jax.block_until_ready(arrays)
+        return arrays
+
+    def latest_step(self, root: Path) -> int | None:
+        with self.open_reader(root) as reader:
+            return reader.latest_step()
+
+    def delete(self, step: int) -> None:
+        pass  # retention (max_to_keep) deletes
+
+    def close(self) -> None:
+        self.service.close()
+
+
+KINDS = {"raw": Raw, "orbax": PlainOrbax, "distckpt": Distckpt}
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def make_contender(text: str, root: Path, ctx: Context, **kwargs: Any):
+    kind, options = parse_contender(text)
+    cls = KINDS[kind]
+    return cls(root, options, ctx) if kind == "raw" else cls(root, options, ctx, **kwargs)

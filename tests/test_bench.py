@@ -1,0 +1,205 @@
+"""`distckpt bench`: the harness's mechanics, on a tiny state (no timing assertions).
+
+The end-to-end test runs the real thing: two jobs of real processes (2 hosts, then 1),
+every contender, the cross-topology restore, RSS growth and the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distckpt import bench, bench_report
+from distckpt.bench import BenchConfig, aggregate, parse_contender, targets
+
+ROOT = Path(__file__).parent.parent
+TINY_MODEL = "d_model=16,n_layers=1,d_ff=32,vocab=32,n_heads=2,n_kv_heads=1,head_dim=8"
+FIGURES = ("stall_s", "commit_s", "restore_s", "raw_read_files_s", "save_gibps",
+           "restore_gibps", "raw_read_files_gibps", "save_rss", "restore_rss", "files_bytes")
+
+
+# --------------------------------------------------------------------------- pure parts
+def _process(pid: int, stall: float, shard: int = 100) -> dict:
+    """A fake per-process record: 2 repetitions (1 warm-up) of raw, orbax, distckpt."""
+    reps = []
+    for rep in (0, 1):
+        for name, k in (("raw", 1.0), ("orbax", 4.0), ("distckpt", 2.0)):
+            reps.append({
+                "rep": rep, "warmup": rep == 0, "contender": name, "step": rep + 1,
+                "stall_s": stall * k, "commit_s": 2 * stall * k, "restore_s": stall * k,
+                "raw_read_files_s": stall / 2, "files_bytes": 2**30, "files": 3,
+                "save_rss_base": 1000, "save_rss_peak": 1000 + 50 * k + pid,
+                "restore_rss_base": 0, "restore_rss_peak": shard,
+                **({"cross_restore_s": stall * k * 1.1, "cross_restore_rss_base": 0,
+                    "cross_restore_rss_peak": shard} if name != "raw" else {})})
+    return {"process": pid, "label": "2x1", "reps": reps, "shard_bytes": shard,
+            "unique_shard_bytes": shard, "total_bytes": 2**30, "leaves": 2,
+            "shapes": [[4, 4]], "memcpy_s": 0.01 * (pid + 1), "memcpy_alloc_s": 0.02,
+            "phase_s": {},
+            "rss_growth": {"raw": [0, 10, 10, 10], "orbax": [0, 10, 10 + 2**20, 10 + 2**21],
+                           "distckpt": [0, 10, 10, 10]},
+            "train": {"seconds_per_step": {"none": [1.0, 1.0], "raw": [1.5, 1.5],
+                                           "orbax": [2.0, 2.0], "distckpt": [1.02, 1.04]},
+                      "state_bytes": 8}}
+
+
+def test_aggregate_takes_the_slowest_process_and_the_median_of_timed_reps():
+    names = ["raw", "orbax", "distckpt"]
+    topo = aggregate([_process(1, stall=0.2), _process(0, stall=0.1)], names)
+    bench.add_ratios(topo, names)
+    d, o, r = (topo["contenders"][n] for n in ("distckpt", "orbax", "raw"))
+    assert topo["processes"] == 2 and topo["memcpy_s"] == 0.02  # slowest process
+    assert d["stall_s"] == pytest.approx(0.4) and d["commit_s"] == pytest.approx(0.8)
+    assert d["save_gibps"] == pytest.approx(1 / 0.8) and r["save_gibps"] == pytest.approx(2.5)
+    assert d["raw_read_files_gibps"] == pytest.approx(1 / 0.1)
+    ratios = d["ratios"]
+    assert ratios["save_vs_raw"] == pytest.approx(0.5)
+    assert ratios["save_vs_orbax"] == pytest.approx(2.0)
+    assert ratios["restore_vs_orbax"] == pytest.approx(2.0)
+    assert ratios["restore_vs_files"] == pytest.approx((1 / 0.4) / 10)
+    assert ratios["cross_vs_same"] == pytest.approx(1.1)
+    assert ratios["stall_vs_memcpy"] == pytest.approx(0.4 / 0.02)
+    assert ratios["stall_vs_orbax"] == pytest.approx(0.5)
+    assert ratios["save_rss"] == pytest.approx((100 + 1) / 100)  # process 1: 50*2 + 1
+    assert ratios["restore_rss"] == pytest.approx(1.0)
+    assert ratios["rss_growth_mib_per_save"] == 0.0
+    assert o["ratios"]["rss_growth_mib_per_save"] == pytest.approx(1.0)  # 2 MiB over 2 saves
+    assert ratios["train_inflation"] == pytest.approx(0.03)
+    assert "cross_restore_s" not in r or r["cross_restore_s"] is None
+
+    report = {"references": bench.reference_names(names), "topologies": {"2x1": topo}}
+    rows = {row["ratio"]: row for row in targets(report)}
+    assert set(rows) == {t["ratio"] for t in bench.TARGETS}
+    assert rows["save_vs_orbax"]["met"] and rows["save_vs_orbax"]["margin"] == \
+        pytest.approx(2.0 / 1.5 - 1)
+    assert not rows["save_vs_raw"]["met"]
+    assert rows["train_inflation"]["met"] and not rows["stall_vs_memcpy"]["met"]
+    assert bench_report.margin_text(rows["save_vs_raw"]) == "1.60x short"
+    assert bench_report.margin_text(rows["train_inflation"]) == "+2 points"
+    policy = bench.policy_summary({**report, "topologies": {"2x1": topo}}, mtbf_s=3600.0)
+    assert policy["cost_s"] == pytest.approx(0.8)
+    assert policy["interval_s"] == pytest.approx(math.sqrt(2 * 0.8 * 3600.0))
+    assert policy["interval_steps"] == round(policy["interval_s"] / 1.0)
+
+
+def test_contenders_and_config_are_validated():
+    assert parse_contender("distckpt") == ("distckpt", {})
+    assert parse_contender("orbax:chunk=8MiB, ocdbt=0") == ("orbax",
+                                                            {"chunk": "8MiB", "ocdbt": "0"})
+    for bad in ("tensorflow", "orbax:ocdbt", "orbax:=1"):
+        with pytest.raises(ValueError):
+            parse_contender(bad)
+    for bad in (dict(hosts=()), dict(reps=0), dict(contenders=("raw", "raw")),
+                dict(hosts=(3,), data_parallel=2, devices_per_host=1), dict(extras_on="x")):
+        with pytest.raises(ValueError):
+            BenchConfig(**bad)
+    c = BenchConfig(hosts=(2, 4), data_parallel=2)
+    assert c.mesh(4) == "data=2,fsdp=4" and c.label(4) == "4x2"
+    assert bench.job_hosts(c) == [(4, False), (2, True)]
+
+
+def test_readme_section_is_replaced_between_the_markers():
+    text = "# x\n\n## Benchmarks\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ntail\n"
+    out = bench_report.replace_section(text, "new | table")
+    assert out == "# x\n\n## Benchmarks\n<!-- bench:begin -->\nnew | table\n" \
+                  "<!-- bench:end -->\ntail\n"
+    with pytest.raises(ValueError, match="markers"):
+        bench_report.replace_section("no markers", "x")
+
+
+def test_bad_arguments_fail_fast(tmp_path):
+    from distckpt import cli
+
+    assert cli.main(["bench", "--contenders", "nope", "--dir", str(tmp_path / "d")]) == 2
+    assert cli.main(["bench", "--mtbf", "soon"]) == 2
+    assert not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.multiprocess
+def test_bench_end_to_end_on_a_tiny_state(tmp_path):
+    out, md = tmp_path / "out.json", tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "distckpt.cli", "bench", "--size", "256KiB",
+           "--hosts", "2,1", "--reps", "2", "--warmup", "0", "--leaves", "2",
+           "--rss-saves", "3", "--train-rounds", "1", "--train-steps", "1",
+           "--train-model", TINY_MODEL, "--train-batch", "4", "--mtbf", "1h",
+           "--dir", str(tmp_path / "run"), "--json", str(out), "--markdown", str(md)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    report = json.loads(out.read_text())
+
+    assert report["schema"] == bench.SCHEMA
+    assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["jax"]
+    assert report["command"].startswith("distckpt bench --size 256KiB") and "--dir" not in \
+        report["command"]
+    assert list(report["topologies"]) == ["2x2", "1x2"]
+    names = ["raw", "orbax", "distckpt"]
+    assert report["references"] == {"raw": "raw", "orbax": "orbax", "distckpt": "distckpt"}
+    for label, topo in report["topologies"].items():
+        assert topo["processes"] == int(label[0])
+        assert topo["total_bytes"] == 2 * 32 * 1024 * 4  # 2 leaves of [32 rows, 1024] f32
+        assert topo["shard_bytes_per_process"] == topo["total_bytes"] // topo["processes"]
+        for name in names:
+            fig = topo["contenders"][name]
+            for key in FIGURES:
+                assert fig[key] is not None and fig[key] >= 0, (label, name, key)
+            assert len(fig["reps"]["stall_s"]) == 2  # timed repetitions only
+            r = fig["ratios"]
+            raw = topo["contenders"]["raw"]
+            assert r["save_vs_raw"] == pytest.approx(fig["save_gibps"] / raw["save_gibps"])
+            assert r["restore_vs_files"] == pytest.approx(
+                fig["restore_gibps"] / fig["raw_read_files_gibps"])
+            assert r["stall_vs_memcpy"] == pytest.approx(fig["stall_s"] / topo["memcpy_s"])
+    first, last = report["topologies"]["2x2"], report["topologies"]["1x2"]
+    # Cross-topology restore: the 1-host job restores what the 2-host job saved.
+    assert last["cross_from"] == "2x2" and first["cross_from"] is None
+    for name in ("orbax", "distckpt"):
+        assert last["contenders"][name]["cross_restore_s"] > 0
+        assert last["contenders"][name]["ratios"]["cross_vs_same"] > 0
+        assert first["contenders"][name]["cross_restore_s"] is None
+    assert last["contenders"]["raw"]["cross_restore_s"] is None  # raw cannot reshard
+    # RSS growth and the training loop: measured by the last job only (extras_on=last).
+    for name in names:
+        assert last["contenders"][name]["rss_growth_bytes_per_save"] is not None
+        assert len(last["contenders"][name]["rss_after_saves"][0]) == 3
+        assert last["contenders"][name]["train_inflation"] is not None
+        assert "train_inflation" not in first["contenders"][name]
+    assert last["train_step_s_no_save"] > 0
+    rows = report["targets"]
+    assert {r["topology"] for r in rows} == {"2x2", "1x2"}
+    assert all(set(r) >= {"target", "value", "threshold", "met", "margin"} for r in rows)
+    assert any(r["ratio"] == "cross_vs_same" for r in rows)
+    policy = report["policy"]
+    assert policy["topology"] == "1x2" and policy["mtbf_s"] == 3600.0  # where train ran
+    assert policy["interval_s"] == pytest.approx(math.sqrt(2 * policy["cost_s"] * 3600.0))
+    assert 0 < policy["expected_loss_fraction"] < 1
+    # Output: the table, the Markdown section, the chart (when matplotlib is installed).
+    assert "targets (distckpt)" in res.stdout and "Young/Daly" in res.stdout
+    text = md.read_text()
+    assert "| figure | `raw` | `orbax` | `distckpt` |" in text and "Young/Daly" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert report["chart"] is None
+    else:
+        assert Path(report["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Checkpoints are removed afterwards; logs and per-process results stay.
+    run = tmp_path / "run"
+    assert not (run / "2x2").exists() and not (run / "1x2").exists()
+    assert (run / "results" / "2x2.p1.json").exists() and (run / "2x2.log").exists()
+
+    # The README section regenerates from the saved report without running anything.
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\n<!-- bench:end -->\nrest\n")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_bench.py"),
+                          "--from-json", str(out), "--readme", str(readme)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    updated = readme.read_text()
+    assert updated.startswith("intro\n<!-- bench:begin -->\nMeasured by `distckpt bench")
+    assert updated.endswith("<!-- bench:end -->\nrest\n")
