@@ -70,7 +70,7 @@ def test_single_process_helpers_need_no_service():
     coordinator.barrier("t", timeout_s=1)
     assert coordinator.is_primary()
     with pytest.raises(ValueError, match="small values"):
-        coordinator.primary_decides("big", lambda: "x" * 100_000)
+        coordinator.primary_decides("big", lambda: "x" * (2 << 20))
 
 
 def test_missing_tasks_parsed_from_service_message():

@@ -130,15 +130,6 @@ def pick_ports(count: int, rng: random.Random | None = None) -> list[int]:
     raise S3ServerError(f"could not find {count} free ports in {_PORT_RANGE}")
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux only; best effort)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _command(weed: str, data: Path, identities: Path, ports: dict[str, int]) -> list[str]:
     return [
         weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -206,6 +197,12 @@ def _probe(server: S3Server, credentials_file: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+_DIE_WITH_PARENT_EXEC = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     if proc.poll() is not None:
         return
@@ -238,10 +235,15 @@ def _start(weed: str, workdir: Path, bucket: str, timeout_s: float
     server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3']}", access_key_id=key,
                       secret_access_key=secret, bucket=bucket, log_path=log_path)
     with open(log_path, "ab") as log:
+        # No preexec_fn: it makes CPython call os.fork() hooks, and JAX warns (an error
+        # under pytest's filterwarnings) when a process that runs JAX forks. A tiny
+        # Python trampoline sets PR_SET_PDEATHSIG, which survives exec, then execs weed.
+        command = _command(weed, data, identities, ports)
+        if sys.platform == "linux":
+            command = [sys.executable, "-c", _DIE_WITH_PARENT_EXEC, *command]
         proc = subprocess.Popen(
-            _command(weed, data, identities, ports), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            command, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     last = "the S3 port never answered"
     while time.monotonic() < deadline:
