@@ -56,9 +56,9 @@ def test_drill_bad_arguments_fail_fast_and_write_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("fault", [
-    "kill-during-save",
-    # Covered in the default suite by tests/test_integrity.py and tests/test_preemption.py;
-    # the drill versions run in CI's slow pass.
+    # Covered in the default suite by tests/test_crash.py, tests/test_integrity.py and
+    # tests/test_preemption.py; the drill versions run in CI's slow pass.
+    pytest.param("kill-during-save", marks=pytest.mark.slow),
     pytest.param("corrupt", marks=pytest.mark.slow),
     pytest.param("preempt", marks=pytest.mark.slow)])
 def test_drill_with_faults_recovers_verified(tmp_path, fault):

@@ -177,6 +177,7 @@ def check_preempted_then_resumed(job: Job, directory: Path, reference: dict) -> 
 
 # ------------------------------------------------------------------ the reference job
 @multiprocess
+@pytest.mark.slow  # three reference training jobs; CI runs it in its slow pass
 def test_sigterm_to_one_process_saves_the_same_step_and_resumes_bit_exact(tmp_path, reference):
     directory = tmp_path / "ckpt"
     host, delay, sent = random.randrange(2), random.uniform(0.0, 1.5), []

@@ -152,6 +152,7 @@ def test_save_restore_retention_and_overwrite_on_s3(s3_env, s3_url, s3_server):
     assert keys(s3_url) == everything and listed(s3_url) == [2, 3]
 
 
+@pytest.mark.slow  # CI runs it in its slow pass
 def test_steps_copied_between_local_disk_and_s3_stay_valid(s3_env, s3_url, s3_server,
                                                            tmp_path):
     """A step copied object by object (plain PUTs) keeps its commit record valid, both ways;
