@@ -1,13 +1,13 @@
-"""Small JSON files on checkpoint storage: reads with a size limit, atomic replacement.
+"""Small JSON files on checkpoint storage: reads with a size limit.
 
 A checkpoint directory may hold files nobody vetted; reading one must not exhaust memory,
-so every JSON read goes through :func:`read_limited`.
+so every JSON read goes through :func:`read_limited`. Writes that must be atomic and
+durable go through :func:`distckpt.commit.write_durable`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from etils import epath
@@ -20,10 +20,3 @@ def read_limited(path: epath.Path, limit: int = DEFAULT_LIMIT) -> Any:
     if path.stat().length > limit:
         raise ValueError(f"{path} is larger than {limit} bytes; refusing to read it")
     return json.loads(path.read_text())
-
-
-def write_atomic(path: epath.Path, value: Any) -> None:
-    """Replace `path` with `value` as JSON by writing a temporary file and renaming it."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)

@@ -112,7 +112,8 @@ def _key_of(k: Any) -> Any:
     return k
 
 
-def _nest(pairs: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+def nest(pairs: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """Nested dicts from (key path, value) pairs."""
     tree: dict[str, Any] = {}
     for path, value in pairs:
         node = tree
@@ -134,7 +135,7 @@ def to_saveable(leaves: list[Leaf]) -> dict[str, Any]:
         if leaf.is_key:
             value = jax.random.key_data(value)
         pairs.append((_disk_path(leaf), value))
-    return _nest(pairs)
+    return nest(pairs)
 
 
 def key_data_target(value: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -162,7 +163,7 @@ def restore_target(leaves: list[Leaf]) -> dict[str, Any]:
         if leaf.is_key:
             value = key_data_target(value)
         pairs.append((_disk_path(leaf), value))
-    return _nest(pairs)
+    return nest(pairs)
 
 
 def lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:

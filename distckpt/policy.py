@@ -47,10 +47,8 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
-import json
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -58,7 +56,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from etils import epath
 
-from distckpt import coordinator, jsonio
+from distckpt import commit, coordinator, jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +169,7 @@ class RestartLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         value = {"format": _RESTART_FORMAT, "version": _RESTART_VERSION,
                  "runs": runs[-_MAX_RUNS:]}
-        # jsonio.write_atomic's final rename refuses an existing target (epath.rename does
-        # not overwrite), and this file is rewritten on every start: write beside it and
-        # replace it, the same protocol with an overwriting rename.
-        tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(value))
-        tmp.replace(self.path)
+        commit.write_durable(self.path, value)  # temp file, fsync, overwriting rename
 
     # -- collective API
     def record_start(self, resumed_step: int | None = None) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import SingleDeviceSharding
 
-from distckpt import commit, digest, storage
+from distckpt import commit, digest, nnx_state, storage
 from distckpt.errors import CheckpointError, StepUnusableError
 from distckpt.reader import StepReader
 
@@ -38,22 +38,6 @@ class StepVerdict:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _nest(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for keys, value in items:
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return tree
-
-
-def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
-    for k in keys:
-        tree = tree[k]
-    return tree
 
 
 def verify_step(directory: epath.PathLike, step: int, *,
@@ -85,15 +69,15 @@ def verify_step(directory: epath.PathLike, step: int, *,
         nonlocal size
         if not batch:
             return
-        tree = _nest([(stored[n][0], jax.ShapeDtypeStruct(stored[n][1], np.dtype(stored[n][2]),
-                                                          sharding=sharding)) for n in batch])
+        tree = nnx_state.nest([(stored[n][0], jax.ShapeDtypeStruct(
+            stored[n][1], np.dtype(stored[n][2]), sharding=sharding)) for n in batch])
         try:
             out = reader.restore_arrays(tree, partial=True)
         except StepUnusableError as e:
             verdict.problems.append(f"reading {len(batch)} array(s) from {batch[0]} on: "
                                     f"{e.reason}")
         else:
-            arrays = [_lookup(out, stored[n][0]) for n in batch]
+            arrays = [nnx_state.lookup(out, stored[n][0]) for n in batch]
             for n, p in zip(batch, digest.dispatch(arrays).result(), strict=True):
                 got = digest.to_hex(p)
                 if got != expected[n]:
