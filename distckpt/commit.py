@@ -65,8 +65,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import os
 import re
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -77,6 +79,8 @@ from orbax.checkpoint._src.path import atomicity
 from orbax.checkpoint._src.path import step as step_lib
 
 from distckpt import jsonio, storage
+
+logger = logging.getLogger(__name__)
 
 COMMIT_FILE = "distckpt_commit.json"
 QUARANTINE_DIR = "distckpt-quarantine"
@@ -91,6 +95,12 @@ _STEP_NAME = re.compile(r"^(0|[1-9][0-9]*)$")
 
 class CommitRecordError(ValueError):
     """A step directory has no usable commit record (the reason is the message)."""
+
+
+class NoSuchStepError(CommitRecordError):
+    """Nothing is stored at the step's path: deleted (retention, quarantine) since it was
+    listed, or an object store's emptied "folder" (SeaweedFS, and GCS buckets with a
+    hierarchical namespace, keep listing a prefix whose objects were all deleted)."""
 
 
 def is_local(path: epath.Path) -> bool:
@@ -164,7 +174,7 @@ def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
     if os.path.islink(os.fspath(path)):
         raise CommitRecordError("the step directory is a symlink")
     if not path.exists():
-        raise CommitRecordError("no such step directory")
+        raise NoSuchStepError("no such step directory")
     if not path.is_dir():
         raise CommitRecordError("not a directory")
     record_path = path / COMMIT_FILE
@@ -184,8 +194,10 @@ def _read_object_record(path: epath.Path) -> Any:
     try:
         return jsonio.read_limited(path / COMMIT_FILE)
     except FileNotFoundError:
-        if not path.exists():
-            raise CommitRecordError("no such step directory") from None
+        # Not path.exists(): an emptied "folder" may still exist on some stores.
+        if not storage.list_files(path):
+            raise NoSuchStepError("no such step directory (no object under it: deleted, "
+                                  "or never written)") from None
         raise CommitRecordError(f"no commit record ({COMMIT_FILE}): the save never "
                                 "finished, or this is not a distckpt step") from None
     except (OSError, ValueError) as e:
@@ -237,11 +249,16 @@ def step_names(directory: epath.Path) -> Iterator[tuple[int, epath.Path]]:
 
 
 def scan(directory: epath.Path) -> dict[int, dict[str, Any] | CommitRecordError]:
-    """Every step-named entry: its commit record, or the error saying why it is not one."""
+    """Every step-named entry: its commit record, or the error saying why it is not one.
+
+    Entries with nothing stored under them (gone since the listing, or an object store's
+    emptied "folder") are left out: they are not steps, committed or not."""
     out: dict[int, dict[str, Any] | CommitRecordError] = {}
     for step, path in step_names(directory):
         try:
             out[step] = read_record(path, step)
+        except NoSuchStepError:
+            continue  # deleted since the listing, or an emptied object-store "folder"
         except CommitRecordError as e:
             out[step] = e
     return dict(sorted(out.items()))
@@ -270,13 +287,15 @@ def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
                 actual = listed[rel]
             else:
                 raise FileNotFoundError(rel)
+            # Read inside the try: retention may delete the file after the listing.
+            changed = actual == size and rel in crcs and _crc32(f) != crcs[rel]
         except FileNotFoundError:
             problems.append(f"{rel}: missing")
             continue
         if actual != size:
             problems.append(f"{rel}: {actual} bytes, {size} when committed (truncated or "
                             "rewritten)")
-        elif rel in crcs and _crc32(f) != crcs[rel]:
+        elif changed:
             problems.append(f"{rel}: contents changed since the commit (CRC-32 mismatch)")
     return problems
 
@@ -422,6 +441,41 @@ Finalizer = Callable[[epath.Path, int], dict[str, Any]]
 """finalizer(step_path, step) -> commit record (runs on the primary, after the rename)."""
 
 
+_purgers: dict[str, threading.Thread] = {}
+_purgers_lock = threading.Lock()
+
+
+def purge_trash_later(directory: epath.Path) -> None:
+    """purge_trash on a background thread, so deleting old steps (an rmtree of gigabytes
+    on a local disk) does not delay the commit that retention ran after. At most one
+    purge per directory runs at a time; what it misses the next one deletes (the trash
+    is never listed, and a crash mid-purge leaves only trash)."""
+    key = os.fspath(directory)
+    with _purgers_lock:
+        running = _purgers.get(key)
+        if running is not None and running.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                purge_trash(directory)
+            except Exception:  # the next purge retries; never fail a committed save
+                logger.warning("deleting retention's trash in %s failed; it is retried "
+                               "after the next save", directory, exc_info=True)
+
+        thread = threading.Thread(target=run, name="distckpt-purge-trash", daemon=True)
+        _purgers[key] = thread
+        thread.start()
+
+
+def wait_for_purge(directory: epath.Path) -> None:
+    """Wait for purge_trash_later's thread on `directory`, if one runs."""
+    with _purgers_lock:
+        thread = _purgers.pop(os.fspath(directory), None)
+    if thread is not None:
+        thread.join()
+
+
 def purge_trash(directory: epath.Path) -> int:
     """Delete the steps retention moved to the trash; returns how many.
 
@@ -505,4 +559,4 @@ def _commit(path: epath.Path, finalizer: Finalizer,
     write_durable(path / COMMIT_FILE, record)
     if after_record is not None:
         after_record(step)
-    purge_trash(path.parent)  # steps an earlier retention pass set aside
+    purge_trash_later(path.parent)  # steps an earlier retention pass set aside

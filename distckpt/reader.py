@@ -115,9 +115,13 @@ class StepReader:
         return dict(self.record["checksums"])
 
     # ------------------------------------------------------------------ arrays
-    def restore_arrays(self, tree: Mapping[str, Any], *, partial: bool = False) -> Any:
-        """Restore the nested tree of ShapeDtypeStructs (with shardings) from the state item."""
-        handler = ocp.PyTreeCheckpointHandler()
+    def restore_arrays(self, tree: Mapping[str, Any], *, partial: bool = False,
+                       concurrent_gb: float | None = None) -> Any:
+        """Restore the nested tree of ShapeDtypeStructs (with shardings) from the state item.
+
+        `concurrent_gb` caps the bytes being read at once (None: Orbax's default)."""
+        handler = ocp.PyTreeCheckpointHandler(
+            **({} if concurrent_gb is None else {"restore_concurrent_gb": concurrent_gb}))
         try:
             return handler.restore(self.path / STATE_ITEM, args=ocp.args.PyTreeRestore(
                 item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),

@@ -48,7 +48,7 @@ from etils import epath
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
 
-from distckpt import commit, coordinator, digest, jsonio, nnx_state, provenance, storage
+from distckpt import commit, coordinator, digest, jsonio, nnx_state, provenance, storage, tuning
 from distckpt import process_state as per_process
 from distckpt.errors import (
     CheckpointError,
@@ -93,6 +93,14 @@ class CheckpointOptions:
     """save() writes steps that are multiples of this (None: only save_on_steps/force)."""
     save_on_steps: tuple[int, ...] = ()
     """save() also writes these steps."""
+    save_policy: Any = None
+    """A save-decision policy from :mod:`distckpt.policy` (YoungDalyPolicy: save every
+    sqrt(2 x cost x MTBF) seconds; LossAdaptivePolicy: save more often while the loss is
+    unstable), or any object with its ``should_save(step, metrics=)`` /
+    ``observe(save_stats)`` methods. When given it replaces save_interval_steps (which
+    is then ignored); save_on_steps and force=True still save. The service feeds it the
+    measured cost of every committed save and the metrics passed to save(); the primary
+    host decides and every host follows."""
     async_save: bool = True
     """Commit in the background; save() returns once arrays are staged."""
     timeout_s: float = 600.0
@@ -110,6 +118,20 @@ class CheckpointOptions:
     probe_timeout_s: float = 15.0
     """How long the storage probe waits for the primary's probe file to become visible
     (network filesystems can be slow to show a new file to other hosts)."""
+    compression: bool = False
+    """Compress array chunks (zstd/blosc). Off: weights and optimizer moments barely
+    compress and it costs CPU on save and restore (measured; see distckpt.tuning).
+    Either way checkpoints restore with stock Orbax onto any mesh."""
+    use_ocdbt: bool = True
+    """Pack each step's arrays into a few OCDBT files per process (Orbax's default)."""
+    use_zarr3: bool = False
+    """Write zarr v3 instead of v2 (Orbax's default is v2)."""
+    replica_parallel: bool = True
+    """Data-parallel replicas split the writes of a replicated array."""
+    save_concurrent_gb: float | None = None
+    """Cap on bytes (GB, 1e9) being written at once per process; None: Orbax's default."""
+    restore_concurrent_gb: float | None = None
+    """Cap on bytes (GB) being read at once per process; None: Orbax's default."""
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
     injects a failure, os.kill there simulates a crash. Points: 'save:staged' (save(),
@@ -137,6 +159,23 @@ class CheckpointOptions:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.probe_timeout_s < 0:
             raise ValueError(f"probe_timeout_s must be >= 0, got {self.probe_timeout_s}")
+        if self.save_policy is not None and not all(
+                callable(getattr(self.save_policy, m, None)) for m in ("should_save", "observe")):
+            raise TypeError(
+                f"save_policy must have should_save(step, metrics=) and observe(stats) "
+                f"methods (e.g. distckpt.policy.YoungDalyPolicy), got {self.save_policy!r}")
+        for name in ("save_concurrent_gb", "restore_concurrent_gb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+
+    def handler_kwargs(self) -> dict[str, Any]:
+        """ocp.PyTreeCheckpointHandler keyword arguments for the array item."""
+        return tuning.pytree_handler_kwargs(
+            compression=self.compression, use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3,
+            replica_parallel=self.replica_parallel,
+            save_concurrent_gb=self.save_concurrent_gb,
+            restore_concurrent_gb=self.restore_concurrent_gb)
 
     def score_fn(self) -> Callable[[Mapping[str, Any]], float] | None:
         if self.best_fn is not None:
@@ -224,6 +263,7 @@ class CheckpointService:
         self._stats: list[SaveStats] = []
         self._closed = False
         self._save_policy = self._save_decision_policy()
+        self._policy_decisions: dict[int, bool] = {}
         self._last_save_step: int | None = None
         self._background_failure: tuple[int, BaseException] | None = None
         self._manager: ocp.CheckpointManager | None = None
@@ -265,6 +305,7 @@ class CheckpointService:
         o = self.options
         if coordinator.is_primary():
             self.directory.mkdir(parents=True, exist_ok=True)
+            commit.wait_for_purge(self.directory)  # an earlier service's, in this process
             commit.purge_trash(self.directory)  # left by a crash during retention
         coordinator.barrier(f"init:{self._key}:created", o.timeout_s)
         if o.require_shared_storage:
@@ -293,7 +334,7 @@ class CheckpointService:
         handlers = {
             "state": per_process.ReportingPyTreeHandler(
                 on_failure=lambda e: self._on_background_failure(self._last_save_step, e),
-                multiprocessing_options=mp),
+                multiprocessing_options=mp, **o.handler_kwargs()),
             "metadata": ocp.JsonCheckpointHandler("metadata.json", multiprocessing_options=mp),
             "provenance": ocp.JsonCheckpointHandler("provenance.json", multiprocessing_options=mp),
             "process_state": self._process_handler,
@@ -367,8 +408,19 @@ class CheckpointService:
                                      n=o.best_n, keep_checkpoints_without_metrics=False))
         return pp.AnyPreservationPolicy(policies)
 
-    def should_save(self, step: int) -> bool:
-        """Whether save(step) would write this step (interval / explicit steps)."""
+    def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
+        """Whether save(step) would write this step: the interval or save_policy, or an
+        explicit step. With a save_policy every process must call it (or save()) with
+        the same steps; the decision is taken once per step and remembered."""
+        policy = self.options.save_policy
+        if policy is not None:
+            if step in self.options.save_on_steps:
+                return True
+            if step not in self._policy_decisions:
+                policy.observe(self._stats)  # costs of the saves committed so far
+                self._policy_decisions.clear()  # only the latest step is asked again
+                self._policy_decisions[step] = bool(policy.should_save(step, metrics=metrics))
+            return self._policy_decisions[step]
         info = ocp.checkpoint_manager.CheckpointInfo(
             step=step, time=datetime.datetime.now(tz=datetime.UTC), metrics=None)
         context = sdp.DecisionContext(
@@ -525,7 +577,7 @@ class CheckpointService:
             raise CheckpointError(f"{self.directory} was opened read_only; it cannot be saved to")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        if not (force or self.should_save(step)):
+        if not (force or self.should_save(step, metrics)):
             return False
         leaves, metadata_json, metrics_json, rejected = [], {}, {}, None
         try:  # validate everything before anything touches disk
@@ -701,6 +753,7 @@ class CheckpointService:
         if self._manager is not None:
             self._manager.close()
             if coordinator.is_primary():
+                commit.wait_for_purge(self.directory)
                 commit.purge_trash(self.directory)
 
     def __enter__(self) -> CheckpointService:
@@ -875,7 +928,8 @@ class CheckpointService:
                      record: dict[str, Any], remap: per_process.ProcessStateRemap | None
                      ) -> tuple[Restored, dict[str, Any], list[tuple[str, jax.Array]]]:
         tree = nnx_state.restore_target(wanted)
-        out = reader.restore_arrays(tree, partial=True)
+        out = reader.restore_arrays(
+            tree, partial=True, concurrent_gb=self.options.restore_concurrent_gb)
         raw = [(leaf.name, nnx_state.lookup(out, tuple(str(k) for k in leaf.path)))
                for leaf in wanted]
         saved_json = reader.user_json()

@@ -13,9 +13,39 @@ import json
 import sys
 
 import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from distckpt import coordinator
+from distckpt import CheckpointOptions, CheckpointService, coordinator
 from distckpt.policy import LossAdaptivePolicy, RestartLog, YoungDalyPolicy
+
+
+class Tiny(nnx.Module):
+    def __init__(self, value: jax.Array):
+        self.w = nnx.Param(value)
+
+
+def service_decisions(ckpt_dir: str, pid: int, now: list[float]) -> dict:
+    """CheckpointService(save_policy=...) saves what the primary's policy decides, with
+    the cost it measured from the service's own saves (no cost given)."""
+    mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+    sharding = NamedSharding(mesh, PartitionSpec("fsdp"))
+    n = 4 * jax.device_count()
+    value = jax.make_array_from_callback(
+        (n,), sharding, lambda idx: np.arange(n, dtype=np.float32)[idx])
+    policy = YoungDalyPolicy(mtbf_s=100.0, clock=lambda: now[0], name="svc-yd")
+    saved = []
+    options = CheckpointOptions(save_policy=policy, save_on_steps=(29,), max_to_keep=None)
+    with CheckpointService(f"{ckpt_dir}/svc", options) as ckpt:
+        for step in range(1, 31):
+            now[0] = step * (3.0 + pid)
+            if ckpt.save(step, {"model": Tiny(value)}, metrics={"loss": 1.0 + pid}):
+                saved.append(step)
+            ckpt.wait()  # the next decision sees this save's measured cost
+        steps = ckpt.all_steps()
+    return {"svc_saved": saved, "svc_steps": steps,
+            "svc_cost_s": policy.cost_estimate_s if pid == 0 else None}
 
 
 def main(out: str, ckpt_dir: str) -> None:
@@ -48,6 +78,7 @@ def main(out: str, ckpt_dir: str) -> None:
     log = RestartLog(ckpt_dir, wall_clock=lambda: wall[0])
     got["failures"] = [log.record_start(), log.record_start(resumed_step=5)]
     got["runs"] = len(log.runs())
+    got.update(service_decisions(ckpt_dir, pid, now))
     with open(f"{out}.{pid}", "w") as f:
         json.dump(got, f)
 

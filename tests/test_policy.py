@@ -213,3 +213,11 @@ def test_processes_with_skewed_clocks_take_the_primarys_decisions(tmp_path, run_
     # The restart log: one run per start (only the primary wrote), seen by everyone.
     assert all(g["failures"] == [0, 1] for g in got), [g["failures"] for g in got]
     assert all(g["runs"] == 2 for g in got)
+    # CheckpointService(save_policy=...): every process saved the same steps, the
+    # primary's; the policy learned the cost from the service's own saves.
+    assert got[0]["svc_cost_s"] is not None and got[0]["svc_cost_s"] > 0
+    assert got[0]["svc_saved"] == got[0]["svc_steps"]
+    assert all(g["svc_saved"] == got[0]["svc_saved"] for g in got), [g["svc_saved"] for g in got]
+    assert got[0]["svc_saved"][0] == 1  # no cost known yet: the first decision measures one
+    assert 29 in got[0]["svc_saved"]  # save_on_steps still saves
+    assert 2 < len(got[0]["svc_saved"]) < 30  # the policy skipped steps (interval > 1 step)
