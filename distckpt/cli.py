@@ -57,6 +57,9 @@ def cmd_drill(args: argparse.Namespace) -> int:
         from distckpt.model import ModelConfig
 
         ModelConfig(**config.model)
+        from distckpt.drill import check_directory
+
+        check_directory(args.dir)
     except ValueError as e:
         print(f"distckpt drill: error: {e}", file=sys.stderr)
         return 2

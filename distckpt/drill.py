@@ -325,6 +325,30 @@ class DrillReport:
         return dataclasses.asdict(self)
 
 
+def check_directory(directory: str | None) -> None:
+    """Raise ValueError unless `directory` (local path or object-store URL) is absent or
+    empty; creates nothing. The drill never touches existing checkpoints."""
+    if directory is None:
+        return
+    from distckpt import storage
+
+    location = storage.Location.parse(directory)
+    if not location.is_local:
+        _, root = storage.open_directory(location)
+        if storage.list_files(root):
+            raise ValueError(
+                f"drill checkpoint prefix {location.url} is not empty; the drill needs a "
+                "new or empty prefix so it never touches existing checkpoints")
+        return
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"drill directory {path} is a file; give a new or empty directory")
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(
+            f"drill directory {path} is not empty; the drill needs a new or empty directory "
+            "so it never touches existing checkpoints")
+
+
 def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
     """(local directory for logs and specs, checkpoint directory or URL)."""
     if directory is not None:
@@ -332,11 +356,7 @@ def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
 
         location = storage.Location.parse(directory)
         if not location.is_local:
-            _, root = storage.open_directory(location)
-            if storage.list_files(root):
-                raise ValueError(
-                    f"drill checkpoint prefix {location.url} is not empty; the drill needs a "
-                    "new or empty prefix so it never touches existing checkpoints")
+            check_directory(directory)
             return Path(tempfile.mkdtemp(prefix="distckpt-drill-")), location.url
     workdir = _prepare_dir(directory)
     return workdir, str(workdir / "checkpoints")
@@ -345,11 +365,8 @@ def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
 def _prepare_dir(directory: str | None) -> Path:
     if directory is None:
         return Path(tempfile.mkdtemp(prefix="distckpt-drill-"))
+    check_directory(directory)
     path = Path(directory)
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(
-            f"drill directory {path} is not empty; the drill needs a new or empty directory "
-            "so it never touches existing checkpoints")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

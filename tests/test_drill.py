@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,12 @@ def test_drill_bad_arguments_fail_fast_and_write_nothing(tmp_path):
         assert res.returncode == 2, (args, res.stderr)
         assert match in res.stderr and report is None
         assert not (tmp_path / "d").exists()
+    # A directory that is not empty is refused before anything starts, and left as it was.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    res, report = _drill(tmp_path)
+    assert res.returncode == 2 and "is not empty" in res.stderr and "Traceback" not in res.stderr
+    assert report is None and os.listdir(tmp_path / "d") == ["keep.txt"]
 
 
 @pytest.mark.parametrize("fault", [
