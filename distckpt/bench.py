@@ -1,4 +1,4 @@
-"""``distckpt bench``: checkpoint speed and memory against the disk and plain Orbax.
+"""``distckpt bench``: checkpoint speed and memory against the disk (or S3) and plain Orbax.
 
 Same state, same run: for each topology (default 4 and then 2 simulated hosts x 2 CPU
 devices) one real multi-process job (:mod:`distckpt.bench_worker`, started through
@@ -22,6 +22,26 @@ loop's step-time inflation when it saves every step. :func:`targets` compares di
 the issue's targets; :func:`policy_summary` gives the Young/Daly interval for the measured
 cost and an MTBF. The report is a JSON-ready dict (schema :data:`SCHEMA`);
 :mod:`distckpt.bench_report` renders it as a table, Markdown and a chart.
+
+On object storage (``directory`` = ``s3://bucket/prefix``, empty or absent; endpoint and
+credentials from the ``AWS_*`` environment) the same jobs run with these differences:
+
+* ``raw`` PUTs each process's shard bytes as 4 MiB objects through TensorStore's s3
+  kvstore and GETs them back (:class:`distckpt.bench_contenders.RawObjects`); committed =
+  every PUT acknowledged. The ratios ``save_vs_raw`` and ``restore_vs_raw`` are then
+  distckpt against raw PUT and GET of the same bytes on the same server (issue 6), and
+  :data:`S3_TARGETS` names them so.
+* the default contenders are raw and distckpt (:func:`default_contenders`). Plain Orbax
+  (orbax-checkpoint 0.12.8) cannot save on ``s3://`` (with OCDBT: "Checkpoint path should
+  be absolute. Got s3:/..."; without it the finalize renames a directory, which S3 does
+  not have). When asked for anyway, each orbax contender is first probed with one tiny
+  save in one process; if that fails, the report carries the failure as its outcome
+  (``failed``: ``"<error first line>"``, shown as "fails" in the tables) and the jobs run
+  the other contenders. A later Orbax that works passes the probe and is measured.
+* nothing is evicted from a page cache (reads go over HTTP to the server, whatever it
+  caches); the raw read of a contender's files is a GET of its step's objects, split over
+  the processes ("raw GET of its objects"), and its files are objects.
+* logs, specs and per-process results go to a new local temporary directory.
 """
 
 from __future__ import annotations
@@ -71,7 +91,34 @@ TARGETS: tuple[dict[str, Any], ...] = (
 )
 
 
+# Issue 6 (object storage) gives no thresholds of its own: issue 5's, with raw being PUT/GET.
+S3_TARGETS: tuple[dict[str, Any], ...] = (
+    {"name": "save throughput vs raw PUT of the same bytes", "ratio": "save_vs_raw",
+     "op": ">=", "threshold": 0.8},
+    {"name": "restore throughput vs raw GET of the same bytes", "ratio": "restore_vs_raw",
+     "op": ">=", "threshold": 0.7},
+    {"name": "restore throughput vs raw GET of its own objects", "ratio": "restore_vs_files",
+     "op": ">=", "threshold": 0.7},
+    *(t for t in TARGETS if t["ratio"] not in ("save_vs_raw", "restore_vs_files")),
+)
+
+
+def targets_for(scheme: str) -> tuple[dict[str, Any], ...]:
+    """The targets for storage `scheme` ('file' or 's3')."""
+    return S3_TARGETS if scheme == "s3" else TARGETS
+
+
 CONTENDER_KINDS = ("raw", "orbax", "distckpt")
+LOCAL_CONTENDERS = ("raw", "orbax", "distckpt")
+S3_CONTENDERS = ("raw", "distckpt")
+
+
+def default_contenders(directory: str | None) -> tuple[str, ...]:
+    """raw, orbax, distckpt; on ``s3://`` raw and distckpt (plain Orbax cannot save there,
+    see the module docstring; ask for it explicitly to have that measured)."""
+    from distckpt import bench_s3
+
+    return S3_CONTENDERS if bench_s3.is_url(directory) else LOCAL_CONTENDERS
 
 
 def parse_contender(text: str) -> tuple[str, dict[str, str]]:
@@ -109,8 +156,9 @@ class BenchConfig:
     """Size of a 'data' mesh axis over which the state is replicated (1: fully sharded)."""
     leaves: int = 8
     """Arrays in the state (equal-sized float32 matrices)."""
-    contenders: tuple[str, ...] = ("raw", "orbax", "distckpt")
-    """KIND[:key=value,...] with KIND raw, orbax or distckpt."""
+    contenders: tuple[str, ...] | None = None
+    """KIND[:key=value,...] with KIND raw, orbax or distckpt; None: the default for the
+    storage, :func:`default_contenders` (set in ``__post_init__``)."""
     reps: int = 5
     """Timed repetitions per contender."""
     warmup: int = 1
@@ -136,7 +184,9 @@ class BenchConfig:
     cold: bool = True
     """Evict the files from the page cache before every read."""
     directory: str | None = None
-    """New or empty directory for checkpoints and logs (default: a temporary one)."""
+    """New or empty directory for checkpoints and logs (default: a temporary one), or an
+    empty or absent ``s3://bucket/prefix`` for the checkpoints (logs go to a temporary
+    local directory)."""
     keep: bool = False
     """Keep the checkpoints afterwards (logs and per-process results are always kept)."""
     seed: int = 0
@@ -145,6 +195,8 @@ class BenchConfig:
     """Limit for each job."""
 
     def __post_init__(self):
+        if self.contenders is None:
+            object.__setattr__(self, "contenders", default_contenders(self.directory))
         if self.size_bytes < 1 or self.leaves < 1:
             raise ValueError("size and leaves must be >= 1")
         if not self.hosts or any(h < 1 for h in self.hosts) or self.devices_per_host < 1:
@@ -166,6 +218,17 @@ class BenchConfig:
             raise ValueError(f"contenders must be given once each, got {self.contenders}")
         for c in self.contenders:
             parse_contender(c)
+        if self.on_s3:
+            from distckpt import bench_s3
+
+            bench_s3.location(self.directory)  # a bad URL or another scheme fails here
+
+    @property
+    def on_s3(self) -> bool:
+        """The checkpoints go to ``s3://`` (an object store), not a local directory."""
+        from distckpt import bench_s3
+
+        return bench_s3.is_url(self.directory)
 
     def mesh(self, hosts: int) -> str:
         devices = hosts * self.devices_per_host
@@ -376,6 +439,11 @@ def add_ratios(topo: dict[str, Any], contenders: list[str]) -> None:
         fig["ratios"] = ratios
 
 
+def storage_scheme(report: dict[str, Any]) -> str:
+    """'file' or 's3' (reports from before s3:// support have no 'storage': 'file')."""
+    return report.get("storage", {}).get("scheme", "file")
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, checked for distckpt on every topology that measured them.
 
@@ -388,7 +456,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         return rows
     for label, topo in report["topologies"].items():
         ratios = topo["contenders"][name]["ratios"]
-        for t in TARGETS:
+        for t in targets_for(storage_scheme(report)):
             value = ratios.get(t["ratio"])
             if value is None:
                 continue
@@ -445,6 +513,35 @@ def _prepare_dir(directory: str | None) -> Path:
     return path
 
 
+def prepare_storage(config: BenchConfig) -> tuple[Path, str, dict[str, Any]]:
+    """(local directory for logs, specs and results; where the checkpoints go; the report's
+    description of that storage). An ``s3://`` prefix must hold no objects: it is checked
+    before anything is written anywhere."""
+    if not config.on_s3:
+        workdir = _prepare_dir(config.directory)
+        return workdir, str(workdir), {"scheme": "file", "url": str(workdir)}
+    from distckpt import bench_s3
+
+    location = bench_s3.location(config.directory)
+    bench_s3.check_empty(location.url)
+    workdir = Path(tempfile.mkdtemp(prefix="distckpt-bench-"))
+    return workdir, location.url, location.describe()
+
+
+def _join(base: str, *parts: str) -> str:
+    """`base`/`parts` for a local directory or a URL (Path would fold a URL's '//')."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _remove(root: str) -> None:
+    from distckpt import bench_s3
+
+    if bench_s3.is_url(root):
+        bench_s3.remove(root)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -466,34 +563,84 @@ def job_hosts(config: BenchConfig) -> list[tuple[int, bool]]:
             for i, h in enumerate(order)]
 
 
+def probe_contenders(config: BenchConfig, names: list[str], root: str, workdir: Path
+                     ) -> dict[str, str]:
+    """The contenders in `names` whose tiny probe save at `root` failed -> the error's first
+    line (:func:`distckpt.bench_worker.probe`, one process with this config's devices)."""
+    from distckpt.launcher import launch
+
+    devices = config.devices_per_host
+    spec = {"contenders": names, "root": root, "mesh": f"fsdp={devices}",
+            "shapes": [(8 * devices, 256)], "timeout_s": config.timeout_s,
+            "out": str(workdir / "probe.json")}
+    spec_path = workdir / "probe-spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    log_path = workdir / "probe.log"
+    with open(log_path, "w") as log:
+        result = launch([sys.executable, "-m", "distckpt.bench_worker", "--probe",
+                         str(spec_path)], 1, devices, out=log, timeout_s=config.timeout_s,
+                        cwd=str(workdir))  # stock Orbax makes local "s3:" dirs in its cwd
+    shutil.rmtree(workdir / "s3:", ignore_errors=True)
+    if result.returncode != 0 or not Path(spec["out"]).exists():
+        raise RuntimeError(f"bench probe exited {result.returncode}; log {log_path}:\n"
+                           f"{_tail(log_path)}")
+    outcome = json.loads(Path(spec["out"]).read_text())
+    return {name: error for name, error in outcome.items() if error is not None}
+
+
+def _notes(config: BenchConfig, failed: dict[str, str]) -> list[str]:
+    """The report's notes: how figures on S3 differ from local disk, and which contenders
+    failed (with their error)."""
+    notes = []
+    if config.on_s3:
+        notes.append("object storage: 'raw' PUTs and GETs the same bytes as 4 MiB objects "
+                     "through TensorStore's s3 kvstore (committed = every PUT acknowledged); "
+                     "'raw GET of its objects' GETs a contender's step objects, split over "
+                     "the processes; nothing is evicted from a page cache before reads "
+                     "(they go over HTTP to the server, whatever it caches)")
+    for name, error in failed.items():
+        notes.append(f"`{name}` fails on {config.directory}: {error} (one-process probe "
+                     "save; not run in the jobs)")
+    return notes
+
+
 def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None] | None = None
               ) -> dict[str, Any]:
     """Run every job; return the report. Raises RuntimeError (with the log's tail) if a job
-    fails."""
+    fails, ValueError if the directory or prefix is not empty."""
     from distckpt.launcher import launch
 
-    workdir = _prepare_dir(config.directory)
+    workdir, base, storage = prepare_storage(config)
     started = time.time()
+    failed: dict[str, str] = {}
+    if config.on_s3:
+        orbax = [c for c in config.contenders if parse_contender(c)[0] == "orbax"]
+        if orbax:
+            failed = probe_contenders(config, orbax, _join(base, "probe"), workdir)
+    contenders = [c for c in config.contenders if c not in failed]
     report: dict[str, Any] = {
         "schema": SCHEMA, "config": config.to_json(), "machine": machine(),
-        "filesystem": filesystem_of(workdir), "directory": str(workdir),
-        "load_average_start": list(os.getloadavg()),
-        "references": reference_names(list(config.contenders)), "topologies": {},
+        "filesystem": filesystem_of(workdir), "storage": storage, "directory": base,
+        "logs": str(workdir), "load_average_start": list(os.getloadavg()),
+        "references": reference_names(contenders), "failed": failed,
+        "notes": _notes(config, failed), "topologies": {},
     }
-    previous_root: Path | None = None
+    previous_root: str | None = None
     for hosts, extras in job_hosts(config):
+        if not contenders:
+            break
         label = config.label(hosts)
-        root = workdir / label
+        root = _join(base, label)
         out_dir = workdir / "results"
         out_dir.mkdir(exist_ok=True)
         spec = {
             "label": label, "mesh": config.mesh(hosts), "shapes": config.shapes(),
-            "contenders": list(config.contenders),
+            "contenders": contenders,
             "reps": config.reps, "warmup": config.warmup,
             "rss_saves": config.rss_saves if extras else 0,
-            "cold": config.cold, "seed": config.seed, "root": str(root),
+            "cold": config.cold and not config.on_s3, "seed": config.seed, "root": root,
             "out_dir": str(out_dir), "timeout_s": config.timeout_s,
-            "cross_root": str(previous_root) if previous_root else None,
+            "cross_root": previous_root,
             "train": {"rounds": config.train_rounds if extras else 0,
                       "steps": config.train_steps,
                       "model": dict(config.train_model), "batch": config.train_batch,
@@ -519,17 +666,17 @@ def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None]
         if result.returncode != 0 or not all(p.exists() for p in records):
             raise RuntimeError(f"bench job {label} exited {result.returncode}; log {log_path}:"
                                f"\n{_tail(log_path)}")
-        topo = aggregate([json.loads(p.read_text()) for p in records], list(config.contenders))
+        topo = aggregate([json.loads(p.read_text()) for p in records], contenders)
         topo.update(hosts=hosts, devices_per_host=config.devices_per_host,
                     mesh=config.mesh(hosts), wall_s=time.perf_counter() - t0,
-                    cross_from=(previous_root.name if previous_root else None))
-        add_ratios(topo, list(config.contenders))
+                    cross_from=(previous_root.rsplit("/", 1)[-1] if previous_root else None))
+        add_ratios(topo, contenders)
         report["topologies"][label] = topo
         if previous_root is not None and not config.keep:
-            shutil.rmtree(previous_root, ignore_errors=True)
+            _remove(previous_root)
         previous_root = root
     if previous_root is not None and not config.keep:
-        shutil.rmtree(previous_root, ignore_errors=True)
+        _remove(previous_root)
     report["targets"] = targets(report)
     report["policy"] = policy_summary(report, config.mtbf_s)
     report["load_average_end"] = list(os.getloadavg())

@@ -1,4 +1,4 @@
-"""The contenders of `distckpt bench`: raw file I/O, plain Orbax, distckpt.
+"""The contenders of `distckpt bench`: raw file (or object) I/O, plain Orbax, distckpt.
 
 Each has the same small interface, used by :mod:`distckpt.bench_worker`: ``save(step,
 items)`` returns when a training loop could go on (the stall), ``wait()`` when the step is
@@ -7,6 +7,10 @@ committed on every process, ``restore(step, reader=None)`` returns the restored 
 topology's checkpoints for a cross-topology restore, ``delete(step)`` and ``close()``.
 ``items`` maps names to NNX objects (``{"state": module}`` or the training loop's
 ``{"model": ..., "optimizer": ...}``).
+
+Roots are local :class:`pathlib.Path` objects or, for ``--dir s3://...``, etils paths of
+the URL (:func:`bench_path`); ``raw`` is then :class:`RawObjects` (PUT/GET) instead of
+:class:`Raw` (write+fsync/read).
 """
 
 from __future__ import annotations
@@ -67,6 +71,28 @@ def local_shards(arrays: list[jax.Array], unique: bool) -> list[np.ndarray]:
                 continue
             out.append(np.asarray(shard.data))
     return out
+
+
+def bench_path(text: str) -> Any:
+    """A local directory as a Path, an ``s3://`` URL as an etils path (Path would fold the
+    '//' of the URL)."""
+    from distckpt import bench_s3
+
+    if bench_s3.is_url(text):
+        from etils import epath
+
+        return epath.Path(text)
+    return Path(text)
+
+
+def remove_tree(path: Any) -> None:
+    """Delete a directory tree, or every object below an ``s3://`` prefix."""
+    from distckpt import bench_s3
+
+    if bench_s3.is_url(path):
+        bench_s3.remove(os.fspath(path))
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -132,6 +158,84 @@ class Raw:
         coordinator.barrier(f"bench:raw:delete:{step}", self.ctx.timeout_s)
         if coordinator.is_primary():
             shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+class RawObjects:
+    """The limit on an object store: each process PUTs its unique shard bytes as objects
+    through TensorStore's s3 kvstore (the driver Orbax and distckpt write array data with;
+    spec from :meth:`distckpt.storage.Location.kvstore_spec`, so the same endpoint and
+    credentials), then GETs them back into preallocated host buffers.
+
+    Committed = every PUT acknowledged on every process: an object store makes an object
+    durable before it acknowledges the PUT, so there is no fsync to add.
+
+    Why 4 MiB objects, all issued at once (``bench_s3.OBJECT_BYTES``): a fair ceiling needs
+    many requests in flight on parallel connections (TensorStore runs them concurrently, up
+    to its ``s3_request_concurrency``), as distckpt has with its OCDBT data files; one object
+    per process would serialize each process's bytes on one connection, and much smaller
+    objects would pay a request's fixed cost per few KiB. The state's bytes are cut across
+    shard boundaries, so the object count does not depend on the sharding.
+    """
+
+    kind = "raw"
+
+    def __init__(self, root: Any, options: dict[str, str], ctx: Context):
+        from distckpt import bench_s3
+
+        if options:
+            raise ValueError(f"raw takes no options, got {sorted(options)}")
+        self.root, self.ctx = root, ctx
+        self.kv = bench_s3.kvstore(os.fspath(root))
+        self._items: dict[str, Any] | None = None
+
+    def _keys(self, step: int, nbytes: int) -> list[str]:
+        from distckpt import bench_s3
+
+        return [f"{step}/process_{jax.process_index()}/{i:06d}"
+                for i in range(bench_s3.object_count(nbytes))]
+
+    def save(self, step: int, items: dict[str, Any]) -> None:
+        from distckpt import bench_s3
+
+        self._items = items
+        shards = local_shards(host_arrays(items), unique=True)
+        keys = self._keys(step, sum(s.nbytes for s in shards))
+        views = (memoryview(s).cast("B") for s in shards)
+        puts = [self.kv.write(key, data)
+                for key, data in zip(keys, bench_s3.pack(views), strict=True)]
+        for put in puts:
+            put.result()
+
+    def wait(self) -> None:
+        coordinator.barrier("bench:raw:committed", self.ctx.timeout_s)
+
+    def step_dir(self, step: int, root: Any = None) -> Any:
+        return (root or self.root) / str(step)
+
+    def open_reader(self, root: Any) -> Any:
+        raise ValueError("raw objects hold one topology's shards; they cannot be resharded")
+
+    def restore(self, step: int, reader: Any = None) -> list[np.ndarray]:
+        from distckpt import bench_s3
+
+        assert reader is None and self._items is not None
+        target = local_shards(host_arrays(self._items), unique=True)
+        out = [np.empty_like(s) for s in target]
+        gets = [self.kv.read(key) for key in self._keys(step, sum(s.nbytes for s in out))]
+        bench_s3.unpack((get.result().value for get in gets),
+                        [memoryview(buf).cast("B") for buf in out])
+        return out
+
+    def delete(self, step: int) -> None:
+        import tensorstore as ts
+
+        coordinator.barrier(f"bench:raw:delete:{step}", self.ctx.timeout_s)
+        if coordinator.is_primary():
+            self.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=f"{step}/",
+                                                     exclusive_max=f"{step}0")).result()
 
     def close(self) -> None:
         pass
@@ -312,7 +416,13 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
 
 
-def make_contender(text: str, root: Path, ctx: Context, **kwargs: Any):
+def make_contender(text: str, root: Any, ctx: Context, **kwargs: Any):
+    """The contender `text` (KIND[:options]) saving below `root` (a Path or an s3:// etils
+    path: ``raw`` there is :class:`RawObjects`)."""
+    from distckpt import bench_s3
+
     kind, options = parse_contender(text)
-    cls = KINDS[kind]
-    return cls(root, options, ctx) if kind == "raw" else cls(root, options, ctx, **kwargs)
+    if kind == "raw":
+        cls = RawObjects if bench_s3.is_url(root) else Raw
+        return cls(root, options, ctx)
+    return KINDS[kind](root, options, ctx, **kwargs)

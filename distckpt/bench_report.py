@@ -2,14 +2,20 @@
 
 The chart needs matplotlib (``pip install 'distckpt[bench]'``); without it
 :func:`write_chart` says so and returns False, and everything else still works.
+
+A report on ``s3://`` renames the figures that are about files (objects instead), adds the
+line that compares each contender with raw PUT/GET of the same bytes, shows a contender
+that failed (plain Orbax there) as a column saying "fails", and prints the report's notes.
+A local report renders exactly as before.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
-from distckpt.bench import TARGETS, MiB
+from distckpt.bench import MiB, storage_scheme, targets_for
 
 README_BEGIN = "<!-- bench:begin -->"
 README_END = "<!-- bench:end -->"
@@ -24,7 +30,13 @@ def _s(x: float | None) -> str:
 
 
 def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+    if x is None:
+        return "-"
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"  # object stores: 0.015 GiB/s, not 0.01
+
+
+def _mibps(gibps: float | None) -> str:
+    return "-" if gibps is None else f"{gibps * 1024:.1f} MiB/s"
 
 
 def _x(x: float | None) -> str:
@@ -60,6 +72,48 @@ FIGURES = (
         "-" if f.get("files_bytes") is None
         else f"{f['files']:.0f} / {_mib(f['files_bytes'])}")),
 )
+
+
+S3_HEADS = {"raw read of its files GiB/s": "raw GET of its objects GiB/s",
+            "files on disk": "objects in the step"}
+"""FIGURES rows renamed on s3://."""
+FAILED_CELLS = {"save to committed": "fails"}
+"""What a failed contender's column shows (its error is in the notes); '-' elsewhere."""
+
+
+def figures(report: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+    """FIGURES, with the rows about files renamed for object storage."""
+    if storage_scheme(report) != "s3":
+        return list(FIGURES)
+    return [(S3_HEADS.get(head, head), fn) for head, fn in FIGURES]
+
+
+def columns(report: dict[str, Any], topo: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(contender, one cell per figure row) of a topology's table: the measured contenders,
+    then those that failed (report['failed'])."""
+    rows = figures(report)
+    cells = {name: [fn(fig) for _, fn in rows] for name, fig in topo["contenders"].items()}
+    for name in report.get("failed") or {}:
+        cells[name] = [FAILED_CELLS.get(head, "-") for head, _ in FIGURES]
+    order = report.get("config", {}).get("contenders") or list(cells)
+    return [(name, cells[name]) for name in order if name in cells]
+
+
+def vs_raw_line(report: dict[str, Any], topo: dict[str, Any]) -> str | None:
+    """On s3://: each contender's save and restore throughput over raw PUT and GET of the
+    same bytes on the same server (issue 6); None elsewhere or without raw."""
+    raw = report["references"].get("raw")
+    if storage_scheme(report) != "s3" or raw is None:
+        return None
+    parts = [f"`{name}` save {_x(fig['ratios'].get('save_vs_raw'))}, restore "
+             f"{_x(fig['ratios'].get('restore_vs_raw'))}"
+             for name, fig in topo["contenders"].items() if name != raw]
+    if not parts:
+        return None
+    put, get = topo["contenders"][raw].get("save_gibps"), topo["contenders"][raw].get(
+        "restore_gibps")
+    return (f"vs raw PUT/GET of the same bytes on the same server (PUT {_mibps(put)}, "
+            f"GET {_mibps(get)}): " + "; ".join(parts))
 
 
 def topology_caption(label: str, topo: dict[str, Any]) -> str:
@@ -117,14 +171,23 @@ def policy_line(policy: dict[str, Any] | None) -> str:
     return line
 
 
+def storage_text(report: dict[str, Any]) -> str:
+    """'ext4 on /dev/sda1', or 'S3 s3://b/p at http://... (private SeaweedFS ...)'."""
+    if storage_scheme(report) == "s3":
+        st = report["storage"]
+        text = f"S3 {st.get('url')} at {st.get('endpoint') or 'AWS'}"
+        return text + (f" ({report['s3_server']})" if report.get("s3_server") else "")
+    fs = report.get("filesystem", {})
+    return f"{fs.get('type', '?')} on {fs.get('device', '?')}"
+
+
 def machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
-    fs = report.get("filesystem", {})
     mem = m.get("memory_bytes")
     v = m.get("versions", {})
     return (f"{m.get('cpu', '?')}, {m.get('cores')} cores, "
-            f"{'?' if mem is None else f'{mem / 2**30:.0f} GiB'} RAM, {fs.get('type', '?')} on "
-            f"{fs.get('device', '?')}; {m.get('platform')}; Python {m.get('python')}, jax "
+            f"{'?' if mem is None else f'{mem / 2**30:.0f} GiB'} RAM, {storage_text(report)}"
+            f"; {m.get('platform')}; Python {m.get('python')}, jax "
             f"{v.get('jax')}, orbax-checkpoint {v.get('orbax-checkpoint')}, tensorstore "
             f"{v.get('tensorstore')}; load average at start/end "
             f"{report['load_average_start'][0]:.1f}/{report['load_average_end'][0]:.1f}")
@@ -138,11 +201,16 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
         table = Table(title=topology_caption(label, topo), title_justify="left",
                       header_style="bold")
         table.add_column("figure")
-        for name in topo["contenders"]:
+        cols = columns(report, topo)
+        for name, _ in cols:
             table.add_column(name, justify="right")
-        for head, fn in FIGURES:
-            table.add_row(head, *(fn(fig) for fig in topo["contenders"].values()))
+        for i, (head, _) in enumerate(figures(report)):
+            table.add_row(head, *(cells[i] for _, cells in cols))
         console.print(table)
+        if line := vs_raw_line(report, topo):
+            console.print(line)
+    for note in report.get("notes") or []:
+        console.print(f"note: {note}")
     rows = report.get("targets") or []
     if rows:
         table = Table(title=f"targets ({report['references']['distckpt']})",
@@ -165,15 +233,18 @@ def markdown(report: dict[str, Any], command: str) -> str:
     out = [f"Measured by `{command}` ({report['elapsed_s'] / 60:.1f} min) on: "
            f"{machine_line(report)}.", ""]
     for label, topo in report["topologies"].items():
-        names = list(topo["contenders"])
+        cols = columns(report, topo)
         out.append(f"**{topology_caption(label, topo)}**")
         out.append("")
-        out.append("| figure | " + " | ".join(f"`{n}`" for n in names) + " |")
-        out.append("|---|" + "---:|" * len(names))
-        for head, fn in FIGURES:
-            out.append(f"| {head} | " + " | ".join(fn(topo["contenders"][n]) for n in names)
-                       + " |")
+        out.append("| figure | " + " | ".join(f"`{n}`" for n, _ in cols) + " |")
+        out.append("|---|" + "---:|" * len(cols))
+        for i, (head, _) in enumerate(figures(report)):
+            out.append(f"| {head} | " + " | ".join(cells[i] for _, cells in cols) + " |")
         out.append("")
+        if line := vs_raw_line(report, topo):
+            out += [line + ".", ""]
+    for note in report.get("notes") or []:
+        out += [f"Note: {note}.", ""]
     rows = report.get("targets") or []
     if rows:
         out.append(f"Targets for `{report['references']['distckpt']}`:")
@@ -223,7 +294,7 @@ def write_chart(report: dict[str, Any], path: str) -> bool:
         return False
     refs = report["references"]
     panels = []
-    for t in TARGETS:
+    for t in targets_for(storage_scheme(report)):
         bars = []
         for label, topo in report["topologies"].items():
             for name, fig in topo["contenders"].items():

@@ -4,6 +4,7 @@ Started by :func:`distckpt.bench.run_bench` through the local launcher, one proc
 simulated host (each calls ``jax.distributed.initialize``)::
 
     python -m distckpt.bench_worker SPEC.json
+    python -m distckpt.bench_worker --probe SPEC.json   # one tiny save per contender
 
 Every process writes its own measurements to ``<out_dir>/<label>.p<i>.json``; the driver
 takes, for every timed operation, the slowest process (a multi-host save is done when its
@@ -23,6 +24,10 @@ What one repetition does for each contender, in the order given (A B C A B C ...
 5. **cross-topology restore** (when the driver passes another job's checkpoints): restore
    the step the other topology saved, onto this one's mesh.
 
+On ``s3://`` (the spec's root is a URL) step 2 does not apply (the reads go over HTTP to
+the server; nothing local to evict) and step 4 GETs the step's objects instead
+(:func:`distckpt.bench_s3.read_objects`).
+
 Then ``rss_saves`` consecutive saves per contender (RSS after each commit), and the
 reference training loop (:mod:`distckpt.train`) in blocks of steps without saving and
 saving every step with each contender.
@@ -34,7 +39,6 @@ import ctypes
 import gc
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -45,8 +49,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from distckpt import coordinator
-from distckpt.bench_contenders import Context, host_arrays, local_shards, make_contender, slug
+from distckpt import bench_s3, coordinator
+from distckpt.bench_contenders import (
+    Context,
+    bench_path,
+    host_arrays,
+    local_shards,
+    make_contender,
+    remove_tree,
+    slug,
+)
 
 _BENCH_RULES = {"rows": "fsdp"}
 
@@ -268,7 +280,7 @@ class Job:
         return {"stall_s": stall, "commit_s": commit, "save_rss_base": mem.base,
                 "save_rss_peak": mem.peak}
 
-    def timed_restore(self, c: Any, step: int, step_dir: Path, name: str, cold: bool,
+    def timed_restore(self, c: Any, step: int, step_dir: Any, name: str, cold: bool,
                       reader: Any = None) -> dict[str, Any]:
         if cold:
             self.evict_dir(step_dir, f"{name}:restore")
@@ -281,7 +293,9 @@ class Job:
         return {"restore_s": seconds, "restore_rss_base": mem.base,
                 "restore_rss_peak": mem.peak}
 
-    def timed_raw_read(self, step_dir: Path, name: str, cold: bool) -> dict[str, Any]:
+    def timed_raw_read(self, step_dir: Any, name: str, cold: bool) -> dict[str, Any]:
+        if bench_s3.is_url(step_dir):
+            return self.timed_raw_get(os.fspath(step_dir), name)
         if cold:
             self.evict_dir(step_dir, f"{name}:rawread")
         self.barrier(f"{name}:rawread")
@@ -293,9 +307,25 @@ class Job:
         return {"raw_read_files_s": seconds,
                 "files_bytes": sum(p.stat().st_size for p in files), "files": len(files)}
 
+    def timed_raw_get(self, url: str, name: str) -> dict[str, Any]:
+        """The object-store form of the raw read: every process lists the step's objects
+        and GETs its share of them (:data:`bench_s3.IN_FLIGHT` at a time)."""
+        from distckpt import storage
+
+        sizes = storage.list_files(url)
+        keys = sorted(sizes)
+        mine = keys[self.pid::jax.process_count()]
+        self.barrier(f"{name}:rawread")
+        t0 = time.perf_counter()
+        bench_s3.read_objects(url, mine)
+        seconds = time.perf_counter() - t0
+        return {"raw_read_files_s": seconds, "files_bytes": sum(sizes.values()),
+                "files": len(keys)}
+
     def run(self) -> dict[str, Any]:
-        spec, root = self.spec, Path(self.spec["root"])
+        spec, root = self.spec, bench_path(self.spec["root"])
         cold = spec["cold"]
+        prepare(spec["root"])
         module = random_state(self.shapes, self.mesh, seed=spec["seed"])
         items = {"state": module}
         arrays = host_arrays(items)
@@ -314,10 +344,10 @@ class Job:
         contenders = {name: make_contender(name, root / "reps" / slug(name), ctx)
                       for name in spec["contenders"]}
         # Another topology's checkpoints of the same state, restored onto this mesh.
-        cross: dict[str, tuple[Any, int, Path]] = {}
+        cross: dict[str, tuple[Any, int, Any]] = {}
         if spec.get("cross_root"):
             for name, c in contenders.items():
-                other = Path(spec["cross_root"]) / "reps" / slug(name)
+                other = bench_path(spec["cross_root"]) / "reps" / slug(name)
                 if c.kind == "raw" or not other.exists():
                     continue
                 step = c.latest_step(other)
@@ -355,7 +385,7 @@ class Job:
             self.train_phase(root)
         return self.record
 
-    def rss_phase(self, root: Path, items: dict[str, Any]) -> None:
+    def rss_phase(self, root: Any, items: dict[str, Any]) -> None:
         """RSS after each of `rss_saves` consecutive saves (committed), per contender."""
         n = self.spec["rss_saves"]
         if n < 1:
@@ -377,9 +407,9 @@ class Job:
             self.record["rss_growth"][name] = after
             self.barrier(f"rss:{name}:cleanup")
             if coordinator.is_primary():
-                shutil.rmtree(root / "rss" / slug(name), ignore_errors=True)
+                remove_tree(root / "rss" / slug(name))
 
-    def train_phase(self, root: Path) -> None:
+    def train_phase(self, root: Any) -> None:
         """Seconds per step of the reference loop: blocks without saving, then saving every
         step with each contender (the block's time includes finishing its last save)."""
         from distckpt import train
@@ -424,23 +454,82 @@ class Job:
         self.record["train"]["last_loss"] = loss
         self.barrier("train:cleanup")
         if coordinator.is_primary():
-            shutil.rmtree(root / "train", ignore_errors=True)
+            remove_tree(root / "train")
         self.lap("train")
 
 
+def prepare(root: str) -> None:
+    """Configure this process for an ``s3://`` root (epath/s3fs and the Orbax adapter, from
+    the ``AWS_*`` environment), as CheckpointService would; nothing for a local one."""
+    if bench_s3.is_url(root):
+        from distckpt import storage
+
+        storage.open_directory(root)
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message', at most `limit` characters."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def probe(spec: dict[str, Any]) -> dict[str, str | None]:
+    """One tiny save, wait and restore per contender, in one process: name -> None if it
+    worked, else :func:`error_line` of what it raised.
+
+    The driver asks this before the jobs for contenders that may not work on the storage
+    at all (plain Orbax on ``s3://``), so that a failure is reported as the measured
+    outcome instead of breaking a multi-process job halfway (where the other processes
+    would wait at Orbax's barriers until they time out).
+    """
+    from contextlib import suppress
+
+    from distckpt.mesh import make_mesh
+
+    root = bench_path(spec["root"])  # not prepared: the AWS_* environment only, as stock
+    mesh = make_mesh(spec["mesh"])      # Orbax would run (distckpt's adapter not installed)
+    shapes = [tuple(s) for s in spec["shapes"]]
+    items = {"state": random_state(shapes, mesh)}
+    ctx = Context(make_target=lambda: {"state": abstract_state(shapes, mesh)},
+                  item_names=("state",), timeout_s=float(spec["timeout_s"]))
+    out: dict[str, str | None] = {}
+    for name in spec["contenders"]:
+        c = None
+        try:
+            c = make_contender(name, root / slug(name), ctx)
+            c.save(1, items)
+            c.wait()
+            c.restore(1)
+            out[name] = None
+        except Exception as e:  # the failure is the measurement
+            out[name] = error_line(e)
+        finally:
+            if c is not None:
+                with suppress(Exception):
+                    c.close()
+    remove_tree(root)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: ``python -m distckpt.bench_worker SPEC.json``."""
+    """Worker entry point: ``python -m distckpt.bench_worker [--probe] SPEC.json``."""
     import logging
 
     argv = sys.argv[1:] if argv is None else argv
+    probing = argv[:1] == ["--probe"]
+    argv = argv[1:] if probing else argv
     if len(argv) != 1:
-        print("usage: python -m distckpt.bench_worker SPEC.json", file=sys.stderr)
+        print("usage: python -m distckpt.bench_worker [--probe] SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"), force=True,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     spec = json.loads(Path(argv[0]).read_text())
     coordinator.initialize()
+    if probing:
+        Path(spec["out"]).write_text(json.dumps(probe(spec)))
+        return 0
     record = Job(spec).run()
     out = Path(spec["out_dir"]) / f"{spec['label']}.p{jax.process_index()}.json"
     out.write_text(json.dumps(record))

@@ -1,7 +1,8 @@
 """`distckpt bench`: the harness's mechanics, on a tiny state (no timing assertions).
 
 The end-to-end test runs the real thing: two jobs of real processes (2 hosts, then 1),
-every contender, the cross-topology restore, RSS growth and the training loop.
+every contender, the cross-topology restore, RSS growth and the training loop. The s3://
+tests run against the session's real SeaweedFS server (tests/s3_fixture.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distckpt import bench, bench_report
+from distckpt import bench, bench_report, bench_s3, storage
 from distckpt.bench import BenchConfig, aggregate, parse_contender, targets
 
 ROOT = Path(__file__).parent.parent
@@ -117,7 +118,28 @@ def test_bad_arguments_fail_fast(tmp_path):
 
     assert cli.main(["bench", "--contenders", "nope", "--dir", str(tmp_path / "d")]) == 2
     assert cli.main(["bench", "--mtbf", "soon"]) == 2
+    assert cli.main(["bench", "--dir", "gs://bucket/p"]) == 2  # only s3:// is benchmarked
+    assert cli.main(["bench", "--s3-server", "local", "--dir", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+
+
+def test_s3_defaults_and_object_packing():
+    assert BenchConfig().contenders == ("raw", "orbax", "distckpt")
+    assert BenchConfig(directory="s3://bucket/p").contenders == ("raw", "distckpt")
+    assert BenchConfig(directory="s3://bucket/p", contenders=("orbax",)).contenders == ("orbax",)
+    assert [t["ratio"] for t in bench.targets_for("s3")[:2]] == ["save_vs_raw",
+                                                                 "restore_vs_raw"]
+    views = [memoryview(bytes(range(n))) for n in (5, 0, 7, 3)]
+    objects = [bytes(b) for b in bench_s3.pack(views, size=4)]
+    assert [len(o) for o in objects] == [4, 4, 4, 3] == \
+        [4] * (bench_s3.object_count(15, 4) - 1) + [3]
+    out = [bytearray(len(v)) for v in views]
+    bench_s3.unpack(objects, [memoryview(b) for b in out])
+    assert [bytes(b) for b in out] == [bytes(v) for v in views]
+    with pytest.raises(OSError, match="fewer"):
+        bench_s3.unpack(objects[:-1], [memoryview(b) for b in out])
+    with pytest.raises(OSError, match="more"):
+        bench_s3.unpack([*objects, b"x"], [memoryview(b) for b in out])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -203,3 +225,69 @@ def test_bench_end_to_end_on_a_tiny_state(tmp_path):
     updated = readme.read_text()
     assert updated.startswith("intro\n<!-- bench:begin -->\nMeasured by `distckpt bench")
     assert updated.endswith("<!-- bench:end -->\nrest\n")
+
+
+# --------------------------------------------------------------------------- s3://
+def _objects(url: str) -> list[str]:
+    return [k for k in storage.small_files(url).list() if not k.endswith("/")]
+
+
+def test_bench_refuses_a_non_empty_s3_prefix(s3_env, s3_url, capsys):
+    from distckpt import cli
+
+    storage.small_files(s3_url).write_bytes("old/checkpoint", b"keep me")
+    assert cli.main(["bench", "--dir", s3_url, "--size", "64KiB", "--hosts", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "is not empty" in " ".join(out.split()) and "old/checkpoint" in out
+    assert _objects(s3_url) == ["old/checkpoint"]  # nothing written, nothing deleted
+
+
+@pytest.mark.multiprocess
+def test_bench_on_s3_against_raw_put_get(s3_env, s3_url, tmp_path):
+    """2 processes on the real S3 server: raw PUT/GET and distckpt measured, their ratios in
+    the JSON and the outputs, plain Orbax probed and reported as failing, nothing left."""
+    out, md = tmp_path / "out.json", tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "distckpt.cli", "bench", "--dir", s3_url, "--size", "256KiB",
+           "--hosts", "2", "--reps", "1", "--warmup", "0", "--leaves", "2", "--rss-saves",
+           "0", "--train-rounds", "0", "--contenders", "raw", "orbax", "distckpt",
+           "--json", str(out), "--markdown", str(md), "--chart", str(tmp_path / "c.png")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    report = json.loads(out.read_text())
+
+    assert report["storage"]["scheme"] == "s3" and report["directory"] == s3_url
+    assert report["command"].startswith(f"distckpt bench --dir {s3_url} --size 256KiB")
+    assert set(report["failed"]) == {"orbax"}  # orbax-checkpoint 0.12.8 cannot save on s3://
+    assert report["references"] == {"raw": "raw", "orbax": None, "distckpt": "distckpt"}
+    topo = report["topologies"]["2x2"]
+    assert list(topo["contenders"]) == ["raw", "distckpt"]
+    raw, ours = topo["contenders"]["raw"], topo["contenders"]["distckpt"]
+    for fig in (raw, ours):
+        for key in ("stall_s", "commit_s", "restore_s", "save_gibps", "restore_gibps",
+                    "raw_read_files_gibps", "save_rss", "restore_rss"):
+            assert fig[key] is not None and fig[key] > 0, key
+    # raw: each process's 128 KiB as one object (under 4 MiB), every byte listed back.
+    assert raw["files"] == 2 and raw["files_bytes"] == topo["total_bytes"]
+    assert ours["files"] > 2 and ours["files_bytes"] >= topo["total_bytes"]
+    ratios = ours["ratios"]
+    assert ratios["save_vs_raw"] == pytest.approx(ours["save_gibps"] / raw["save_gibps"])
+    assert ratios["restore_vs_raw"] == pytest.approx(ours["restore_gibps"] /
+                                                     raw["restore_gibps"])
+    rows = {r["ratio"]: r for r in report["targets"]}
+    assert rows["save_vs_raw"]["target"] == "save throughput vs raw PUT of the same bytes"
+    assert rows["restore_vs_raw"]["target"] == \
+        "restore throughput vs raw GET of the same bytes"
+    assert "save_vs_orbax" not in rows
+    # The table, the Markdown: the ratio line, orbax shown as failing, the notes.
+    for text in (" ".join(res.stdout.split()), md.read_text()):
+        assert "vs raw PUT/GET of the same bytes on the same server" in text
+        assert "`distckpt` save" in text and "fails" in text
+        assert "Checkpoint path should be absolute" in text
+    assert "| figure | `raw` | `orbax` | `distckpt` |" in md.read_text()
+    assert "raw GET of its objects" in md.read_text()
+    # Nothing left under the prefix; no secret in anything written.
+    assert _objects(s3_url) == []
+    secret = s3_env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in out.read_text() + md.read_text() + res.stdout + res.stderr
+    assert not any(secret in p.read_text(errors="replace")
+                   for p in Path(report["logs"]).rglob("*") if p.is_file())
