@@ -279,13 +279,15 @@ class CheckpointService:
             return "dir" if self.directory.is_dir() else "file"
 
         decided = coordinator.primary_decides(
-            "init:directory", lambda: {"where": state(), "key": self._own_key()},
+            "init:directory", lambda: {"where": state(), "key": self._own_key(),
+                                       "shown": str(self.directory)},
             self.options.timeout_s)
         where = decided["where"]
         # Coordination names below use the primary's path, never this process's own: a
         # host given another path (a per-host or unshared directory) must still meet its
         # peers at the same barriers, so the storage probe can fail fast and name it.
         self._key = decided["key"]
+        self._primary_directory = decided["shown"]  # for messages (the key mangles URLs)
         if where == "file":
             raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory; "
                                   "pass a directory path")
@@ -364,26 +366,38 @@ class CheckpointService:
         if coordinator.is_primary():
             probe.write_text(nonce)
         coordinator.barrier(f"init:{self._key}:probe-written", self.options.timeout_s)
+
+        def look() -> tuple[bool, str | None]:
+            try:
+                return probe.exists(), None
+            except Exception as e:  # e.g. an S3 endpoint this host cannot reach: blind too,
+                return False, f"{type(e).__name__}: {e}"[:300]  # and its peers must hear it
+
         deadline = time.monotonic() + self.options.probe_timeout_s
-        seen = probe.exists()
-        while not seen and time.monotonic() < deadline:
+        seen, error = look()
+        while not seen and error is None and time.monotonic() < deadline:
             time.sleep(0.2)
-            seen = probe.exists()
-        views = coordinator.all_gather(f"init:{self._key}:probe-seen", seen,
+            seen, error = look()
+        views = coordinator.all_gather(f"init:{self._key}:probe-seen", [seen, error],
                                        self.options.timeout_s + self.options.probe_timeout_s)
         if coordinator.is_primary():
             probe.unlink(missing_ok=True)
-        blind = [i for i, v in enumerate(views) if not v]
+        blind = [i for i, (v, _) in enumerate(views) if not v]
         if blind:
             raise StorageNotSharedError(
                 f"[process={jax.process_index()}] checkpoint directory {self.directory} is not "
                 f"shared: process(es) {blind} did not see the probe file the primary host "
                 "wrote there"
                 + ("" if self._key == self._own_key() else
-                   f" (the primary host's directory is {self._key}; every host must be given "
-                   "the same path)")
-                + f" within {self.options.probe_timeout_s:g}s. Point every host at "
-                "the same shared filesystem or object store path, raise probe_timeout_s for "
+                   f" (the primary host's directory is {self._primary_directory}; every host "
+                   "must be given the same path)")
+                + f" within {self.options.probe_timeout_s:g}s"
+                + "".join(f"; process {i} could not look: {e}" for i, (_, e) in enumerate(views)
+                          if e)
+                + ". Point every host at the same shared filesystem or object store path"
+                + ("" if self.location.is_local else
+                   f" (same bucket, prefix and endpoint; this host uses {self.location!r})")
+                + ", raise probe_timeout_s for "
                 "a slow network filesystem, or pass require_shared_storage=False for per-host "
                 "local directories that you merge yourself. Nothing was written.")
 

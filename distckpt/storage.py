@@ -32,7 +32,7 @@ credentials   ``credentials=S3Credentials(...)``, then    Application Default Cr
 Secrets never leave this module in text: ``str(location)`` is the bare URL,
 ``repr(location)`` and :meth:`Location.describe` (for logs, metadata and reports) name the
 credential *source* only, URLs with embedded credentials are refused without echoing them,
-and explicit credentials reach TensorStore through a private (0600) profile file and s3fs
+and explicit credentials reach TensorStore through private (0600) AWS profile files and s3fs
 through fsspec's in-memory configuration, never through a spec or the environment.
 
 One S3 configuration per process: etils and fsspec cache one S3 filesystem per process, so
@@ -278,20 +278,29 @@ _PRIVATE_DIR: list[str] = []
 
 @functools.cache
 def _profile_files(credentials: S3Credentials) -> dict[str, str]:
-    """Write explicit credentials to a private AWS profile file for TensorStore."""
+    """Write explicit credentials to a private AWS profile for TensorStore.
+
+    Two files, as the AWS SDK expects them: the credentials file (section ``[distckpt]``)
+    holds the keys; the config file only declares ``[profile distckpt]``. (One file for
+    both made the SDK parse ``[distckpt]`` as a config file too and log a warning naming
+    the file for every line of it.)
+    """
     if not _PRIVATE_DIR:
         _PRIVATE_DIR.append(tempfile.mkdtemp(prefix="distckpt-aws-"))  # mode 0700
         atexit.register(shutil.rmtree, _PRIVATE_DIR[0], True)
     n = len(os.listdir(_PRIVATE_DIR[0]))
-    path = os.path.join(_PRIVATE_DIR[0], f"credentials-{n}")
     lines = ["[distckpt]", f"aws_access_key_id = {credentials.access_key_id}",
              f"aws_secret_access_key = {credentials.secret_access_key}"]
     if credentials.session_token:
         lines.append(f"aws_session_token = {credentials.session_token}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return {"credentials_file": path, "config_file": path}
+    files = {"credentials_file": os.path.join(_PRIVATE_DIR[0], f"credentials-{n}"),
+             "config_file": os.path.join(_PRIVATE_DIR[0], f"config-{n}")}
+    for key, text in (("credentials_file", "\n".join(lines)), ("config_file",
+                                                             "[profile distckpt]")):
+        fd = os.open(files[key], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+    return files
 
 
 # ---------------------------------------------------------------------- prepare

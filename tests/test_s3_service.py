@@ -1,19 +1,22 @@
 """Issue 6: CheckpointService, inspect, verify and the drill on ``s3://``, on a real S3 server.
 
 Every test talks to the session's SeaweedFS server (tests/s3_fixture.py) with credentials
-from the environment; nothing in Orbax, TensorStore, s3fs or the distributed layer is
-mocked. Damage (a flipped byte, a crash in the middle of a retention delete) is done to
-real objects with plain PUTs and DELETEs.
+from the environment (one test: from explicit options only); nothing in Orbax,
+TensorStore, s3fs or the distributed layer is mocked. Damage (a flipped byte, a crash in
+the middle of a retention delete) is done to real objects with plain PUTs and DELETEs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -25,6 +28,7 @@ import distckpt
 from distckpt import commit, nnx_state, storage
 from distckpt.errors import StepUnusableError
 from distckpt.inspection import inspect_directory
+from distckpt.launcher import free_port, launch
 from distckpt.reader import StepReader
 from tests.mp_worker import factory, fingerprint, train_step
 
@@ -354,3 +358,235 @@ def test_drill_on_s3(s3_env, s3_url, s3_server, tmp_path, monkeypatch):
     again = cli("drill", "--dir", s3_url, "--steps", "2", "--save-every", "2")
     assert again.returncode != 0 and "not empty" in again.stdout + again.stderr
     shutil.rmtree(workdir)
+
+
+# --------------------------------------------------------------------------- explicit options
+@pytest.mark.multiprocess
+def test_explicit_location_without_aws_environment_keeps_the_secret_out(
+        s3_server, s3_url, tmp_path, monkeypatch, run_hosts):
+    """Endpoint and credentials given as options (no AWS_* variable, no ~/.aws): a save,
+    retention and a bit-exact restore through CheckpointService(Location); the secret is
+    in no object written (Orbax's metadata, sharding files and TensorStore specs included),
+    in no log line (every Python logger at DEBUG, TensorStore's verbose logging on), in
+    no repr/str, metadata or inspect report."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "home"  # no ~/.aws/config or ~/.aws/credentials to fall back on
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    # TensorStore's own request logs too (its C++ logging, off by default).
+    monkeypatch.setenv("TENSORSTORE_VERBOSE_LOGGING", "all")
+    config = tmp_path / "s3.json"  # the worker's only source of the secret
+    config.touch(mode=0o600)
+    config.write_text(json.dumps({
+        "url": s3_url, "endpoint": s3_server.endpoint,
+        "access_key_id": s3_server.access_key_id,
+        "secret_access_key": s3_server.secret_access_key}))
+    out = tmp_path / "explicit.json"
+    job = run_hosts(1, 4, timeout=400, command=[
+        sys.executable, S3_WORKER, "explicit", str(config), str(out)]).check()
+    got = json.loads(out.read_text())
+    assert got["aws_env"] == [] and not (home / ".aws").exists()
+    assert got["steps"] == [2, 3] and got["restored_step"] == 3 and got["verified"]
+    assert got["mismatches"] == []
+    assert got["metadata"] == {"where": {
+        "url": s3_url, "scheme": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+        "credentials": "explicit"}}
+    assert [s["step"] for s in got["inspect"]["steps"] if s["committed"]] == [2, 3]
+    assert got["inspect"]["problems"] == []
+    # The logs really were at DEBUG (ours, s3fs/botocore's, TensorStore's HTTP requests)
+    # and hold no secret.
+    assert "DEBUG distckpt.test: explicit location Location(" in job.output
+    assert "credentials='explicit'" in job.output
+    assert "DEBUG botocore" in job.output or "DEBUG s3fs" in job.output
+    assert "s3_key_value_store.cc" in job.output and "HttpRequest{PUT" in job.output
+    assert "outside a profile" not in job.output  # TensorStore reads the profile cleanly
+    assert_no_secret(s3_server, job.output, json.dumps(got))
+    # Every object of the checkpoint, read with the same explicit options.
+    profile = got["profile_file"]
+    files = storage.SmallFiles(storage.Location.parse(
+        s3_url, endpoint=s3_server.endpoint, credentials=storage.S3Credentials(
+            s3_server.access_key_id, s3_server.secret_access_key), environ={}))
+    objects = {key: files.read_bytes(key) for key in files.list()}
+    assert {"3/_CHECKPOINT_METADATA", "3/state/_METADATA", "3/state/_sharding",
+            "3/state/array_metadatas/process_0", "3/state/manifest.ocdbt"} <= set(objects)
+    for key, data in objects.items():
+        for needle in (s3_server.secret_access_key, s3_server.access_key_id, profile,
+                       os.path.dirname(profile), "aws_credentials", "credentials_file"):
+            assert needle.encode() not in data, (key, needle)
+    # `distckpt inspect` reads credentials from the environment only.
+    res = subprocess.run(
+        [sys.executable, "-m", "distckpt.cli", "inspect", s3_url, "--json"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, **s3_server.env(), "XLA_FLAGS": "", "PYTHONPATH": REPO})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [s["step"] for s in json.loads(res.stdout)["steps"] if s["committed"]] == [2, 3]
+    assert_no_secret(s3_server, res.stdout, res.stderr)
+
+
+# --------------------------------------------------------------------------- storage probe
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", ["different-buckets", "unreachable-endpoint"])
+def test_storage_probe_on_s3_refuses_hosts_that_do_not_share_storage(
+        s3_env, s3_server, s3_url, tmp_path, layout):
+    """2 hosts that do not see the same objects are refused at start, on both, in seconds:
+    host 1 given another bucket (same prefix), or the same URL but an S3 endpoint of its
+    own that it cannot reach. The same prefix on both passes the probe and saves."""
+    prefix = s3_url.removeprefix(f"s3://{s3_server.bucket}/")
+    config: dict = {"attempts": []}
+    if layout == "different-buckets":
+        other = f"{s3_server.bucket}-other"
+        storage.small_files(f"s3://{other}/{prefix}").write_bytes("create-bucket", b"")
+        storage.small_files(f"s3://{other}/{prefix}").delete("create-bucket")
+        refused = [f"{s3_url}/run", f"s3://{other}/{prefix}/run"]
+        config["attempts"] = [{"name": "refused", "urls": refused},
+                              {"name": "shared", "urls": [f"{s3_url}/shared"] * 2,
+                               "save": True}]
+    else:
+        refused = [f"{s3_url}/run"] * 2
+        config["endpoints"] = [s3_server.endpoint, f"http://127.0.0.1:{free_port()}"]
+        config["attempts"] = [{"name": "refused", "urls": refused}]
+    (tmp_path / "probe.json").write_text(json.dumps(config))
+    out = tmp_path / "probe-out"
+    buf = io.StringIO()
+    result = launch([sys.executable, S3_WORKER, "probe", str(tmp_path / "probe.json"),
+                     str(out)], 2, 2, out=buf, timeout_s=300, forward_signals=False,
+                    env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, buf.getvalue()[-6000:]
+    for i in (0, 1):
+        got = {a["name"]: a for a in json.loads(Path(f"{out}.{i}").read_text())}
+        first = got["refused"]
+        assert first["error_type"] == "StorageNotSharedError", first
+        msg = first["error"]
+        assert f"checkpoint directory {refused[i]} is not shared" in msg, msg
+        assert "process(es) [1] did not see the probe file" in msg, msg
+        assert "same shared filesystem or object store path" in msg, msg
+        assert "Nothing was written" in msg, msg
+        if layout == "different-buckets" and i == 1:
+            assert f"the primary host's directory is {refused[0]};" in msg, msg
+        assert f"this host uses Location('{refused[i]}', endpoint=" in msg, msg
+        if layout == "unreachable-endpoint":  # every host hears why host 1 saw nothing
+            assert "process 1 could not look: EndpointConnectionError" in msg, msg
+            assert config["endpoints"][1] in msg, msg
+        assert first["seconds"] < 40, first  # probe_timeout_s=2, plus agreement
+        if "shared" in got:
+            assert got["shared"]["error_type"] is None and got["shared"]["steps"] == [1]
+    assert_no_secret(s3_server, buf.getvalue())
+    # Nothing left by the refused attempt: no probe object, no step, in either place.
+    assert keys(refused[0]) == [] and keys(refused[1]) == []
+    assert not [k for k in keys(s3_url) if ".distckpt-probe" in k]
+    if layout == "different-buckets":
+        assert listed(f"{s3_url}/shared") == [1]
+
+
+# --------------------------------------------------------------------------- retention
+def test_best_n_keep_forever_and_keep_period_retention_on_s3(s3_env, s3_url):
+    """Retention by newest-N, best-N, keep_period and keep_forever on s3:// deletes exactly
+    the other steps (every object of them), across two writer sessions (the second reads
+    the metrics and the keep_forever marks back); kept steps restore bit-exact."""
+    items = trained()
+    losses = {1: 0.9, 2: 0.3, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.95}
+    opts = distckpt.CheckpointOptions(max_to_keep=2, best_metric="loss", best_mode="min",
+                                      best_n=1, keep_period=4)
+    saved = {}
+    with distckpt.CheckpointService(s3_url, opts) as ckpt:
+        for step, loss in losses.items():
+            ckpt.save(step, items, metrics={"loss": loss})
+            saved[step] = arrays(items)
+            train_step(items["model"], items["optimizer"],
+                       jnp.ones((4, 8), jnp.float32) * step)
+            if step == 1:
+                ckpt.wait()
+                ckpt.keep_forever(1)
+        ckpt.wait()
+        # newest 2 (5, 6), best (2), every 4th (4), marked (1)
+        assert ckpt.all_steps() == [1, 2, 4, 5, 6] and ckpt.best_step() == 2
+    assert storage.small_files(s3_url).read_json("distckpt_keep_forever.json") == \
+        {"steps": [1]}
+    assert keys(s3_url, "3/") == [] and listed(s3_url) == [1, 2, 4, 5, 6]
+    with distckpt.CheckpointService(s3_url, opts) as ckpt:  # a new session
+        for step, loss in ((7, 0.5), (8, 0.4)):
+            ckpt.save(step, items, metrics={"loss": loss})
+            saved[step] = arrays(items)
+            train_step(items["model"], items["optimizer"], jnp.ones((4, 8), jnp.float32))
+        ckpt.wait()
+        # newest 2 (7, 8), best still 2 (read back from storage), 4, marked 1
+        assert ckpt.all_steps() == [1, 2, 4, 7, 8]
+    everything = keys(s3_url)
+    for gone in (3, 5, 6):
+        assert not [k for k in everything if k.startswith(f"{gone}/")], gone
+    assert not [k for k in everything if k.startswith(commit.TRASH_DIR + "/")]
+    report = inspect_directory(s3_url)
+    # Deleted steps are not reported at all, not even as uncommitted (SeaweedFS keeps
+    # listing their emptied "folders", as GCS hierarchical-namespace buckets do).
+    assert report["steps"] == [{"step": s, "committed": True} for s in (1, 2, 4, 7, 8)]
+    assert report["problems"] == []
+    with distckpt.CheckpointService(s3_url, dataclasses.replace(opts, read_only=True)) \
+            as ckpt:
+        assert ckpt.all_steps() == [1, 2, 4, 7, 8] and ckpt.best_step() == 2
+        for step in (1, 2, 4, 8):
+            restored = ckpt.restore(target(), step=step)
+            assert restored.step == step and restored.verified
+            assert restored.metrics == {"loss": {**losses, 7: 0.5, 8: 0.4}[step]}
+            assert_same(arrays(restored.items), saved[step])
+        assert ckpt.restore(target(), step="best").step == 2
+        for gone in (3, 5, 6):
+            with pytest.raises(distckpt.NoCheckpointError, match=f"step {gone} is not"):
+                ckpt.restore(target(), step=gone)
+
+
+# --------------------------------------------------------------------------- concurrent reader
+def test_reader_restoring_while_retention_deletes_on_s3(s3_env, s3_url, tmp_path):
+    """A read-only reader in another process lists and restores the newest (and, every
+    other round, the oldest) listed step over and over while a writer saves with
+    max_to_keep=2: every restore is bit-exact or a StepUnusableError/NoCheckpointError
+    for a step retention deleted after it was listed; nothing else is ever raised."""
+    items = trained()
+    arrays_dir, done, out = tmp_path / "arrays", tmp_path / "done", tmp_path / "reader.json"
+    arrays_dir.mkdir()
+    opts = distckpt.CheckpointOptions(max_to_keep=2)
+
+    def save(ckpt, step):
+        np.savez(arrays_dir / f"{step}.npz", **arrays(items))  # before it can be listed
+        ckpt.save(step, items)
+        train_step(items["model"], items["optimizer"], jnp.ones((4, 8), jnp.float32) * step)
+
+    with distckpt.CheckpointService(s3_url, opts) as ckpt, \
+            open(tmp_path / "reader.log", "w") as log:
+        save(ckpt, 1)
+        ckpt.wait()
+        reader = subprocess.Popen(
+            [sys.executable, S3_WORKER, "reader", s3_url, str(arrays_dir), str(done), str(out)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": REPO})
+        try:
+            deadline = time.monotonic() + 120
+            while not Path(f"{out}.ready").exists() and reader.poll() is None:
+                assert time.monotonic() < deadline, "the reader never started"
+                time.sleep(0.2)
+            for step in range(2, 11):
+                save(ckpt, step)
+            ckpt.wait()
+            assert ckpt.all_steps() == [9, 10]
+        finally:
+            done.touch()
+            try:
+                reader.wait(timeout=180)
+            finally:
+                if reader.poll() is None:
+                    reader.kill()
+    output = (tmp_path / "reader.log").read_text()
+    assert reader.returncode == 0, output[-6000:]
+    got = json.loads(out.read_text())
+    assert got["unexpected"] is None, got["unexpected"]
+    runs = got["iterations"]
+    restored = [r for r in runs if r["outcome"] == "restored"]
+    refused = [r for r in runs if r["outcome"] != "restored"]
+    assert len(runs) >= 3 and 10 in [r["step"] for r in restored], runs
+    for r in restored:
+        assert r["verified"] and r["mismatches"] == [] and r["restored_step"] == r["step"], r
+    for r in refused:  # only for a step retention deleted after the reader listed it
+        assert r["step"] not in r["steps_after"], r
+        assert r["step"] <= 8, r
+    print(f"reader: {len(runs)} rounds, {len(restored)} restored, refused: "
+          f"{[(r['step'], r['outcome'], r['reason'][:120]) for r in refused]}")

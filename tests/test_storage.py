@@ -120,6 +120,11 @@ def test_secrets_never_appear_in_text_or_specs():
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert SECRET in path.read_text() and "TOKEN-" + SECRET in path.read_text()
+    # The config file only declares the profile (as the AWS SDK wants it; one file for
+    # both made TensorStore log a parse warning per line).
+    config = Path(profile["config_file"])
+    assert config != path and config.read_text() == "[profile distckpt]\n"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
 
 # --------------------------------------------------------------------------- specs
