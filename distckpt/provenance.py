@@ -9,6 +9,7 @@ PartitionSpec, typed-key implementations, the device kind and library versions.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 import time
@@ -24,6 +25,13 @@ _PACKAGES = ("distckpt", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorsto
 
 
 def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a checkpoint depends on (a copy; read once per
+    process: importlib.metadata parses every package's METADATA, ~7 ms, on each call)."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
     out = {}
     for name in _PACKAGES:
         try:
