@@ -203,7 +203,9 @@ _DIE_WITH_PARENT_EXEC = (
     "os.execv(sys.argv[1], sys.argv[1:])")
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: weed lingers ~15 s on SIGTERM, and its data is
+    throwaway (tests, a benchmark's private server)."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
