@@ -108,6 +108,7 @@ class Raw:
     fsync (file and directory), and reads them back into preallocated host buffers."""
 
     kind = "raw"
+    holds = "files"
 
     def __init__(self, root: Path, options: dict[str, str], ctx: Context):
         if options:
@@ -137,12 +138,16 @@ class Raw:
         return (root or self.root) / str(step)
 
     def open_reader(self, root: Path) -> Any:
-        raise ValueError("raw files hold one topology's shards; they cannot be resharded")
+        raise ValueError(f"raw {self.holds} hold one topology's shards; they cannot be "
+                         "resharded")
+
+    def _buffers(self, reader: Any) -> list[np.ndarray]:
+        """Preallocated host buffers for this process's unique shards of the saved items."""
+        assert reader is None and self._items is not None
+        return [np.empty_like(s) for s in local_shards(host_arrays(self._items), unique=True)]
 
     def restore(self, step: int, reader: Any = None) -> list[np.ndarray]:
-        assert reader is None and self._items is not None
-        target = local_shards(host_arrays(self._items), unique=True)
-        out = [np.empty_like(s) for s in target]
+        out = self._buffers(reader)
         with open(self._file(step), "rb", buffering=0) as f:
             for buf in out:
                 view = memoryview(buf).cast("B")
@@ -163,7 +168,7 @@ class Raw:
         pass
 
 
-class RawObjects:
+class RawObjects(Raw):
     """The limit on an object store: each process PUTs its unique shard bytes as objects
     through TensorStore's s3 kvstore (the driver Orbax and distckpt write array data with;
     spec from :meth:`distckpt.storage.Location.kvstore_spec`, so the same endpoint and
@@ -180,16 +185,13 @@ class RawObjects:
     shard boundaries, so the object count does not depend on the sharding.
     """
 
-    kind = "raw"
+    holds = "objects"
 
     def __init__(self, root: Any, options: dict[str, str], ctx: Context):
         from distckpt import bench_s3
 
-        if options:
-            raise ValueError(f"raw takes no options, got {sorted(options)}")
-        self.root, self.ctx = root, ctx
+        super().__init__(root, options, ctx)
         self.kv = bench_s3.kvstore(os.fspath(root))
-        self._items: dict[str, Any] | None = None
 
     def _keys(self, step: int, nbytes: int) -> list[str]:
         from distckpt import bench_s3
@@ -209,21 +211,10 @@ class RawObjects:
         for put in puts:
             put.result()
 
-    def wait(self) -> None:
-        coordinator.barrier("bench:raw:committed", self.ctx.timeout_s)
-
-    def step_dir(self, step: int, root: Any = None) -> Any:
-        return (root or self.root) / str(step)
-
-    def open_reader(self, root: Any) -> Any:
-        raise ValueError("raw objects hold one topology's shards; they cannot be resharded")
-
     def restore(self, step: int, reader: Any = None) -> list[np.ndarray]:
         from distckpt import bench_s3
 
-        assert reader is None and self._items is not None
-        target = local_shards(host_arrays(self._items), unique=True)
-        out = [np.empty_like(s) for s in target]
+        out = self._buffers(reader)
         gets = [self.kv.read(key) for key in self._keys(step, sum(s.nbytes for s in out))]
         bench_s3.unpack((get.result().value for get in gets),
                         [memoryview(buf).cast("B") for buf in out])
@@ -236,9 +227,6 @@ class RawObjects:
         if coordinator.is_primary():
             self.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=f"{step}/",
                                                      exclusive_max=f"{step}0")).result()
-
-    def close(self) -> None:
-        pass
 
 
 class PlainOrbax:
@@ -277,13 +265,14 @@ class PlainOrbax:
             if key in options:
                 self.handler_kwargs[arg] = conv(options[key])
         if "replica_parallel" in options:
-            from orbax.checkpoint._src.serialization import type_handler_registry as reg
-            from orbax.checkpoint._src.serialization.jax_array_handlers import ArrayHandler
+            from orbax.checkpoint._src.metadata import array_metadata_store as ams
 
-            handler = ArrayHandler(use_replica_parallel=_parse_flag(options["replica_parallel"]))
-            self.handler_kwargs["type_handler_registry"] = reg.create_type_handler_registry(
-                *[(t, h) for t, h in reg._DEFAULT_TYPE_HANDLERS if t is not jax.Array],
-                (jax.Array, handler))
+            from distckpt import tuning
+
+            # Orbax's own metadata store (its 250 ms poll included): this is plain Orbax.
+            self.handler_kwargs["type_handler_registry"] = tuning.type_handler_registry(
+                replica_parallel=_parse_flag(options["replica_parallel"]),
+                array_metadata_store=ams.Store())
         self.manager = self._manager(root, ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=_parse_flag(options.get("async", "1"))))

@@ -263,7 +263,7 @@ class CheckpointService:
         self._stats: list[SaveStats] = []
         self._closed = False
         self._save_policy = self._save_decision_policy()
-        self._policy_decisions: dict[int, bool] = {}
+        self._policy_decision: tuple[int, bool] | None = None  # (step, save?) last asked
         self._last_save_step: int | None = None
         self._background_failure: tuple[int, BaseException] | None = None
         self._manager: ocp.CheckpointManager | None = None
@@ -430,11 +430,10 @@ class CheckpointService:
         if policy is not None:
             if step in self.options.save_on_steps:
                 return True
-            if step not in self._policy_decisions:
+            if self._policy_decision is None or self._policy_decision[0] != step:
                 policy.observe(self._stats)  # costs of the saves committed so far
-                self._policy_decisions.clear()  # only the latest step is asked again
-                self._policy_decisions[step] = bool(policy.should_save(step, metrics=metrics))
-            return self._policy_decisions[step]
+                self._policy_decision = (step, bool(policy.should_save(step, metrics=metrics)))
+            return self._policy_decision[1]
         info = ocp.checkpoint_manager.CheckpointInfo(
             step=step, time=datetime.datetime.now(tz=datetime.UTC), metrics=None)
         context = sdp.DecisionContext(

@@ -60,18 +60,21 @@ class FastPollStore(ams.Store):
         return None
 
 
-def type_handler_registry(*, replica_parallel: bool = True) -> Any:
+def type_handler_registry(*, replica_parallel: bool = True,
+                          array_metadata_store: ams.Store | None = None) -> Any:
     """A private registry like Orbax's default one (same handler types, new instances,
     so Orbax's global registry and other users of it are untouched), whose jax.Array
-    handler uses :class:`FastPollStore` and the given replica-parallel setting."""
+    handler has the given replica-parallel setting and metadata store (default: a new
+    :class:`FastPollStore`)."""
+    store = FastPollStore() if array_metadata_store is None else array_metadata_store
     return thr.create_type_handler_registry(
         (int, th.ScalarHandler()),
         (float, th.ScalarHandler()),
         (bytes, th.ScalarHandler()),
         (np.number, th.ScalarHandler()),
         (np.ndarray, th.NumpyHandler()),
-        (jax.Array, ArrayHandler(array_metadata_store=FastPollStore(),
-                                               use_replica_parallel=replica_parallel)),
+        (jax.Array, ArrayHandler(array_metadata_store=store,
+                                 use_replica_parallel=replica_parallel)),
         (str, th.StringHandler()),
         (type(th.PLACEHOLDER), th.PlaceholderHandler()),
     )
