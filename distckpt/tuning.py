@@ -10,7 +10,7 @@ reshardable (plain OCDBT + zarr, readable by stock Orbax onto any mesh).
   primary is a few milliseconds late (it usually is: it also creates the step's
   folders) every non-primary host's write, and so the commit barrier of every host,
   ends up to 250 ms late. On 2 hosts x 2 devices with 16 MiB this made Orbax's commit
-  bimodal, ~0.12 s or ~0.32 s (``/tmp`` measurement in the issue-5 note);
+  bimodal, ~0.12 s or ~0.32 s (``benchmarks/fixed_costs.py`` shows the spread);
   :class:`FastPollStore` polls every 5 ms, backing off to 50 ms, with the same deadline.
 * **No compression by default.** Orbax compresses chunks with zstd (zarr3) or blosc
   (zarr2). Float weights, optimizer moments and random test states barely compress
