@@ -98,8 +98,11 @@ Failure windows
   swallows it and the guard picks up its notice; with it off, the default
   action ends the process (nothing was trained yet in the reference loop).
 * SIGTERM after the guard exits: the previous handler's behaviour.
-* SIGTERM after the last step: the loop ends normally; the guard logs that no
-  sync point was reached.
+* SIGTERM in the last steps, when the agreed step would be past the end: a loop
+  that passes ``final=True`` on its last step saves that step on every process
+  (the reference loops do); one that does not ends without a save and the guard
+  logs that the agreed step was not reached.
+* SIGTERM after the last step's ``reached_sync_point``: the loop ends normally.
 * A process that dies during the agreement: the others raise
   PreemptionTimeoutError after ``timeout_s``, naming it.
 * One preemption per guard; keys are namespaced by the guard's name and its
@@ -220,6 +223,8 @@ class PreemptionGuard:
         self._thread: threading.Thread | None = None
         self._active = False
         self._prefix = ""
+        self._seq = ""
+        self._finals = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -232,8 +237,13 @@ class PreemptionGuard:
         """The agreed step to save, once decided (None before)."""
         return self._sync_step if isinstance(self._sync_step, int) else None
 
-    def reached_sync_point(self, step: int) -> bool:
-        """Call once per step on every process, after the step: True at the agreed save step."""
+    def reached_sync_point(self, step: int, *, final: bool = False) -> bool:
+        """Call once per step on every process, after the step: True at the agreed save step.
+
+        Pass ``final=True`` on the loop's last step (on every process, at the same step):
+        a notice known to any process by then is honoured at that step, even when the
+        agreed step would have been past the end of the run, so every process saves the
+        same, last step. It costs one small all-gather."""
         if not self._active:
             raise RuntimeError("PreemptionGuard.reached_sync_point() outside the guard's "
                                "`with` block")
@@ -241,6 +251,8 @@ class PreemptionGuard:
         self._raise_if_failed()
         if self._reached:
             return False  # one preemption per guard
+        if final:
+            return self._final_step(step)
         if self._thread is None:  # single process: decide here
             with self._lock:
                 if self._notice is None and self._signalled:
@@ -271,6 +283,28 @@ class PreemptionGuard:
                        jax.process_index(), self._notice, step)
         return True
 
+    def _final_step(self, step: int) -> bool:
+        """The last step: every process says whether it knows of a notice, and all save if
+        any does. The all-gather gives every process the same answer, whatever each
+        watcher has seen so far (a notice that arrives after it is the 'after the last
+        step' window of the module docstring)."""
+        with self._lock:
+            noticed = self._signalled or self._notice is not None
+            self._last_step = step
+        self._finals += 1
+        flags = coordinator.all_gather(f"preempt-{self._seq}-{self._finals}-final",
+                                       bool(noticed), self.timeout_s)
+        if not any(flags):
+            return False
+        with self._lock:
+            if self._notice is None:
+                self._notice = f"{self._signame()} on process {flags.index(True)}"
+            self._reached = True
+        logger.warning("[process=%d] preemption (%s): saving the run's last step %d (the "
+                       "agreed step %s is past the end)", jax.process_index(), self._notice,
+                       step, self.sync_step if self.sync_step is not None else "not yet known")
+        return True
+
     # ------------------------------------------------------------------ context
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():
@@ -291,6 +325,7 @@ class PreemptionGuard:
             seq = _sequence.get(self.name, 0)
             _sequence[self.name] = seq + 1
         self._prefix = f"{coordinator._KV_PREFIX}/preempt/{self.name}#{seq}/"
+        self._seq = f"{self.name}#{seq}".replace("/", "_")
         self._saved_action = _read_action(self.signum)
         try:
             self._previous = signal.signal(self.signum, self._handler)

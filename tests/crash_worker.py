@@ -232,11 +232,27 @@ def scenario_run(a) -> None:
         if previous is not None:
             log.event(e="committed", s=previous[0], digests=previous[1])
         previous = (step, sums)
+    if a.hook_point or a.await_kill:
+        await_kill(a, log)
     ckpt.wait()
     if previous is not None:
         log.event(e="committed", s=previous[0], digests=previous[1])
     ckpt.close()
     print(f"DONE steps={ckpt.all_steps()}", flush=True)
+
+
+def await_kill(a, log: Log, limit_s: float = 240.0) -> None:
+    """A job whose kill is armed never ends before the kill lands: a timer may still be
+    sleeping, or the hook's point (in the background commit) may not have run yet. Every
+    process of the job waits here, past its last save, until it is killed (or its peer
+    is, and the launcher ends it); only a kill that never comes ends the wait, and then
+    the job exits 3 and says so, which the test reports as a harness failure."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"KILL NEVER CAME: {a.hook_point} step {a.hook_step} (fired: "
+          f"{(Path(a.log) / f'fired.{a.job}').exists()})", flush=True)
+    sys.exit(3)
 
 
 def scenario_peer(a) -> None:
@@ -419,6 +435,8 @@ def main() -> None:
     p.add_argument("--hook-targets", default="all", help="'all' or process ids, e.g. '0' or '1'")
     p.add_argument("--hook-delay", type=float, default=0.0)
     p.add_argument("--hook-async", action="store_true")
+    p.add_argument("--await-kill", action="store_true",
+                   help="an external kill is coming: never end before it lands")
     p.add_argument("--victim", type=int, default=1)
     p.add_argument("--local-save", action="store_true")
     p.add_argument("--fsize", type=int, default=64 * 1024)

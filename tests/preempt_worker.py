@@ -42,6 +42,10 @@ def main() -> None:
                    help="process 1 sends itself SIGTERM after initialize, before the guard")
     p.add_argument("--commit-delay", type=float, default=0.0,
                    help="every background commit sleeps this long (a slow save)")
+    p.add_argument("--term-at-step", type=int, default=None, metavar="STEP",
+                   help="process 1 sends itself SIGTERM right before its sync point of STEP")
+    p.add_argument("--no-final", action="store_true",
+                   help="do not pass final=True on the last step (the old loop)")
     a = p.parse_args()
 
     distckpt.initialize()
@@ -92,7 +96,11 @@ def main() -> None:
             if step == start + 1:
                 print(f"READY {os.getpid()}", flush=True)
             time.sleep(a.step_delay)
-            preempted = guard.reached_sync_point(step)
+            if step == a.term_at_step and me == 1:
+                print(f"[process={me}] SIGTERM to myself at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+            preempted = guard.reached_sync_point(
+                step, final=step == a.steps and not a.no_final)
             ckpt.save(step, {"state": {"x": x}}, process_state={"next": step + 1},
                       force=preempted)
             if preempted:

@@ -115,6 +115,8 @@ def run_job(directory: Path, log: Path, job: int, first_step: int, kill: Kill | 
                  "--hook-targets", kill.targets, "--hook-delay", str(kill.delay)]
         if kill.background:
             args.append("--hook-async")
+    if kill is not None:
+        args.append("--await-kill")  # the job outlives its kill, however late that comes
     ready = threading.Event()
     done = threading.Event()
     seen: set[int] = set()
@@ -258,6 +260,8 @@ def run_chain(root: Path, kills: list[Kill], tag: str) -> list[str]:
         # The job died: it never exits 0 (a kill that came too late is a test bug).
         assert run.returncode != 0, f"{tag}: job {job} was not killed ({kill.describe()}):\n" \
                                     f"{run.output[-4000:]}"
+        assert "KILL NEVER CAME" not in run.output, f"{tag}: job {job}: {kill.describe()} " \
+            f"never landed:\n{run.output[-4000:]}"
         if kill.how == "hook":
             assert (log / f"fired.{job}").exists(), f"{tag}: hook never fired\n{run.output[-4000:]}"
         scanned = commit.committed_steps(epath.Path(directory))  # before anything else touches it

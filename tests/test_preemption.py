@@ -163,7 +163,8 @@ def check_preempted_then_resumed(job: Job, directory: Path, reference: dict) -> 
     result = job.train_result()
     assert result["preempted_at"] == step and result["last_step"] == step
     assert step in result["saved_steps"]
-    assert step < STEPS, "the signal landed after training ended; the test proves nothing"
+    # A notice in the last steps saves the last step (final=True in the reference loop).
+    assert step <= STEPS, step
 
     resumed = run_job(TRAIN + STEP_DELAY + ["--dir", str(directory)]).check().train_result()
     assert resumed["start_step"] == step and resumed["preempted_at"] is None
@@ -217,6 +218,33 @@ def test_randomized_preemption_trials(tmp_path, reference):
 
 
 # ------------------------------------------------------------------ protocol cases
+@multiprocess
+@pytest.mark.parametrize("term_at", [5, 6])
+def test_a_notice_in_the_last_steps_still_saves_the_same_last_step_everywhere(tmp_path,
+                                                                              term_at):
+    """SIGTERM to process 1 at the last step (6) or the one before: the agreed step would
+    be past the end, and without final=True nothing was saved; every process must save
+    step 6, the last one, and say so."""
+    directory = tmp_path / "ckpt"
+    job = run_job(WORKER + ["--dir", str(directory), "--steps", "6",
+                            "--term-at-step", str(term_at)]).check()
+    assert f"SIGTERM to myself at step {term_at}" in job.output
+    r0, r1 = job.worker_results()
+    assert r0["preempted_at"] == r1["preempted_at"] == 6, (r0, r1)
+    assert r0["steps"] == r1["steps"] == [6], (r0, r1)  # --save-every 1000: only that save
+    assert "guard exited before the agreed save step" not in job.output
+
+
+@multiprocess
+def test_without_final_a_notice_at_the_last_step_is_not_honoured(tmp_path):
+    """What final=True fixes: the old loop ends without the save and the guard says so."""
+    job = run_job(WORKER + ["--dir", str(tmp_path / "ckpt"), "--steps", "6",
+                            "--term-at-step", "6", "--no-final"]).check()
+    r0, r1 = job.worker_results()
+    assert r0["preempted_at"] is None and r1["preempted_at"] is None, (r0, r1)
+    assert "guard exited before the agreed save step" in job.output
+
+
 @multiprocess
 def test_sigterm_to_the_launcher_is_forwarded_and_every_process_saves(tmp_path):
     directory = tmp_path / "ckpt"
