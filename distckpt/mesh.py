@@ -9,7 +9,9 @@ a logical axis whose mesh axis the mesh lacks is replicated, so
 :func:`abstract_target` builds the restore target: the model/optimizer objects
 with `jax.ShapeDtypeStruct` leaves *carrying the target shardings*, without
 allocating a parameter (``nnx.eval_shape`` alone drops shardings, flax#5110).
-:func:`init_sharded` materialises fresh state directly into its shardings.
+:func:`init_sharded` materialises fresh state directly into its shardings. Arrays of
+plain pytrees next to the NNX objects (``{"model": model, "data": {"pos": pos}}``) have
+no logical axes and are replicated.
 
 Eager sharding (flax>=0.12 applies annotations at variable creation) is turned
 off inside these helpers: distckpt applies the rules itself so a model is not
@@ -198,16 +200,37 @@ def path_str(path: tuple[Any, ...]) -> str:
                     for k in path)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
-    """A State of NamedShardings: annotated variables by the rules, the rest replicated."""
+def _leaf_sharding(path: tuple[Any, ...], leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
+    """A Variable with logical axes by the rules; anything else replicated.
 
-    def one(path, variable):
-        value = variable.get_value()
-        shape = tuple(getattr(value, "shape", ()))
-        logical = logical_axes_of(variable)
-        spec = PartitionSpec() if logical is None else rules.spec(
-            logical, shape, mesh, path_str(path))
-        return variable.replace(NamedSharding(mesh, spec))
+    A typed PRNG key array's spec names every dimension (``P(None,)``, not ``P()``, for a
+    replicated rank-1 key): JAX derives a key array's sharding from its key data's and
+    gives it in that form on more than one device, whatever sharding was asked for, so
+    only that form lets fresh, restored and target keys compare equal.
+    """
+    is_variable = isinstance(leaf, nnx.Variable)
+    value = leaf.get_value() if is_variable else leaf
+    shape = tuple(getattr(value, "shape", ()))
+    logical = logical_axes_of(leaf) if is_variable else None
+    spec = PartitionSpec() if logical is None else rules.spec(
+        logical, shape, mesh, path_str(path))
+    if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
+        spec = PartitionSpec(*spec, *(None,) * (len(shape) - len(spec)))
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """A State of NamedShardings: annotated variables by the rules, the rest replicated.
+
+    Bare arrays (a plain pytree's leaves) have no logical axes and are replicated; to
+    shard one, hold it in a Variable with axes, e.g.
+    ``nnx.Variable(x, out_sharding=("embed", None))`` (inside ``nnx.use_eager_sharding(False)``
+    when built outside these helpers).
+    """
+
+    def one(path, leaf):
+        sharding = _leaf_sharding(path, leaf, mesh, rules)
+        return leaf.replace(sharding) if isinstance(leaf, nnx.Variable) else sharding
 
     return nnx.map_state(one, state)
 
@@ -220,37 +243,48 @@ def _no_eager(fn: Callable[[], T]) -> Callable[[], T]:
     return wrapped
 
 
+def _split_abstract(factory: Callable[[], T]) -> tuple[nnx.GraphDef[T], nnx.State]:
+    """`factory()`'s graphdef and its state of ShapeDtypeStructs, allocating nothing.
+
+    The split happens inside the trace, as in `init_sharded`'s jit: split outside it (on
+    ``nnx.eval_shape``'s result), a plain pytree's arrays next to the NNX objects would be
+    static attributes of the graphdef rather than state leaves, so they would get no
+    sharding and the two graphdefs would not match.
+    """
+    graphdefs: list[nnx.GraphDef[T]] = []
+
+    def split() -> nnx.State:
+        graphdef, state = nnx.split(factory())
+        graphdefs.append(graphdef)  # static: the same on every trace of `factory`
+        return state
+
+    state = jax.eval_shape(_no_eager(split))
+    return graphdefs[-1], state
+
+
 def abstract_target(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
     """Abstract objects from `factory()` whose leaves are ShapeDtypeStructs with target shardings.
 
     `factory` builds the model (and optimizer), e.g. ``lambda: {"model": m := Model(...),
-    "optimizer": nnx.Optimizer(m, tx, wrt=nnx.Param)}``. Nothing is allocated.
+    "optimizer": nnx.Optimizer(m, tx, wrt=nnx.Param)}``, and may hold plain pytrees of
+    arrays too (``"data": {"pos": jnp.zeros((), jnp.int32)}``), which are replicated
+    (see `state_shardings`). Nothing is allocated.
     """
-    abstract = nnx.eval_shape(_no_eager(factory))
-    graphdef, state = nnx.split(abstract)
-    shardings = state_shardings(state, mesh, rules)
+    graphdef, state = _split_abstract(factory)
 
-    def with_sharding(path, variable):
-        value = variable.get_value()
-        sharding = _leaf(shardings, path).get_value()
-        return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+    def with_sharding(path, leaf):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        sds = jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                   sharding=_leaf_sharding(path, leaf, mesh, rules))
+        return leaf.replace(sds) if isinstance(leaf, nnx.Variable) else sds
 
-    sharded = nnx.map_state(with_sharding, state)
-    return nnx.merge(graphdef, sharded)
-
-
-def _leaf(state: nnx.State, path: tuple[Any, ...]):
-    node = state
-    for key in path:
-        node = node[key]
-    return node
+    return nnx.merge(graphdef, nnx.map_state(with_sharding, state))
 
 
 def init_sharded(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
     """Build `factory()` with every variable created directly in its target sharding."""
-    abstract = nnx.eval_shape(_no_eager(factory))
-    graphdef, state = nnx.split(abstract)
-    shardings = state_shardings(state, mesh, rules)
+    graphdef, abstract = _split_abstract(factory)
+    shardings = state_shardings(abstract, mesh, rules)
     make = _no_eager(factory)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 SEP = "/"
 
@@ -139,13 +139,15 @@ def to_saveable(leaves: list[Leaf]) -> dict[str, Any]:
 
 
 def key_data_target(value: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    """Restore target for a typed key array: its uint32 key_data with the same sharding."""
+    """Restore target for a typed key array: its uint32 key_data with the same sharding.
+
+    The key's own sharding object is used as is: a NamedSharding leaves the trailing
+    key-data dimension unnamed (replicated), and on one device `wrap_key_data` hands the
+    key data's sharding straight back, so padding the spec here would give a rank-0 key
+    ``P(None,)`` instead of the target's ``P()``.
+    """
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(value.shape, value.dtype))
-    sharding = value.sharding
-    if isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (len(value.shape) - len(sharding.spec) + 1)
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=value.sharding)
 
 
 def restore_target(leaves: list[Leaf]) -> dict[str, Any]:
@@ -158,7 +160,8 @@ def restore_target(leaves: list[Leaf]) -> dict[str, Any]:
         if getattr(value, "sharding", None) is None:
             raise ValueError(
                 f"restore target leaf {leaf.name!r} has no sharding; build the target with "
-                "distckpt.abstract_target(factory, mesh, rules) so every leaf carries one"
+                "distckpt.abstract_target(factory, mesh, rules) so every leaf carries one, "
+                "or give it one: jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
             )
         if leaf.is_key:
             value = key_data_target(value)
@@ -174,9 +177,25 @@ def lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def rebuild_value(leaf: Leaf, restored: Any) -> Any:
-    """Turn a restored array back into what the target leaf holds (re-wrap typed keys)."""
+    """Turn a restored array back into what the target leaf holds (re-wrap typed keys).
+
+    The result carries the target leaf's sharding object, not just an equivalent one (a
+    ``P(None,)`` where the target says ``P()`` splits jit caches between restored and
+    fresh state, and is invalid on a rank-0 array under `with_sharding_constraint`).
+    Orbax restores arrays in the sharding asked for; should one come back in an
+    equivalent sharding, it is relabelled on the same device buffers (no copy, no
+    collective). A typed key's sharding is derived by JAX from its key data's (which
+    `key_data_target` asks for in the key's own sharding); on more than one device JAX
+    names every dimension, so a target for a rank >= 1 key should too, as
+    `distckpt.abstract_target` does.
+    """
     if leaf.is_key:
         return jax.random.wrap_key_data(restored, impl=leaf.key_impl)
+    want = getattr(leaf.value, "sharding", None)
+    if (want is not None and restored.sharding != want
+            and restored.sharding.is_equivalent_to(want, restored.ndim)):
+        return jax.make_array_from_single_device_arrays(
+            restored.shape, want, [shard.data for shard in restored.addressable_shards])
     return restored
 
 
