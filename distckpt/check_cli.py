@@ -15,9 +15,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+# Piped or redirected output has no width to fit: a table as wide as its contents, up to
+# this, so a leaf path a user copies is never cut.
+PIPE_WIDTH = 10_000
+
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = PIPE_WIDTH
+    return console
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -52,8 +59,10 @@ def _print_inspect(report: dict[str, Any]) -> None:
                       f"{detail.get('files', '?')} files, {detail.get('bytes', 0):,} bytes; "
                       f"metrics {detail.get('metrics')}; metadata {detail.get('metadata')}")
         table = Table(show_header=True, header_style="bold")
-        for col in ("leaf", "shape", "dtype", "PartitionSpec"):
-            table.add_column(col)
+        # A terminal too narrow for a path wraps it (fold), never cuts it with an ellipsis.
+        table.add_column("leaf", overflow="fold")
+        for col in ("shape", "dtype", "PartitionSpec"):
+            table.add_column(col, overflow="fold")
         for name, leaf in detail["leaves"].items():
             table.add_row(name, str(tuple(leaf["shape"] or ())), str(leaf["dtype"]),
                           str(leaf["spec"]))
@@ -63,13 +72,17 @@ def _print_inspect(report: dict[str, Any]) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if not 0 < args.batch_mib < float("inf"):
+        print(f"distckpt verify: error: --batch-mib {args.batch_mib:g}: give a positive number "
+              "of MiB to read at a time, e.g. --batch-mib 256", file=sys.stderr)
+        return 2
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from distckpt.errors import CheckpointError
     from distckpt.verify import verify_directory
 
     try:
         report = verify_directory(args.dir, args.step,
-                                  batch_bytes=int(args.batch_mib * 1024 * 1024))
+                                  batch_bytes=max(1, int(args.batch_mib * 1024 * 1024)))
     except CheckpointError as e:
         if args.json:
             print(json.dumps({"directory": args.dir, "ok": False, "error": str(e)}, indent=2))

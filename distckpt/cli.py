@@ -18,7 +18,12 @@ from rich.table import Table
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+    from distckpt.check_cli import PIPE_WIDTH
+
+    console = Console(stderr=False, highlight=False)
+    if not console.is_terminal:  # nothing to fit; a path a user copies is never cut
+        console.width = PIPE_WIDTH
+    return console
 
 
 # --------------------------------------------------------------------------- drill
@@ -44,22 +49,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def cmd_drill(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from distckpt.drill import DrillConfig, SliceSpec, run_drill
+    from distckpt.drill import DrillConfig, check_config, run_drill
 
     try:
-        source, target = SliceSpec.parse(args.source), SliceSpec.parse(args.target)
+        source, target = _parse_slice("--from", args.source), _parse_slice("--to", args.target)
         steps = args.steps
         if steps is None:  # two saves to fall back between when a fault is injected
             steps = 2 * args.save_every if args.fault else 6
         config = DrillConfig(source=source, target=target, steps=steps,
                              save_every=args.save_every, directory=args.dir,
-                             model=_model_overrides(args), batch=args.batch, fault=args.fault)
-        from distckpt.model import ModelConfig
-
-        ModelConfig(**config.model)
-        from distckpt.drill import check_directory
-
-        check_directory(args.dir)
+                             model=_model_overrides(args), batch=args.batch, fault=args.fault,
+                             keep=args.keep)
+        check_config(config)  # the model on both meshes, the directory: before anything starts
     except ValueError as e:
         print(f"distckpt drill: error: {e}", file=sys.stderr)
         return 2
@@ -86,11 +87,27 @@ def cmd_drill(args: argparse.Namespace) -> int:
         report = run_drill(config, progress=on_progress)
         progress.update(restore_task, completed=2, info="done" if report.verified else "failed")
     _print_report(console, report)
+    if args.keep:
+        console.print(f"kept the drill's directory (logs, specs, results): {report.directory}",
+                      soft_wrap=True)
+    elif report.removed and not report.verified:
+        console.print("the drill's temporary directory (its logs) was removed; rerun with "
+                      "--keep to keep it")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_json(), f, indent=2)
         console.print(f"JSON report: {args.json}")
     return 0 if report.verified else 1
+
+
+def _parse_slice(flag: str, text: str):
+    """SliceSpec.parse, its error naming the flag the user typed."""
+    from distckpt.drill import SliceSpec
+
+    try:
+        return SliceSpec.parse(text)
+    except ValueError as e:
+        raise ValueError(f"{flag} {e}") from e
 
 
 def _fmt(x: float | None, unit: str = "s") -> str:
@@ -100,7 +117,7 @@ def _fmt(x: float | None, unit: str = "s") -> str:
 def _print_report(console: Console, report) -> None:
     table = Table(title="restore drill", show_header=True, header_style="bold")
     table.add_column("check")
-    table.add_column("result")
+    table.add_column("result", overflow="fold")  # paths wrap, never end in an ellipsis
     table.add_row("verified", "[green]yes[/green]" if report.verified else "[red]NO[/red]")
     table.add_row("from -> to", f"{report.source} -> {report.target}")
     if report.fault:
@@ -123,7 +140,8 @@ def _print_report(console: Console, report) -> None:
     table.add_row("commit time per save", ", ".join(_fmt(s) for s in report.commit_seconds))
     table.add_row("phase wall time", ", ".join(f"{k} {v:.1f}s"
                                                for k, v in report.phase_seconds.items()))
-    table.add_row("directory", report.directory)
+    table.add_row("directory", report.directory + (" (temporary, removed; --keep keeps it)"
+                                                   if report.removed else ""))
     console.print(table)
     if report.failure:
         console.print(f"[red]{report.failure}[/red]")
@@ -131,7 +149,7 @@ def _print_report(console: Console, report) -> None:
 
 # --------------------------------------------------------------------------- launch
 def cmd_launch(args: argparse.Namespace) -> int:
-    from distckpt.launcher import launch
+    from distckpt.launcher import LaunchError, launch
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -145,7 +163,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print("distckpt launch: error: --hosts and --devices-per-host must be >= 1",
               file=sys.stderr)
         return 2
-    result = launch(command, args.hosts, args.devices_per_host, timeout_s=args.timeout)
+    if args.timeout is not None and not args.timeout > 0:
+        print(f"distckpt launch: error: --timeout {args.timeout:g}: give a positive number of "
+              "seconds, or leave it out to wait for the hosts", file=sys.stderr)
+        return 2
+    try:
+        result = launch(command, args.hosts, args.devices_per_host, timeout_s=args.timeout,
+                        show_gloo=True if args.verbose or args.launch_verbose else None)
+    except LaunchError as e:
+        print(f"distckpt launch: error: {e}", file=sys.stderr)
+        return e.returncode
     return result.returncode
 
 
@@ -154,14 +181,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
 
     from distckpt import coordinator, train
-    from distckpt.mesh import make_mesh
+    from distckpt.drill import check_directory
+    from distckpt.mesh import MeshSpec, make_mesh, mesh_spec_of
     from distckpt.model import ModelConfig
 
+    # The drill's checks, before anything is created: the same mistakes, the same messages.
+    try:
+        spec = MeshSpec.parse(args.mesh) if args.mesh is not None else None
+        cfg = train.TrainConfig(model=ModelConfig(**_model_overrides(args)), batch=args.batch)
+        check_directory(args.dir, empty=False)  # a checkpoint directory may be resumed
+    except ValueError as e:
+        print(f"distckpt train: error: {e}", file=sys.stderr)
+        return 2
     topo = coordinator.initialize()
-    spec = args.mesh or f"fsdp={topo.global_devices}"
-    cfg = train.TrainConfig(model=ModelConfig(**_model_overrides(args)), batch=args.batch)
+    try:
+        mesh = make_mesh(spec or f"fsdp={topo.global_devices}")
+        train.check_fits(cfg, mesh_spec_of(mesh))
+    except ValueError as e:
+        print(f"distckpt train: error: {e}", file=sys.stderr)
+        return 2
     delay = args.step_delay
-    result = train.run(args.dir, args.steps, args.save_every, make_mesh(spec), cfg,
+    result = train.run(args.dir, args.steps, args.save_every, mesh, cfg,
                        max_to_keep=args.max_to_keep, crash_after=args.crash_after,
                        on_step=(lambda _step, _loss: time.sleep(delay)) if delay else None)
     if coordinator.is_primary():
@@ -196,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=4, help="save interval (default 4)")
     p.add_argument("--dir", help="new or empty directory to use (default: a new temp dir)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory the drill makes (logs, specs and, "
+                   "without --dir, the checkpoints) and print where it is; by default it is "
+                   "removed when the drill ends")
     p.add_argument("--fault", choices=FAULTS, default=None,
                    help="inject a fault and prove recovery: kill-during-save (every saving "
                    "host SIGKILLed inside the last save's commit), preempt (SIGTERM to one "
@@ -210,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, required=True, help="number of processes")
     p.add_argument("--devices-per-host", type=int, default=1, help="CPU devices per process")
     p.add_argument("--timeout", type=float, default=None, help="stop everything after seconds")
+    p.add_argument("--verbose", dest="launch_verbose", action="store_true",
+                   help="keep Gloo's '[Gloo] Rank N is connected' lines (hidden by default; "
+                   "or set DISTCKPT_SHOW_GLOO=1)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(func=cmd_launch)
 

@@ -44,7 +44,9 @@ phase specs and results next to them), or an empty object-store prefix
 (``s3://bucket/prefix``, ``gs://bucket/prefix``): the checkpoints are written there,
 by every simulated host, with the endpoint and credentials of the environment
 (:mod:`distckpt.storage`), and the logs, specs and results go to a new local temporary
-directory (the report's ``directory``; ``checkpoints`` says where the steps are).
+directory (the report's ``directory``; ``checkpoints`` says where the steps are). Without
+``--dir`` everything goes to a new temporary directory. A temporary directory is removed
+when the drill ends, passed or failed, unless ``--keep`` (then the CLI prints where it is).
 
 The report (a table, and JSON with ``--json``) says whether the restore was
 verified, which step was restored, how many steps of work were lost, how long
@@ -59,6 +61,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -98,11 +101,17 @@ class SliceSpec:
         match = re.fullmatch(r"\s*(\d+)x(\d+)(?::(.+))?\s*", text)
         if not match:
             raise ValueError(
-                f"bad slice {text!r}: expected HOSTSxDEVICES[:AXIS=SIZE,...], e.g. '4x2' or "
-                "'4x2:data=2,fsdp=4'")
+                f"{text!r} is not a slice: expected HOSTSxDEVICES[:AXIS=SIZE,...], e.g. '4x2' "
+                "or '4x2:data=2,fsdp=4'")
         hosts, devices = int(match.group(1)), int(match.group(2))
+        if hosts < 1 or devices < 1:  # before a default mesh is made up from them
+            raise ValueError(f"{text.strip()}: hosts and devices per host must be >= 1, "
+                             "e.g. '2x4'")
         mesh = match.group(3) or default_mesh or f"fsdp={hosts * devices}"
-        return cls(hosts, devices, MeshSpec.parse(mesh))
+        try:
+            return cls(hosts, devices, MeshSpec.parse(mesh))
+        except ValueError as e:  # errors start with what the user wrote
+            raise ValueError(f"{text.strip()}: {e}") from e
 
     def __str__(self) -> str:
         return f"{self.hosts}x{self.devices}:{self.mesh}"
@@ -131,6 +140,8 @@ class DrillConfig:
     """Limit for each phase."""
     fault: str | None = None
     """A fault to inject: one of FAULTS (see the module docstring)."""
+    keep: bool = False
+    """Keep the temporary directory the drill makes (default: removed when it ends)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.save_every < 1:
@@ -222,7 +233,7 @@ def worker_save(spec: dict[str, Any]) -> None:
             losses[step] = float(step_fn(state["model"], state["optimizer"], tokens))
             if step > spec["steps"]:  # the reference update past the last save; not saved
                 break
-            preempted = guard.reached_sync_point(step)
+            preempted = guard.reached_sync_point(step, final=step == spec["steps"])
             saved = ckpt.save(step, state, metrics={"loss": losses[step]},
                               process_state={"next_step": step + 1}, force=preempted)
             if saved:
@@ -235,6 +246,8 @@ def worker_save(spec: dict[str, Any]) -> None:
                 # Written as the run goes, so a killed run still says what it did.
                 _write_result(spec["out"], result)
                 _emit("progress", phase="save", step=step, loss=losses[step], saved=saved)
+            if step == spec.get("preempt_after"):
+                _await_notice(guard)
             if preempted:
                 # One more update, for the restore side's loss comparison (not saved).
                 losses[step + 1] = float(step_fn(state["model"], state["optimizer"],
@@ -244,6 +257,15 @@ def worker_save(spec: dict[str, Any]) -> None:
         result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
     if coordinator.is_primary():
         _write_result(spec["out"], result)
+
+
+def _await_notice(guard, limit_s: float = 120.0) -> None:
+    """--fault preempt: the drill signals one host after this step's progress line; every
+    host waits here until the notice has reached it, so the signal lands before the run
+    can end however loaded the machine is (the agreed step is then the next one)."""
+    deadline = time.monotonic() + limit_s
+    while guard.notice is None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def worker_restore(spec: dict[str, Any]) -> None:
@@ -320,20 +342,25 @@ class DrillReport:
     failure: str | None = None
     checkpoints: str | None = None
     """Where the checkpoints are (``<directory>/checkpoints``, or the object-store URL)."""
+    removed: bool = False
+    """`directory` was a temporary directory and was removed when the drill ended."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def check_directory(directory: str | None) -> None:
+def check_directory(directory: str | None, *, empty: bool = True) -> None:
     """Raise ValueError unless `directory` (local path or object-store URL) is absent or
-    empty; creates nothing. The drill never touches existing checkpoints."""
+    a directory, and with `empty` (the drill) holds nothing; creates nothing. The drill
+    never touches existing checkpoints; ``distckpt train`` (``empty=False``) resumes them."""
     if directory is None:
         return
     from distckpt import storage
 
     location = storage.Location.parse(directory)
     if not location.is_local:
+        if not empty:
+            return
         _, root = storage.open_directory(location)
         if storage.list_files(root):
             raise ValueError(
@@ -341,12 +368,34 @@ def check_directory(directory: str | None) -> None:
                 "new or empty prefix so it never touches existing checkpoints")
         return
     path = Path(directory)
+    what = "a new or empty directory" if empty else "a directory"
     if path.exists() and not path.is_dir():
-        raise ValueError(f"drill directory {path} is a file; give a new or empty directory")
+        raise ValueError(f"--dir {directory} is a file; give {what}")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if not path.exists() and existing is not None and not existing.is_dir():
+        raise ValueError(f"--dir {directory} is inside {existing}, which is a file; give {what}")
+    if not empty:
+        return
     if path.exists() and any(path.iterdir()):
         raise ValueError(
             f"drill directory {path} is not empty; the drill needs a new or empty directory "
             "so it never touches existing checkpoints")
+
+
+def check_config(config: DrillConfig) -> None:
+    """Raise ValueError for anything that would fail the drill once started: a model
+    that does not shard onto either slice's mesh, a directory that is not new or empty.
+    Creates nothing."""
+    from distckpt.model import ModelConfig
+    from distckpt.train import TrainConfig, check_fits
+
+    cfg = TrainConfig(model=ModelConfig(**config.model), batch=config.batch)
+    for flag, slice_ in (("--from", config.source), ("--to", config.target)):
+        try:
+            check_fits(cfg, slice_.mesh)
+        except ValueError as e:
+            raise ValueError(f"{flag} {slice_}: {e}") from e
+    check_directory(config.directory)
 
 
 def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
@@ -427,8 +476,23 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
-    """Run both phases; `progress(phase, fields)` is called as workers report."""
+    """Run both phases; `progress(phase, fields)` is called as workers report.
+
+    A temporary directory the drill makes (no ``directory``, or an object-store one) is
+    removed when the drill ends, however it ends, unless ``config.keep``.
+    """
     workdir, ckpt_dir = _prepare_dirs(config.directory)
+    temporary = config.directory is None or "://" in config.directory
+    try:
+        report = _run_phases(config, workdir, ckpt_dir, progress)
+    finally:
+        if temporary and not config.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.removed = temporary and not config.keep
+    return report
+
+
+def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> DrillReport:
     base = {"model": config.model, "batch": config.batch, "ckpt_dir": ckpt_dir}
 
     pids: list[int] = []
@@ -464,6 +528,7 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
     rc, log = _run_phase("save", config.source, {
         **base, "mesh": str(config.source.mesh), "steps": config.steps,
         "save_every": config.save_every, "out": str(save_out),
+        "preempt_after": config.preempt_after if config.fault == "preempt" else None,
         "kill_step": config.last_save if killing else None},
         workdir, config.timeout_s, on_line, on_start=pids.extend)
     report.phase_seconds["save"] = time.perf_counter() - t0

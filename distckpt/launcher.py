@@ -10,12 +10,23 @@ If any process exits non-zero the others are stopped (SIGTERM, then SIGKILL
 after a grace period) and the launch fails with that exit code: a multi-host
 job whose peer died would otherwise hang in its next collective. SIGINT and
 SIGTERM sent to the launcher are forwarded to every process.
+
+Each host runs in its own process group (session). However the launch ends (every
+host done, a failure, the timeout, a signal, an exception in the launcher such as a
+test's SIGALRM timeout), every host's whole process group is SIGKILLed and every
+host reaped before :func:`launch` returns or raises, so nothing a host started
+outlives the launch.
+
+Gloo prints one ``[Gloo] Rank N is connected to M peer ranks`` line per host and
+collective group; those are dropped from the output unless ``show_gloo`` (the CLI's
+``-v``/``--verbose``, or ``DISTCKPT_SHOW_GLOO=1``). Every other line is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +35,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
+
+GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+"""Gloo's per-connection notice, hidden unless asked for."""
+SHOW_GLOO_ENV = "DISTCKPT_SHOW_GLOO"
+
+
+class LaunchError(ValueError):
+    """The command could not be started (not found, not executable); nothing is running."""
+
+    def __init__(self, message: str, returncode: int = 127):
+        super().__init__(message)
+        self.returncode = returncode
+        """The exit status a shell gives: 127 not found, 126 not executable."""
 
 
 def free_port() -> int:
@@ -76,12 +100,18 @@ def launch(
     line_callback: Callable[[int, str], None] | None = None,
     forward_signals: bool = True,
     on_start: Callable[[list[int]], None] | None = None,
+    show_gloo: bool | None = None,
 ) -> LaunchResult:
     """Run `command` as `hosts` processes with `devices_per_host` CPU devices each.
 
     `on_start(pids)`, if given, is called once every process has started, with their
-    pids by host index (tests use it to signal one host directly).
+    pids by host index (tests use it to signal one host directly). `show_gloo` keeps
+    Gloo's connection lines in `out` (default: ``DISTCKPT_SHOW_GLOO=1`` in the
+    environment); `line_callback` sees every line either way. Raises
+    :class:`LaunchError` when the command cannot be started.
     """
+    if show_gloo is None:
+        show_gloo = os.environ.get(SHOW_GLOO_ENV, "") not in ("", "0")
     if hosts < 1 or devices_per_host < 1:
         raise ValueError(f"need hosts >= 1 and devices per host >= 1, got {hosts}x"
                          f"{devices_per_host}")
@@ -92,45 +122,64 @@ def launch(
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     t0 = time.monotonic()
-    for i in range(hosts):
-        procs.append(subprocess.Popen(
-            list(command), env=host_env(i, hosts, devices_per_host, port, env), cwd=cwd,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-            start_new_session=True))
+    try:
+        for i in range(hosts):
+            procs.append(subprocess.Popen(
+                list(command), env=host_env(i, hosts, devices_per_host, port, env), cwd=cwd,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                start_new_session=True))
+    except OSError as e:
+        _kill_and_reap(procs, 0.0)
+        if isinstance(e, FileNotFoundError) and cwd is not None and not os.path.isdir(cwd):
+            why = f"working directory {cwd} does not exist"
+        elif isinstance(e, FileNotFoundError):
+            why = "no such program; check the name or give its full path"
+        elif isinstance(e, PermissionError):
+            why = "permission denied; make it executable (chmod +x) or run it with its interpreter"
+        else:
+            why = f"{e.strerror or e}"
+        raise LaunchError(f"cannot start {command[0]!r}: {why}",
+                          126 if isinstance(e, PermissionError) else 127) from e
 
     def pump(i: int, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
-            with lock:
-                out.write(f"[host {i}] {line}\n")
-                out.flush()
+            if show_gloo or not GLOO_CONNECTED.match(line):
+                with lock:
+                    out.write(f"[host {i}] {line}\n")
+                    out.flush()
             if line_callback is not None:
                 line_callback(i, line)
 
-    pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for t in pumps:
-        t.start()
-    if on_start is not None:
-        on_start([p.pid for p in procs])
-
     def signal_all(sig: int) -> None:
         for p in procs:
-            if p.poll() is None:
+            if p.returncode is None:  # not reaped, so the group id is still this host's
                 try:
                     os.killpg(p.pid, sig)
                 except ProcessLookupError:
                     pass
 
+    stopped_by: list[int] = []
+    pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     previous = {}
-    if forward_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda s, _f: signal_all(s))
     first_failure: int | None = None
     try:
+        for t in pumps:
+            t.start()
+        if forward_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda s, _f: signal_all(s))
+            # Left at their default, these would end the launcher at once and leave the hosts
+            # (each in its own session) running: stop the hosts first, then exit 128 + N.
+            for sig in (signal.SIGHUP, signal.SIGALRM):
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    previous[sig] = signal.signal(sig, lambda s, _f: stopped_by.append(s))
+        if on_start is not None:
+            on_start([p.pid for p in procs])
         deadline = None if timeout_s is None else t0 + timeout_s
         while True:
-            codes = [p.poll() for p in procs]
+            codes = [_exit_code(p) for p in procs]
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
             if failed and first_failure is None:
                 first_failure = failed[0]
@@ -142,31 +191,35 @@ def launch(
                     out.write(f"[launcher] timed out after {timeout_s:g}s; stopping all hosts\n")
                 first_failure = -1
                 break
+            if stopped_by:
+                with lock:
+                    out.write(f"[launcher] got {signal.Signals(stopped_by[0]).name}; stopping "
+                              "all hosts\n")
+                first_failure = -1
+                break
             time.sleep(0.05)
         if first_failure is not None:
             signal_all(signal.SIGTERM)
             end = time.monotonic() + grace_s
-            while time.monotonic() < end and any(p.poll() is None for p in procs):
+            while time.monotonic() < end and any(_exit_code(p) is None for p in procs):
                 time.sleep(0.05)
-            signal_all(signal.SIGKILL)
-        for p in procs:
-            try:
-                p.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
     finally:
+        # Every path (done, failed, timed out, an exception such as a test timeout's
+        # SIGALRM): kill whatever is left of each host's process group, then reap the hosts.
+        _kill_and_reap(procs, grace_s)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for t in pumps:
-            t.join(timeout=5)
+            if t.ident is not None:  # started
+                t.join(timeout=5)
         for p in procs:
             if p.stdout is not None:
                 p.stdout.close()
-    codes = [p.poll() for p in procs]
+    codes = [p.returncode for p in procs]
     if first_failure is None:
         rc = 0
     elif first_failure == -1:
-        rc = 124
+        rc = 128 + stopped_by[0] if stopped_by else 124
     else:
         rc = codes[first_failure] or 1
         with lock:
@@ -174,3 +227,35 @@ def launch(
     return LaunchResult(returncode=rc, returncodes=codes,
                         first_failure=None if first_failure in (None, -1) else first_failure,
                         seconds=time.monotonic() - t0)
+
+
+def _exit_code(p: subprocess.Popen) -> int | None:
+    """`p`'s exit code (-N for signal N) without reaping it where the OS allows.
+
+    An unreaped host keeps its pid, so its process group id cannot be handed to another
+    process before :func:`_kill_and_reap` signals the group.
+    """
+    if p.returncode is not None or not hasattr(os, "waitid"):
+        return p.poll()
+    try:
+        info = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return p.poll()
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _kill_and_reap(procs: Sequence[subprocess.Popen], wait_s: float) -> None:
+    """SIGKILL each host's whole process group (its children too), then reap each host."""
+    for p in procs:
+        if p.returncode is None:  # not reaped yet, so the group id is still ours
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=max(wait_s, 1.0))
+        except subprocess.TimeoutExpired:  # stuck in the kernel (D state); nothing more to do
+            pass

@@ -116,9 +116,15 @@ def main(args: argparse.Namespace) -> int:
         memory = None
         if args.budget is not None:
             budget = parse_bytes(args.budget)
+            if budget < 1:  # input, not a verdict on the parameters' size
+                return _fail(f"--budget {args.budget}: the activation budget must be at least "
+                             "1 byte per device; give e.g. --budget 2GiB")
         else:
             device_bytes = (parse_bytes(args.device_memory) if args.device_memory
                             else device_memory_bytes())
+            if args.device_memory and device_bytes < 1:
+                return _fail(f"--device-memory {args.device_memory}: device memory must be at "
+                             "least 1 byte; give e.g. --device-memory 80GiB")
             if device_bytes is None:
                 return _fail("give --budget BYTES (activations per device) or --device-memory "
                              "BYTES: this backend does not report its memory size")

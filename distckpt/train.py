@@ -26,10 +26,10 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from distckpt import coordinator
-from distckpt.mesh import DEFAULT_RULES, Rules, abstract_target, init_sharded
+from distckpt.mesh import DEFAULT_RULES, MeshSpec, Rules, abstract_target, init_sharded
 from distckpt.model import ModelConfig, Transformer, next_token_loss, set_activation_sharding
 from distckpt.preemption import PreemptionGuard
 from distckpt.service import CheckpointOptions, CheckpointService
@@ -118,6 +118,22 @@ def target(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[s
     return abstract_target(factory(cfg), mesh, rules)
 
 
+def check_fits(cfg: TrainConfig, mesh: MeshSpec, rules: Rules = DEFAULT_RULES) -> None:
+    """Raise ValueError unless the batch and every parameter and optimizer leaf shard onto
+    `mesh` by `rules` (each sharded dimension divisible by its mesh axes).
+
+    Needs no devices (an abstract mesh) and allocates nothing, so a launcher can check a
+    slice before starting a process on it. The activations add no condition of their own
+    under the default rules: they shard the batch, heads and MLP dimensions the same way.
+    """
+    abstract = AbstractMesh(mesh.shape, mesh.names)
+    try:
+        rules.spec(("batch", None), (cfg.batch, cfg.seq_len), abstract, "batch")
+        target(cfg, abstract, rules)
+    except ValueError as e:
+        raise ValueError(f"the model does not fit mesh {mesh}: {e}") from e
+
+
 @dataclasses.dataclass
 class RunResult:
     start_step: int
@@ -169,7 +185,7 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                 logger.info("step %d loss %.6f (%.3fs)", step, loss, time.perf_counter() - t0)
             if on_step is not None:
                 on_step(step, loss)
-            preempted = guard.reached_sync_point(step)
+            preempted = guard.reached_sync_point(step, final=step == steps)
             # A forced save first waits for a save still in flight.
             if ckpt.save(step, state, metrics={"loss": loss},
                          process_state={"next_step": step + 1}, force=preempted):

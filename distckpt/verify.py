@@ -43,6 +43,8 @@ class StepVerdict:
 def verify_step(directory: epath.PathLike, step: int, *,
                 batch_bytes: int = DEFAULT_BATCH_BYTES) -> StepVerdict:
     """Check one step; never raises for a bad step (the verdict lists the problems)."""
+    if batch_bytes < 1:
+        raise ValueError(f"batch_bytes must be >= 1, got {batch_bytes}")
     t0 = time.perf_counter()
     verdict = StepVerdict(step=step, ok=False)
     try:

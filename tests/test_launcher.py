@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from distckpt.launcher import launch
 
 PY = sys.executable
@@ -67,3 +69,113 @@ def test_cli_usage_errors():
     res = subprocess.run([PY, "-m", "distckpt.cli", "launch", "--hosts", "0", "--", "true"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 2 and ">= 1" in res.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that may never come counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+# Each host starts a child in its process group that ignores SIGTERM (and holds no pipe to
+# the launcher), writes both pids, and exits on SIGTERM itself: only a SIGKILL to the whole
+# group stops that child.
+_FAMILY = ("import os, signal, subprocess, sys, time, pathlib\n"
+           "d = pathlib.Path(sys.argv[1]); i = os.environ['JAX_PROCESS_ID']\n"
+           "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+           "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], "
+           "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+           "(d / f'pids{i}').write_text(f'{os.getpid()} {child.pid}')\n"
+           "time.sleep(600)")
+
+
+def _family_pids(d, hosts: int, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while not all((d / f"pids{i}").exists() for i in range(hosts)):
+        assert time.monotonic() < deadline, "hosts never started"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the children install their SIGTERM handler
+    return [int(p) for i in range(hosts) for p in (d / f"pids{i}").read_text().split()]
+
+
+def _assert_all_gone(pids: list[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in pids if _alive(p)] == []
+
+
+def test_timed_out_launch_leaves_no_process_alive(tmp_path):
+    buf = io.StringIO()
+    got: list[int] = []
+    result = launch([PY, "-c", _FAMILY, str(tmp_path)], 2, 1, out=buf, forward_signals=False,
+                    timeout_s=3, grace_s=1,
+                    on_start=lambda _pids: got.extend(_family_pids(tmp_path, 2)))
+    assert result.returncode == 124 and "timed out after 3s" in buf.getvalue()
+    assert result.seconds < 60
+    assert all(code is not None for code in result.returncodes)  # every host reaped
+    assert len(got) == 4
+    _assert_all_gone(got, timeout=1)
+
+
+def test_an_exception_in_the_launcher_leaves_no_process_alive(tmp_path):
+    """A test harness's SIGALRM timeout raises inside launch(): nothing may leak."""
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(_sig, _frame):
+        raise Alarm
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises(Alarm):
+            launch([PY, "-c", _FAMILY, str(tmp_path)], 2, 1, out=io.StringIO(),
+                   forward_signals=True, grace_s=1,
+                   on_start=lambda _pids: (got.extend(_family_pids(tmp_path, 2)),
+                                           signal.setitimer(signal.ITIMER_REAL, 0.5)))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(got) == 4
+    _assert_all_gone(got, timeout=1)
+
+
+def test_sigalrm_to_the_cli_launcher_stops_every_host(tmp_path):
+    proc = subprocess.Popen([PY, "-m", "distckpt.cli", "launch", "--hosts", "2", "--", PY, "-c",
+                             _FAMILY, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    got = _family_pids(tmp_path, 2)
+    proc.send_signal(signal.SIGALRM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGALRM, out
+    assert "got SIGALRM; stopping all hosts" in out
+    _assert_all_gone(got, timeout=1)
+
+
+def test_gloo_connection_lines_are_hidden_unless_asked(tmp_path):
+    # Real gloo: two hosts initialise jax.distributed and run one collective.
+    code = ("from distckpt import coordinator; import jax.numpy as jnp\n"
+            "from jax.experimental import multihost_utils\n"
+            "coordinator.initialize()\n"
+            "print('sum', multihost_utils.process_allgather(jnp.ones(1)).sum())")
+    res = subprocess.run([PY, "-m", "distckpt.cli", "launch", "--hosts", "2", "--", PY, "-c",
+                          code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[host 0] sum 2.0" in res.stdout and "[host 1] sum 2.0" in res.stdout
+    assert "[Gloo]" not in res.stdout
+    # Asked for (the API flag, the CLI's --verbose or the environment): every line kept.
+    line = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks"
+    printer = [PY, "-c", f"print({line!r}); print('other')"]
+    buf = io.StringIO()
+    assert launch(printer, 1, 1, out=buf, forward_signals=False).returncode == 0
+    assert buf.getvalue() == "[host 0] other\n"
+    buf = io.StringIO()
+    assert launch(printer, 1, 1, out=buf, forward_signals=False, show_gloo=True).returncode == 0
+    assert buf.getvalue() == f"[host 0] {line}\n[host 0] other\n"
+    for args, env in [(["launch", "--verbose"], {}), (["launch"], {"DISTCKPT_SHOW_GLOO": "1"})]:
+        res = subprocess.run([PY, "-m", "distckpt.cli", *args, "--hosts", "1", "--", *printer],
+                             capture_output=True, text=True, env={**os.environ, **env})
+        assert res.returncode == 0 and res.stdout == f"[host 0] {line}\n[host 0] other\n", args
