@@ -30,6 +30,7 @@ from distckpt.service import NoCheckpointError as NoCheckpointError
 from distckpt.service import Restored as Restored
 from distckpt.service import SaveFailedError as SaveFailedError
 from distckpt.service import StepExistsError as StepExistsError
+from distckpt.service import StepOrderError as StepOrderError
 from distckpt.service import TargetMismatchError as TargetMismatchError
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "Rules",
     "SaveFailedError",
     "StepExistsError",
+    "StepOrderError",
     "StepUnusableError",
     "StorageNotSharedError",
     "TargetMismatchError",

@@ -20,6 +20,19 @@ order, inside Orbax's commit thread:
 A crash before 3 completes leaves a step without a record, which is never
 listed; saving that step again moves the leftover aside (see :func:`quarantine`).
 
+**Replacing a committed step** (``save(step, overwrite=True)``) never deletes the old
+step before the new one is committed. The new step is written and fsynced under its
+temporary name while the old one stays listed; only then is the old one renamed to
+``<dir>/distckpt-replacing/<step>`` (held, not listed), the new one renamed into place
+and its record written, and then the held step goes to the trash. A failure in between
+puts the old step back at once; a crash in between leaves the held step, which the
+next writer's start-up puts back (or discards, if the new step's record was written):
+:func:`recover_replaced`. The window in which neither is listed is those two renames,
+the metadata update and the record write (milliseconds); a reader listing steps in it
+(or after a crash in it, until a writer starts) does not see the step. A synchronous
+save (``async_save=False``) holds the old step aside for the whole save instead, as on
+object storage below: Orbax's synchronous save deletes the step directory as it starts.
+
 The record also carries the step's **manifest**: the content digest of every
 array (:mod:`distckpt.digest`, combined from every process's partial sums), the
 size of every file and a CRC-32 of every small file (JSON metadata, manifests), so
@@ -40,6 +53,11 @@ same rules are kept another way:
   single PUT, last. A PUT is all-or-nothing, so a reader sees no record or the whole
   record. A crash before that PUT leaves objects without a record: never listed.
   There is nothing to fsync; object stores are durable once a PUT returns.
+* **Replacing a committed step**: there is no rename, and the new step is written in
+  place, so the old one is moved to ``<dir>/distckpt-replacing/<step>/`` first (a
+  server-side copy, as quarantine does; not listed meanwhile) and deleted only after
+  the new step's record is written. A failed save puts it back; after a crash the next
+  writer does (:func:`recover_replaced`).
 * **Saving over a leftover**: ``CommitFileTemporaryPath.create()`` deletes whatever
   is at ``<dir>/<step>/`` before writing. The service decides first (a committed step
   raises StepExistsError, an uncommitted leftover is moved aside), and the step-level
@@ -85,6 +103,9 @@ logger = logging.getLogger(__name__)
 COMMIT_FILE = "distckpt_commit.json"
 QUARANTINE_DIR = "distckpt-quarantine"
 TRASH_DIR = "distckpt-trash"
+REPLACING_DIR = "distckpt-replacing"
+"""A committed step being replaced (``overwrite=True``) waits here, unlisted, until the new
+one is committed; see the module docstring."""
 """Retention renames a step here first (atomic), then it is deleted: a crash mid-delete
 never leaves a half-deleted step that is still listed. On object storage it holds only
 tombstones of steps being deleted (see the module docstring)."""
@@ -268,6 +289,17 @@ def committed_steps(directory: epath.Path) -> list[int]:
     return [s for s, r in scan(directory).items() if isinstance(r, dict)]
 
 
+def newest_committed(directory: epath.Path) -> int | None:
+    """The highest committed step (one listing, then records from the top down)."""
+    for step, path in sorted(step_names(directory), reverse=True):
+        try:
+            read_record(path, step)
+        except CommitRecordError:
+            continue
+        return step
+    return None
+
+
 def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
     """Problems with the files the record lists (missing, resized, small file changed).
 
@@ -386,6 +418,115 @@ def _delete_objects(path: epath.Path) -> None:
     storage.remove_files(path, sorted(storage.list_files(path)))
 
 
+def hold_for_replace(directory: epath.Path, step: int) -> epath.Path:
+    """Move the committed `step` to ``<directory>/distckpt-replacing/<step>`` (unlisted)
+    while its replacement is committed; :func:`release_replaced` or
+    :func:`recover_replaced` ends the hold."""
+    src = step_dir(directory, step)
+    held_root = directory / REPLACING_DIR
+    held = held_root / str(step)
+    if is_local(directory):
+        held_root.mkdir(parents=True, exist_ok=True)
+        if held.exists():
+            raise FileExistsError(f"{held} already holds a step being replaced; open a "
+                                  "writable CheckpointService on the directory to recover it")
+        os.rename(os.fspath(src), os.fspath(held))
+        fsync_path(directory)
+        fsync_path(held_root)
+        return held
+    names = storage.list_files(src)
+    rest = sorted(n for n in names if n != COMMIT_FILE)
+    storage.copy_files(src, held, rest)
+    storage.copy_files(src, held, [COMMIT_FILE])  # held is complete once its record is there
+    _delete_objects(src)  # record first: the step stops being listed
+    return held
+
+
+def release_replaced(directory: epath.Path, step: int) -> bool:
+    """The replacement of `step` is committed: discard the held old step (locally it goes
+    to the trash, which purge_trash deletes). False if nothing was held."""
+    held = directory / REPLACING_DIR / str(step)
+    if is_local(directory):
+        if not os.path.isdir(os.fspath(held)):
+            return False
+        trash = directory / TRASH_DIR
+        trash.mkdir(parents=True, exist_ok=True)
+        os.rename(os.fspath(held), os.fspath(trash / f"{step}.{_stamp()}.replaced"))
+        _remove_if_empty(directory / REPLACING_DIR)
+        return True
+    names = storage.list_files(held)
+    if not names:
+        return False
+    _delete_objects(held)
+    return True
+
+
+def _remove_if_empty(path: epath.Path) -> None:
+    try:
+        os.rmdir(os.fspath(path))
+    except OSError:  # not empty (another step held) or already gone
+        pass
+
+
+def _held_steps(directory: epath.Path) -> list[int]:
+    root = directory / REPLACING_DIR
+    if is_local(directory):
+        try:
+            names = os.listdir(os.fspath(root))
+        except FileNotFoundError:
+            return []
+    else:
+        names = {rel.split("/", 1)[0] for rel in storage.list_files(root)}
+    return sorted(int(n) for n in names if _STEP_NAME.match(n))
+
+
+def recover_replaced(directory: epath.Path) -> list[str]:
+    """Finish every replacement a failure or crash interrupted (primary host, writers only).
+
+    For each step held in ``distckpt-replacing``: if the step is committed again (the new
+    record was written), the held old step is discarded; otherwise whatever uncommitted
+    leftover is at the step's path is quarantined and the old step is put back. Returns
+    what was done, one line per step.
+    """
+    done = []
+    for step in _held_steps(directory):
+        path = step_dir(directory, step)
+        held = directory / REPLACING_DIR / str(step)
+        try:
+            read_record(path, step)
+        except CommitRecordError:
+            pass
+        else:
+            release_replaced(directory, step)  # a replacement, or the original never moved
+            done.append(f"step {step} is committed; discarded the copy held aside")
+            continue
+        if is_local(directory):
+            try:
+                read_record(held, step)
+            except CommitRecordError as e:  # never expected: only committed steps are held
+                done.append(f"step {step}: the held step is not committed ({e}); left it at "
+                            f"{held}")
+                continue
+            if os.path.lexists(os.fspath(path)):
+                quarantine(directory, step, "uncommitted")
+            os.rename(os.fspath(held), os.fspath(path))
+            fsync_path(directory)
+            _remove_if_empty(directory / REPLACING_DIR)
+        else:
+            names = storage.list_files(held)
+            if COMMIT_FILE not in names:  # the copy was cut short: the original is intact
+                _delete_objects(held)
+                done.append(f"step {step}: discarded an incomplete copy of the old step")
+                continue
+            if storage.list_files(path):
+                quarantine(directory, step, "uncommitted")
+            storage.copy_files(held, path, sorted(n for n in names if n != COMMIT_FILE))
+            storage.copy_files(held, path, [COMMIT_FILE])  # listed again from here on
+            _delete_objects(held)
+        done.append(f"step {step}: its replacement never committed; put the old step back")
+    return done
+
+
 class ObjectStoreDeleter:
     """Orbax's CheckpointDeleter protocol for object storage: :func:`delete_step` on the
     primary host, nothing elsewhere (Orbax calls it on every process)."""
@@ -411,11 +552,14 @@ class CommittedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
     """Orbax step naming that lists only steps with a valid distckpt commit record.
 
     Orbax uses it for its listing, hence for retention: junk never counts as one
-    of the newest N steps, and is never deleted by retention either.
+    of the newest N steps, and is never deleted by retention either. Steps in `hidden`
+    are left out too: a committed step that is being replaced stays on disk (and listed
+    to everyone else) until its replacement commits, but Orbax must not see it as taken.
     """
 
     def __init__(self):
         self._standard = step_lib.standard_name_format()
+        self.hidden: frozenset[int] = frozenset()
 
     def build_name(self, step: int) -> str:
         return self._standard.build_name(step)
@@ -423,7 +567,7 @@ class CommittedNameFormat(step_lib.NameFormat[step_lib.Metadata]):
     def find_all(self, base_path: epath.PathLike) -> Iterator[step_lib.Metadata]:
         base = epath.Path(base_path)
         return iter([step_lib.Metadata(step=s, path=step_dir(base, s))
-                     for s in committed_steps(base)])
+                     for s in committed_steps(base) if s not in self.hidden])
 
     def find_step(self, base_path: epath.PathLike, step: int) -> step_lib.Metadata:
         path = step_dir(epath.Path(base_path), step)
@@ -520,10 +664,20 @@ def commit_path_class(directory: epath.Path, finalizer: Finalizer,
 
     class DurableRenameTemporaryPath(atomicity.AtomicRenameTemporaryPath):
         async def finalize(self):
-            await super().finalize()
             final = self.get_final()
-            if is_step(final):
-                await asyncio.to_thread(_commit, final, finalizer, after_record)
+            replacing = is_step(final) and await asyncio.to_thread(
+                (final / COMMIT_FILE).exists)
+            if replacing:  # overwrite=True: hold the old step only for the last moment
+                await asyncio.to_thread(fsync_tree, self.get())
+                await asyncio.to_thread(hold_for_replace, final.parent, int(final.name))
+            try:
+                await super().finalize()
+                if is_step(final):
+                    await asyncio.to_thread(_commit, final, finalizer, after_record)
+            except BaseException:
+                if replacing:
+                    await asyncio.to_thread(_put_back, final)
+                raise
 
     if is_local(directory):
         return DurableRenameTemporaryPath
@@ -550,6 +704,16 @@ def commit_path_class(directory: epath.Path, finalizer: Finalizer,
     return InPlaceCommitPath
 
 
+def _put_back(final: epath.Path) -> None:
+    """A replacement failed before its record: put the held old step back now."""
+    try:
+        for line in recover_replaced(final.parent):
+            logger.warning("%s", line)
+    except Exception:  # the original error matters more; the next writer's start retries
+        logger.exception("putting the replaced step %s back failed; the next writable "
+                         "CheckpointService on %s does it", final.name, final.parent)
+
+
 def _commit(path: epath.Path, finalizer: Finalizer,
             after_record: Callable[[int], None] | None) -> None:
     step = int(path.name)
@@ -557,6 +721,30 @@ def _commit(path: epath.Path, finalizer: Finalizer,
     fsync_path(path.parent)
     record = finalizer(path, step)
     write_durable(path / COMMIT_FILE, record)
+    release_replaced(path.parent, step)  # the old step, if this one replaced it
     if after_record is not None:
         after_record(step)
+    _free_trash_names(path.parent)
     purge_trash_later(path.parent)  # steps an earlier retention pass set aside
+
+
+def _free_trash_names(directory: epath.Path) -> None:
+    """Retention (Orbax's deleter, after this commit) moves a removed step to
+    ``distckpt-trash/<step>`` and cannot replace an entry still there: a step number
+    removed twice before the trash was purged (allow_older_steps, overwrite) failed the
+    save. Rename such leftovers aside first (they are trash: purge_trash deletes them)."""
+    if not is_local(directory):
+        return
+    trash = os.fspath(directory / TRASH_DIR)
+    try:
+        bare = [n for n in os.listdir(trash) if _STEP_NAME.match(n)]
+    except FileNotFoundError:
+        return
+    if not bare:
+        return
+    wait_for_purge(directory)  # it may be deleting them right now
+    for name in bare:
+        try:
+            os.rename(os.path.join(trash, name), os.path.join(trash, f"{name}.{_stamp()}.removed"))
+        except FileNotFoundError:  # purged meanwhile
+            pass

@@ -18,7 +18,12 @@ and it must be able to time out and say who is missing.
 * :func:`primary_decides` lets the primary host compute a small JSON value (a
   step, a bool, a short string) and hands the same value to every process.
   Anything that depends on clocks or the filesystem is decided this way: hosts'
-  clocks are skewed and shared filesystems are not instantly consistent.
+  clocks are skewed and shared filesystems are not instantly consistent. Every
+  call is its own decision (the name plus how often this process asked it
+  before), so a decision can never be answered by an earlier one of the same name.
+* :class:`ScopedBarriers` are barriers that stop waiting as soon as a failure is
+  reported (Orbax's background-commit barriers: the service's cannot be cancelled,
+  so a failed write elsewhere would keep every peer waiting for the whole timeout).
 * :func:`is_primary` is the one place that answers "am I the primary host?";
   the primary is a setting (:func:`set_primary_host`, default process 0).
 """
@@ -30,6 +35,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -44,6 +51,8 @@ _KV_PREFIX = "distckpt"
 _MAX_DECISION_BYTES = 1024 * 1024
 
 _primary_host: int = 0
+_decision_uses: dict[str, int] = {}  # name -> calls so far (the same on every host)
+_decision_lock = threading.Lock()
 
 
 class BarrierTimeoutError(TimeoutError):
@@ -59,6 +68,16 @@ class BarrierTimeoutError(TimeoutError):
             f"processes that did not arrive: {who}. {detail}Check those processes' logs: "
             "a process that is stuck (I/O, a deadlock) or died never reaches the barrier."
         )
+
+
+class DecisionFailedError(RuntimeError):
+    """The primary host's decision raised; `error` is its ``"Type: message"``."""
+
+    def __init__(self, name: str, error: str):
+        self.name = name
+        self.error = error
+        super().__init__(f"[process={jax.process_index()}] primary host {_primary_host} "
+                         f"failed deciding {name!r}: {error}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,18 +372,31 @@ def encode_json(value: Any, name: str) -> str:
     return text
 
 
+def _decision_key(name: str) -> str:
+    """`name` plus how many times this process asked it before: every host asks the same
+    decisions in the same order, so every host computes the same key, and a key is never
+    used twice (a peer late to read use n can never be handed use n+1, or the reverse)."""
+    with _decision_lock:
+        n = _decision_uses.get(name, 0)
+        _decision_uses[name] = n + 1
+    return f"{name}#{n}"
+
+
 def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAULT_TIMEOUT_S) -> T:
     """Run `decide` on the primary host only and return its value on every process.
 
-    `name` identifies the decision (e.g. ``"restore:step"``); it may be reused once every
-    process has returned from the previous use. If `decide` raises on the primary, every
-    process raises a RuntimeError carrying the primary's message.
+    `name` identifies the decision (e.g. ``"restore:step"``) and may be used again; each
+    call is a decision of its own (see :func:`_decision_key`), so every process must make
+    the same calls in the same order. If `decide` raises on the primary, every process
+    raises: the primary its own exception, the others a :class:`DecisionFailedError`
+    carrying its message.
     """
     if jax.process_count() == 1:  # same checks as with many processes, so code ports
         value = decide()
         encode_json({"ok": True, "value": value}, name)
         return value
     client = _distributed_client()
+    name = _decision_key(name)
     key = f"{_KV_PREFIX}/decision/{name}"
     if is_primary():
         try:
@@ -385,17 +417,13 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
                 f"[process={jax.process_index()}] no decision {name!r} from primary host "
                 f"{_primary_host} within {timeout_s:g}s: {e}"
             ) from e
-    # Everyone has read the value before the primary removes it, so a later decision
-    # under the same name can never be answered by this one.
+    # Everyone has read the value before the primary removes it.
     barrier(f"decision:{name}:read", timeout_s)
     if is_primary():
         client.key_value_delete(key)
     payload = json.loads(text)
     if not payload["ok"]:
-        raise RuntimeError(
-            f"[process={jax.process_index()}] primary host {_primary_host} failed deciding "
-            f"{name!r}: {payload['error']}"
-        )
+        raise DecisionFailedError(name, payload["error"])
     return payload["value"]
 
 
@@ -446,3 +474,92 @@ def read_note(name: str) -> str | None:
         return client.key_value_try_get(f"{_KV_PREFIX}/note/{name}")
     except Exception:  # NOT_FOUND
         return None
+
+
+def clear_note(name: str) -> None:
+    """Remove a note (and any notes below `name/`) once every process is done with it."""
+    client = _distributed_client()
+    if jax.process_count() > 1 and client is not None:
+        client.key_value_delete(f"{_KV_PREFIX}/note/{name}")
+
+
+class BarrierAbortedError(RuntimeError):
+    """A :class:`ScopedBarriers` barrier stopped waiting because a failure was reported."""
+
+
+class ScopedBarriers:
+    """Barriers for Orbax's background commit (``AsyncOptions(barrier_sync_fn=...)``) that
+    stop waiting as soon as `abort(scope)` reports a failure.
+
+    Orbax waits at the coordination service's barriers in its commit threads; a process
+    whose write failed never arrives, and the service's barriers cannot be cancelled, so
+    every peer (and its ``close()``, and the interpreter's exit, which joins those
+    threads) waited for the whole timeout. These barriers are built on the key-value
+    store instead: each process posts ``<scope>/<key>#<n>/arrived/<i>``; the process
+    that sees all of them posts ``.../done``; the others wait for that key in short
+    slices and ask `abort` in between, raising :class:`BarrierAbortedError` with its
+    reason, or :class:`BarrierTimeoutError` naming the processes that never arrived.
+
+    A scope is one save (:meth:`begin`); ``#<n>`` counts uses of Orbax's key within it
+    (Orbax reuses keys), the same on every process. :meth:`clear` deletes a scope's
+    keys once every process has left its barriers.
+    """
+
+    def __init__(self, abort: Callable[[str], str | None], poll_s: float = 0.2):
+        self._abort = abort
+        self._poll_s = poll_s
+        self._lock = threading.Lock()
+        self._scope = "init"
+        self._uses: dict[str, int] = {}
+
+    @property
+    def scope(self) -> str:
+        return self._scope
+
+    def begin(self, scope: str) -> None:
+        """Barriers from now on belong to `scope` (every process calls it alike)."""
+        with self._lock:
+            self._scope = scope
+            self._uses = {}
+
+    def clear(self, scope: str) -> None:
+        """Delete `scope`'s keys (call on one process, after all have left its barriers)."""
+        client = _distributed_client()
+        if jax.process_count() > 1 and client is not None:
+            client.key_value_delete(f"{_KV_PREFIX}/scoped/{scope}")
+
+    def __call__(self, *, key: str, timeout_ms: int) -> None:
+        if jax.process_count() == 1:
+            return
+        client = _distributed_client()
+        with self._lock:
+            scope = self._scope
+            n = self._uses.get(key, 0)
+            self._uses[key] = n + 1
+        name = f"{scope}/{key}#{n}"
+        base = f"{_KV_PREFIX}/scoped/{name}"
+        count = jax.process_count()
+        client.key_value_set(f"{base}/arrived/{jax.process_index()}", "1", allow_overwrite=True)
+        if len(client.key_value_dir_get(f"{base}/arrived/")) >= count:
+            client.key_value_set(f"{base}/done", "1", allow_overwrite=True)  # we were last
+        timeout_s = timeout_ms / 1000
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                client.blocking_key_value_get(f"{base}/done",
+                                              _timeout_ms(max(0.001, min(self._poll_s, left))))
+                return
+            except Exception as e:  # jax raises JaxRuntimeError(DEADLINE_EXCEEDED...)
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+            reason = self._abort(scope)
+            if reason is not None:
+                raise BarrierAbortedError(
+                    f"[process={jax.process_index()}] stopped waiting at barrier {name!r}: "
+                    f"{reason}")
+            if time.monotonic() >= deadline:
+                arrived = {k.rsplit("/", 1)[-1] for k, _ in
+                           client.key_value_dir_get(f"{base}/arrived/")}
+                missing = [p for p in range(count) if str(p) not in arrived]
+                raise BarrierTimeoutError(name, timeout_s, missing, "")

@@ -11,6 +11,11 @@ class StepExistsError(CheckpointError):
     """The step is already committed and overwrite=False."""
 
 
+class StepOrderError(CheckpointError):
+    """The step is below the newest committed step in the directory and
+    allow_older_steps=False (see "Reusing a directory" in the README)."""
+
+
 class NoCheckpointError(CheckpointError, FileNotFoundError):
     """No committed (or no usable) step to restore, or no checkpoint directory."""
 

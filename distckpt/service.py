@@ -16,7 +16,10 @@ Saving is asynchronous: :meth:`CheckpointService.save` returns once the arrays a
 staged and their digests are enqueued on the devices; training continues and the
 commit happens in the background. A failure in that background commit is gathered
 from every process at the next ``save()``, ``wait()`` or ``close()`` and raised on
-all of them, so no host proceeds alone to a barrier its peers will never reach.
+all of them, once, as :class:`SaveFailedError`, so no host proceeds alone to a
+barrier its peers will never reach. Orbax's commit barriers stop waiting as soon as
+a failure is reported (:class:`distckpt.coordinator.ScopedBarriers`), so the raise
+is prompt and the service is usable again afterwards (the failed step is not saved).
 
 Decisions that read the filesystem (does this step exist? which step is the
 newest? is this step usable?) are taken by the primary host and handed to the
@@ -56,6 +59,7 @@ from distckpt.errors import (
     NoCheckpointError,
     SaveFailedError,
     StepExistsError,
+    StepOrderError,
     StepUnusableError,
     StorageNotSharedError,
     TargetMismatchError,
@@ -70,7 +74,8 @@ _KEEP_FILE = "distckpt_keep_forever.json"
 
 __all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatVersionError",
            "NoCheckpointError", "Restored", "SaveFailedError", "SaveStats", "StepExistsError",
-           "StepUnusableError", "StorageNotSharedError", "TargetMismatchError", "check_target"]
+           "StepOrderError", "StepUnusableError", "StorageNotSharedError",
+           "TargetMismatchError", "check_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,7 @@ class CheckpointOptions:
     """How a CheckpointService saves, keeps and restores steps."""
 
     max_to_keep: int | None = 3
-    """Keep the newest N steps (None keeps all)."""
+    """Keep the N highest step numbers (None keeps all); ranked by step, never save order."""
     keep_period: int | None = None
     """Also keep every step that is a multiple of this."""
     best_metric: str | None = None
@@ -88,7 +93,7 @@ class CheckpointOptions:
     best_mode: Literal["min", "max"] = "min"
     """Whether a lower ('min', e.g. loss) or higher ('max', e.g. accuracy) score is better."""
     best_n: int | None = 1
-    """With best_metric/best_fn: also keep the best N steps."""
+    """With best_metric/best_fn: also keep the best N steps saved with metrics (None: all)."""
     save_interval_steps: int | None = 1
     """save() writes steps that are multiples of this (None: only save_on_steps/force)."""
     save_on_steps: tuple[int, ...] = ()
@@ -109,6 +114,8 @@ class CheckpointOptions:
     """The process that writes shared metadata and takes filesystem decisions."""
     read_only: bool = False
     """Never write, move or delete anything (evaluation, inspection, a drill's restore side)."""
+    allow_older_steps: bool = False
+    """Let save() write a step below the newest committed one (else StepOrderError)."""
     verify: bool = True
     """Check every restored array against the content digests in the commit record."""
     require_shared_storage: bool = True
@@ -231,6 +238,41 @@ class Restored:
 
 
 @dataclasses.dataclass
+class _HighestSteps(pp.PreservationPolicy):
+    """Preserve the n highest step numbers. (Orbax's LatestN keeps the last n in its
+    list, which is save order: a lower step saved into a used directory pushed a higher
+    committed one out.)"""
+
+    n: int | None
+
+    def should_preserve(self, checkpoints, *, context):
+        if self.n is None:
+            return [True] * len(checkpoints)
+        keep = set(sorted((c.step for c in checkpoints), reverse=True)[:self.n])
+        return [c.step in keep for c in checkpoints]
+
+
+@dataclasses.dataclass
+class _BestSteps(pp.PreservationPolicy):
+    """Preserve the n best steps by score among the steps saved with metrics (ties: the
+    higher step), as best_step() ranks them, from the metrics distckpt saved with each
+    step. (Orbax's BestN keeps every step, with metrics or not, while there are at most
+    n, and knows the metrics of earlier steps only if their service ranked by them.)"""
+
+    score: Callable[[Mapping[str, Any]], float]
+    mode: Literal["min", "max"]
+    n: int | None
+    metrics_of: Callable[[int, Mapping[str, Any] | None], Mapping[str, Any] | None]
+
+    def should_preserve(self, checkpoints, *, context):
+        sign = 1.0 if self.mode == "min" else -1.0
+        found = [(c.step, self.metrics_of(c.step, c.metrics)) for c in checkpoints]
+        ranked = sorted((sign * self.score(m), -step) for step, m in found if m is not None)
+        best = {-neg_step for _, neg_step in ranked[:self.n]}
+        return [c.step in best for c in checkpoints]
+
+
+@dataclasses.dataclass
 class _KeepMarked(pp.PreservationPolicy):
     """Preserve the steps a user marked with keep_forever()."""
 
@@ -249,7 +291,22 @@ class CheckpointService:
     (:mod:`distckpt.storage`) and commit without renames (:mod:`distckpt.commit`).
 
     Every process constructs the service with the same arguments and calls save() and
-    restore() with the same steps in the same order.
+    restore() with the same steps in the same order. A relative local path is resolved
+    against each process's working directory.
+
+    Reusing a directory: steps only go up. save(step) below the newest step committed
+    in the directory (by this or any earlier service) raises StepOrderError on every
+    process before anything is written; restore() and continue from the newest step + 1,
+    use a new directory, or pass CheckpointOptions(allow_older_steps=True). Saving a
+    committed step again raises StepExistsError unless overwrite=True (the old step is
+    kept until the new one commits). Retention ranks steps by step number, never by save
+    order: max_to_keep keeps the N highest steps (plus keep_forever, keep_period
+    multiples and best-N), so with allow_older_steps a step below the N highest is
+    removed by retention right after it commits.
+
+    A failed background save is raised once, as SaveFailedError, by the next save(),
+    wait() or close() on every process (that save() does not save its own step); after
+    it the service saves new steps again.
     """
 
     def __init__(self, directory: str | epath.PathLike | storage.Location,
@@ -260,12 +317,18 @@ class CheckpointService:
         coordinator.set_primary_host(self.options.primary_host)
         self._check_directory()
         self._keep_forever: set[int] = set(self._load_keep_forever())
+        self._metrics_seen: dict[int, Mapping[str, Any] | None] = {}  # for best-N retention
         self._stats: list[SaveStats] = []
         self._closed = False
         self._save_policy = self._save_decision_policy()
         self._policy_decision: tuple[int, bool] | None = None  # (step, save?) last asked
-        self._last_save_step: int | None = None
-        self._background_failure: tuple[int, BaseException] | None = None
+        self._last_save_step: int | None = None  # the save whose outcome is not reported yet
+        self._background_failure: tuple[str, BaseException] | None = None  # (scope, error)
+        # Each save is a scope of Orbax's commit barriers, named alike on every process.
+        self._barriers = coordinator.ScopedBarriers(self._abort_reason)
+        self._save_seq = 0
+        self._open_scopes: list[str] = []  # scopes whose coordination keys are not cleared
+        self._name_format = commit.CommittedNameFormat()
         self._manager: ocp.CheckpointManager | None = None
         self._process_handler: per_process.ProcessStateHandler | None = None
         if not self.options.read_only:
@@ -280,9 +343,11 @@ class CheckpointService:
 
         decided = coordinator.primary_decides(
             "init:directory", lambda: {"where": state(), "key": self._own_key(),
-                                       "shown": str(self.directory)},
+                                       "shown": str(self.directory),
+                                       "nonce": f"{os.getpid()}-{time.time_ns()}"},
             self.options.timeout_s)
         where = decided["where"]
+        self._nonce = decided["nonce"]  # names this service's save scopes on every host
         # Coordination names below use the primary's path, never this process's own: a
         # host given another path (a per-host or unshared directory) must still meet its
         # peers at the same barriers, so the storage probe can fail fast and name it.
@@ -305,11 +370,16 @@ class CheckpointService:
 
     def _open_writer(self) -> None:
         o = self.options
-        if coordinator.is_primary():
+
+        def create() -> list[str]:
             self.directory.mkdir(parents=True, exist_ok=True)
             commit.wait_for_purge(self.directory)  # an earlier service's, in this process
+            recovered = commit.recover_replaced(self.directory)  # a crash mid-overwrite
             commit.purge_trash(self.directory)  # left by a crash during retention
-        coordinator.barrier(f"init:{self._key}:created", o.timeout_s)
+            return recovered
+
+        for line in self._primary_writes(f"init:{self._key}:created", create):
+            logger.warning("[process=%d] %s: %s", jax.process_index(), self.directory, line)
         if o.require_shared_storage:
             self._probe_shared_storage()
         mp = ocp.options.MultiprocessingOptions(primary_host=o.primary_host)
@@ -322,11 +392,18 @@ class CheckpointService:
             best_fn=o.score_fn(),
             best_mode=o.best_mode,
             enable_async_checkpointing=o.async_save,
-            async_options=ocp.AsyncOptions(timeout_secs=int(o.timeout_s)),
+            async_options=ocp.AsyncOptions(timeout_secs=int(o.timeout_s),
+                                           barrier_sync_fn=self._barriers),
             multiprocessing_options=mp,
             create=False,
             cleanup_tmp_directories=False,
-            step_name_format=commit.CommittedNameFormat(),
+            step_name_format=self._name_format,
+            # Orbax's async save would delete an existing step directory as it starts (a
+            # "force" save). The service decides what may be there instead: an uncommitted
+            # leftover is moved aside, and a step being overwritten stays until its
+            # replacement commits (commit.py). (Sync saves cannot skip it: there the old
+            # step is held aside for the whole save instead.)
+            file_options=ocp.options.FileOptions(skip_sync_file_validations=o.async_save),
             temporary_path_class=commit.commit_path_class(
                 self.directory, self._finalize_commit,
                 lambda step: self._fault("commit:recorded", step)),
@@ -359,13 +436,15 @@ class CheckpointService:
         """Every host must see a file the primary just wrote (flax#3364, orbax#999)."""
         if jax.process_count() == 1:
             return
-        nonce = coordinator.primary_decides(
-            f"init:{self._key}:probe", lambda: f"{os.getpid()}-{time.time_ns()}",
-            self.options.timeout_s)
+
+        def write_probe() -> str:
+            nonce = f"{os.getpid()}-{time.time_ns()}"
+            (self.directory / f".distckpt-probe-{nonce}").write_text(nonce)
+            return nonce
+
+        # Peers receive the name only after the primary wrote the file, or its error.
+        nonce = self._primary_writes(f"init:{self._key}:probe", write_probe)
         probe = self.directory / f".distckpt-probe-{nonce}"
-        if coordinator.is_primary():
-            probe.write_text(nonce)
-        coordinator.barrier(f"init:{self._key}:probe-written", self.options.timeout_s)
 
         def look() -> tuple[bool, str | None]:
             try:
@@ -401,6 +480,22 @@ class CheckpointService:
                 "a slow network filesystem, or pass require_shared_storage=False for per-host "
                 "local directories that you merge yourself. Nothing was written.")
 
+    def _primary_writes(self, name: str, write: Callable[[], Any]) -> Any:
+        """The primary writes to the directory; a failure there fails every host at once
+        (not at the next barrier, after the timeout) with a message naming the cause."""
+        try:
+            return coordinator.primary_decides(name, write, self.options.timeout_s)
+        except (OSError, coordinator.DecisionFailedError) as e:
+            cause = e.error if isinstance(e, coordinator.DecisionFailedError) \
+                else f"{type(e).__name__}: {e}"
+            raise CheckpointError(
+                f"[process={jax.process_index()}] the primary host (process "
+                f"{coordinator.primary_host()}) cannot write to the checkpoint directory "
+                f"{self._primary_directory}: {cause}. Give every host write access there "
+                "(file permissions, or object-store credentials allowed to write), point "
+                "at a writable directory, or pass CheckpointOptions(read_only=True) to only "
+                "restore. Nothing was saved.") from e
+
     # ------------------------------------------------------------------ policies
     def _save_decision_policy(self) -> sdp.SaveDecisionPolicy:
         policies: list[sdp.SaveDecisionPolicy] = []
@@ -412,14 +507,14 @@ class CheckpointService:
 
     def _preservation_policy(self) -> pp.PreservationPolicy:
         o = self.options
-        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=o.max_to_keep),
+        policies: list[pp.PreservationPolicy] = [_HighestSteps(n=o.max_to_keep),
                                                  _KeepMarked(self._keep_forever)]
         if o.keep_period is not None:
             policies.append(pp.EveryNSteps(o.keep_period))
         score = o.score_fn()
         if score is not None:
-            policies.append(pp.BestN(get_metric_fn=score, reverse=(o.best_mode == "min"),
-                                     n=o.best_n, keep_checkpoints_without_metrics=False))
+            policies.append(_BestSteps(score=score, mode=o.best_mode, n=o.best_n,
+                                       metrics_of=self._step_metrics))
         return pp.AnyPreservationPolicy(policies)
 
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
@@ -442,6 +537,19 @@ class CheckpointService:
                 primary_host=self.options.primary_host))
         return bool(self._save_policy.should_save(info, previous_steps=[], context=context))
 
+    def _step_metrics(self, step: int, known: Mapping[str, Any] | None
+                      ) -> Mapping[str, Any] | None:
+        """Metrics of a step for retention: Orbax's (the step being saved), else the ones
+        saved with it (read once; a committed step's metrics never change)."""
+        if known is not None:
+            return known
+        if step not in self._metrics_seen:
+            try:
+                self._metrics_seen[step] = StepReader(self.directory, step).metrics()
+            except CheckpointError:  # not committed (yet) or unreadable: no metrics
+                return None
+        return self._metrics_seen[step]
+
     # ------------------------------------------------------------------ helpers
     def _load_keep_forever(self) -> list[int]:
         def read() -> list[int]:
@@ -455,13 +563,23 @@ class CheckpointService:
 
         return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
 
-    def _failure_note(self, step: int | None) -> str:
-        return f"save-failed:{self._key}:step={step}"
+    def _failure_note(self, scope: str) -> str:
+        return f"save-failed:{scope}"
 
-    def _on_background_failure(self, step: int, error: BaseException) -> None:
+    def _on_background_failure(self, step: int | None, error: BaseException) -> None:
         """Called from the commit thread: remember the failure and tell the peers now."""
-        self._background_failure = (step, error)
-        coordinator.publish(self._failure_note(step), f"{type(error).__name__}: {error}")
+        scope = self._barriers.scope
+        self._background_failure = (scope, error)
+        coordinator.publish(self._failure_note(scope),
+                            f"step {step}: {type(error).__name__}: {error}")
+
+    def _abort_reason(self, scope: str) -> str | None:
+        """Why the commit barriers of `scope` should stop waiting (None: keep waiting)."""
+        failure = self._background_failure
+        if failure is not None and failure[0] == scope:
+            return f"this process's save failed: {type(failure[1]).__name__}: {failure[1]}"
+        note = coordinator.read_note(self._failure_note(scope))
+        return None if note is None else f"a peer's save failed ({note})"
 
     def _fault(self, point: str, step: int) -> None:
         if self.options.fault_hook is not None:
@@ -499,21 +617,71 @@ class CheckpointService:
             "error": f"{type(local).__name__}: {local}"[:2000]}
         reports = coordinator.all_gather(f"errors:{where}", report, self.options.timeout_s)
         failed = {i: r for i, r in enumerate(reports) if r is not None}
+        save_failed = any(r["kind"] == "background" for r in failed.values())
+        if not save_failed:
+            # Every process has finished the last save (its Orbax threads are joined).
+            self._clear_scopes()
         if not failed:
             return
-        if background is None and rejected is not None and \
-                all(r["kind"] == "input" for r in failed.values()):
+        if background is None and rejected is not None and not save_failed:
             raise rejected  # this process's own bad input, as the caller passed it
         lines = "; ".join(f"process {i}: {r['error']}" for i, r in failed.items())
         what = (f"the background save of step {self._last_save_step} to {self.directory} "
-                "failed" if any(r["kind"] == "background" for r in failed.values())
-                else "the save was rejected")
+                "failed" if save_failed else "the save was rejected")
         hint = (" The filesystem is full: free space there or save to another directory."
                 if "No space left on device" in lines else "")
+        recovered = self._recover_failed_save(where) if save_failed else []
         raise SaveFailedError(
             f"[process={jax.process_index()}] {what} ({lines}); nothing new is committed. "
-            f"Committed steps are intact: {self.all_steps()}.{hint}"
+            f"Committed steps are intact: {self.all_steps()}."
+            + "".join(f" {line}." for line in recovered)
+            + (" This error is raised once: the service saves new steps again from the "
+               "next save() (the step that raised here was not saved; save it again)."
+               if save_failed else "")
+            + hint
         ) from local
+
+    def _recover_failed_save(self, where: str) -> list[str]:
+        """After a failed save, on every process: let Orbax's threads end (their barriers
+        stop at the failure note), clear their errors, put back a step an overwrite held,
+        and forget the failure, so the next save() starts clean."""
+        for call in (self._manager.wait_until_finished, self._manager.check_for_errors):
+            try:
+                call()
+            except Exception as e:  # the failure just gathered, raised by Orbax once more
+                logger.info("[process=%d] after the failed save: %s: %s",
+                            jax.process_index(), type(e).__name__, e)
+
+        def recover() -> list[str]:
+            try:
+                return commit.recover_replaced(self.directory)
+            except Exception as e:  # reported, not raised: the save's failure matters more
+                return [f"putting back a step the failed overwrite held failed "
+                        f"({type(e).__name__}: {e}); the next writable service retries"]
+
+        recovered = coordinator.primary_decides(f"errors:{where}:recover", recover,
+                                                self.options.timeout_s)
+        self._clear_scopes()  # the decision's barrier: every process has drained
+        self._background_failure = None
+        self._last_save_step = None
+        return recovered
+
+    def _put_back_held(self) -> None:
+        """Primary, after a failed overwrite: put back the step it held aside (if any)."""
+        try:
+            for line in commit.recover_replaced(self.directory):
+                logger.warning("[process=%d] %s", jax.process_index(), line)
+        except Exception:  # the save's own error is the one to raise
+            logger.exception("[process=%d] putting back the step a failed overwrite held "
+                             "failed; the next writable service retries", jax.process_index())
+
+    def _clear_scopes(self) -> None:
+        """Delete the coordination keys of finished saves (their barriers and notes)."""
+        if coordinator.is_primary():
+            for scope in self._open_scopes:
+                self._barriers.clear(scope)
+                coordinator.clear_note(self._failure_note(scope))
+        self._open_scopes = []
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -582,8 +750,11 @@ class CheckpointService:
         """Save `items` as `step` if the save policy (or `force`) says so.
 
         Returns once the arrays are staged (async) or committed (sync); False if the
-        policy skipped the step. Raises StepExistsError on every process, before writing
-        anything, if `step` is committed and `overwrite` is False.
+        policy skipped the step. On every process, before writing anything, raises
+        StepOrderError if `step` is below the newest committed step in the directory
+        (unless CheckpointOptions.allow_older_steps), and StepExistsError if `step` is
+        committed and `overwrite` is False. With `overwrite` the old step stays until the
+        new one is committed. Raises SaveFailedError (once) if the previous save failed.
         """
         self._ensure_open()
         if self.options.read_only or self._manager is None:
@@ -607,20 +778,32 @@ class CheckpointService:
         # must be valid, on all processes, before this one starts.
         self._agree_on_errors(f"save:step={step}:start", self._finish_local(), rejected)
         t_agreed = time.perf_counter()
-        where = coordinator.primary_decides(
+        decided = coordinator.primary_decides(
             f"save:step={step}:exists", lambda: self._prepare_step_dir(step, overwrite),
             self.options.timeout_s)
+        where, newest = decided["where"], decided["newest"]
+        if where == "older":
+            raise StepOrderError(
+                f"step {step} is below step {newest}, the newest committed step in "
+                f"{self.directory}, and steps only go up there: a lower step would not "
+                "continue that run, and retention (which keeps the highest step numbers) "
+                "could delete it right after it commits. To continue that run, restore() "
+                f"and save from step {newest + 1}; to start a new run, use a new directory; "
+                "to save below the newest step anyway, pass "
+                "CheckpointOptions(allow_older_steps=True). Nothing was written.")
         if where == "committed":
             raise StepExistsError(
-                f"step {step} already exists in {self.directory}; pass overwrite=True to "
-                "replace it, or save under a new step")
-        self._manager.reload()
+                f"step {step} already exists in {self.directory} (the newest committed step "
+                f"is {newest}). To continue that run, restore() and save from step "
+                f"{newest + 1}; to replace step {step}, pass overwrite=True (the old step is "
+                "kept until the new one commits); or use a new directory. Nothing was "
+                "written.")
         if where == "overwrite":
             logger.info("[process=%d] overwriting step %d", jax.process_index(), step)
-            # Every process has listed the step before the primary deletes it: a reload
-            # still listing it while it goes would stat a step that is gone (measured).
-            coordinator.barrier(f"save:step={step}:listed", self.options.timeout_s)
-            self._manager.delete(step)
+        # A step being replaced stays on disk until its replacement commits; Orbax must
+        # not count it as taken (it refuses to save a step it lists).
+        self._name_format.hidden = frozenset({step}) if where == "overwrite" else frozenset()
+        self._manager.reload()
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
         saveable = nnx_state.to_saveable(leaves)
         names = tuple(leaf.name for leaf in leaves)
@@ -639,12 +822,25 @@ class CheckpointService:
         self._stats.append(stats)
         self._process_handler.step = step
         self._last_save_step = step
+        self._metrics_seen.pop(step, None)  # an overwritten step's metrics change
+        self._save_seq += 1
+        scope = f"save:{self._nonce}:{self._save_seq}"
+        self._barriers.begin(scope)
+        self._open_scopes.append(scope)
         try:
             self._manager.save(step, args=args, metrics=metrics_json or None, force=True)
         except Exception as e:
             # The peers' next wait() stops at this note instead of the commit's barrier.
-            coordinator.publish(self._failure_note(step), f"{type(e).__name__}: {e}")
-            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
+            coordinator.publish(self._failure_note(scope), f"{type(e).__name__}: {e}")
+            if where == "overwrite" and coordinator.is_primary():
+                self._put_back_held()
+            if not self.options.async_save:  # raised here; not again by the next call
+                self._background_failure = None
+                self._last_save_step = None
+            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; "
+                                  "committed steps are intact") from e
+        finally:
+            self._name_format.hidden = frozenset()
         self._fault("save:staged", step)
         stats.stall_s = time.perf_counter() - t0
         logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
@@ -655,11 +851,16 @@ class CheckpointService:
             stats.commit_s = stats.stall_s
         return True
 
-    def _prepare_step_dir(self, step: int, overwrite: bool) -> str:
-        """Primary: 'free', 'committed' or 'overwrite'; moves an uncommitted leftover aside."""
+    def _prepare_step_dir(self, step: int, overwrite: bool) -> dict[str, Any]:
+        """Primary: {'where': 'older', 'free', 'committed' or 'overwrite', 'newest': the
+        newest committed step}; moves an uncommitted leftover aside. Decides the order
+        first: nothing is touched for a step that will be refused."""
+        newest = commit.newest_committed(self.directory)
+        if newest is not None and step < newest and not self.options.allow_older_steps:
+            return {"where": "older", "newest": newest}
         path = commit.step_dir(self.directory, step)
         if not (path.exists() or (self.location.is_local and os.path.islink(os.fspath(path)))):
-            return "free"
+            return {"where": "free", "newest": newest}
         try:
             commit.read_record(path, step)
         except commit.CommitRecordError as e:
@@ -668,8 +869,15 @@ class CheckpointService:
                 logger.warning("[process=%d] %s was not a committed step (%s); moved it to "
                                "%s before saving step %d", jax.process_index(), path, e,
                                moved, step)
-            return "free"
-        return "overwrite" if overwrite else "committed"
+            return {"where": "free", "newest": newest}
+        if not overwrite:
+            return {"where": "committed", "newest": newest}
+        if not (self.location.is_local and self.options.async_save):
+            # Object stores write in place and Orbax's sync save deletes the step first:
+            # hold the old step aside until the new one commits. (A local async commit
+            # swaps them itself at the last moment; commit.py.)
+            commit.hold_for_replace(self.directory, step)
+        return {"where": "overwrite", "newest": newest}
 
     def keep_forever(self, step: int) -> None:
         """Exempt a committed step from retention (every process calls it)."""
@@ -695,12 +903,13 @@ class CheckpointService:
         a process whose commit failed posts that on the coordination service and the
         others stop waiting as soon as they read it.
         """
-        if self._manager is None:
+        if self._manager is None or self._last_save_step is None:
             return None
         step = self._last_save_step
-        note = self._failure_note(step)
+        scope = self._barriers.scope  # the in-flight save's
+        note = self._failure_note(scope)
         while True:
-            if self._background_failure is not None and self._background_failure[0] == step:
+            if self._background_failure is not None and self._background_failure[0] == scope:
                 return self._background_failure[1]
             peer = coordinator.read_note(note)
             if peer is not None:
@@ -752,8 +961,9 @@ class CheckpointService:
         try:
             self.wait()
         except BaseException:
-            # Orbax's threads of a failed save end only when their barriers time out, and
-            # then raise a bare barrier timeout: do not let it mask the error that says why.
+            # wait() raised the failure after Orbax's threads ended (their barriers stop at
+            # the failure note), so closing the manager is prompt; if it fails too, do not
+            # let that mask the error that says why.
             self._closed = True
             if self._manager is not None:
                 try:

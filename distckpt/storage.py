@@ -361,18 +361,18 @@ def prepare(location: Location | str) -> epath.Path:
 def open_directory(directory: str | os.PathLike | Location) -> tuple[Location, epath.Path]:
     """The location of a checkpoint directory as a user gave it, and its prepared path.
 
-    A local path is used as given (``epath.Path(directory)``; a relative path stays
-    relative); ``s3://`` and ``gs://`` are parsed with the environment and prepared
-    (:func:`prepare`) in this process. An ``s3://`` path at or below a location this
-    process already prepared (e.g. one with explicit credentials) uses that location's
-    endpoint and credentials, as the array data below it does.
+    A local path is resolved once, here, against this process's working directory (and
+    ``~`` expanded): Orbax refuses relative paths, and a path kept relative would change
+    meaning if the working directory did. ``s3://`` and ``gs://`` are parsed with the
+    environment and prepared (:func:`prepare`) in this process. An ``s3://`` path at or
+    below a location this process already prepared (e.g. one with explicit credentials)
+    uses that location's endpoint and credentials, as the array data below it does.
     """
     if isinstance(directory, Location):
         return directory, prepare(directory)
     location = Location.parse(directory)
     if location.is_local:
-        text = os.fspath(directory)
-        return location, epath.Path(location.path if text.startswith("file://") else text)
+        return location, epath.Path(location.path)
     if location.scheme == "s3":
         from distckpt import orbax_s3
 

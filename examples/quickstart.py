@@ -4,6 +4,7 @@ Run on one machine with 8 simulated devices:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/quickstart.py /tmp/qs
 or as 2 simulated hosts x 4 devices (the same code, multi-host):
     distckpt launch --hosts 2 --devices-per-host 4 -- python examples/quickstart.py /tmp/qs2
+Run it again with the same directory and it resumes after the newest step saved there.
 """
 
 import sys
@@ -41,7 +42,6 @@ def main(directory: str) -> None:
 
     # Train on one mesh ...
     mesh = distckpt.make_mesh(f"fsdp={jax.device_count() // 2},tensor=2")
-    state = distckpt.init_sharded(make, mesh, rules)  # created directly in its shardings
 
     @nnx.jit
     def step(model, optimizer, x):
@@ -52,7 +52,13 @@ def main(directory: str) -> None:
     options = distckpt.CheckpointOptions(max_to_keep=2, save_interval_steps=10,
                                          best_metric="loss", best_mode="min")
     with distckpt.CheckpointService(directory, options) as ckpt:
-        for i in range(1, 31):
+        try:  # a used directory resumes from its newest step (steps only go up there)
+            restored = ckpt.restore(distckpt.abstract_target(make, mesh, rules))
+            state, start = restored.items, restored.step + 1
+            print("resuming after step", restored.step)
+        except distckpt.NoCheckpointError:  # a new one starts from scratch
+            state, start = distckpt.init_sharded(make, mesh, rules), 1  # in its shardings
+        for i in range(start, start + 30):
             x = jax.random.normal(jax.random.key(i), (16, 64))
             loss = step(state["model"], state["optimizer"], x)
             ckpt.save(i, state, metrics={"loss": float(loss)})  # async; skips non-multiples of 10

@@ -311,7 +311,7 @@ def scenario_diskfull(a) -> None:
     out["restored"] = {"step": restored.step, "verified": restored.verified,
                        "digests": digests_of(restored.items, "diskfull:restored")}
     t0 = time.monotonic()
-    try:  # raises the save's error again; Orbax's threads end when their barriers time out
+    try:  # the failure was raised once, by save() or wait(): close() returns promptly
         ckpt.close()
         out["close_error"] = None
     except Exception as e:

@@ -8,6 +8,7 @@ Each scenario writes its findings (primary host) to OUT_JSON; the test asserts o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -274,6 +275,164 @@ def scenario_fallback(a) -> None:
     write(a.out, out)
 
 
+def mine(out: str, value) -> None:
+    """Every process writes its own findings to OUT.<process index>."""
+    Path(f"{out}.{jax.process_index()}").write_text(json.dumps(value))
+
+
+def scenario_relative(a) -> None:
+    """Each process runs in its own working directory (process i in CWD/host<i>, where
+    host1/ckpt is a symlink to host0/ckpt) and is given the relative path 'ckpt'."""
+    os.chdir(Path(a.dir) / f"host{os.environ['JAX_PROCESS_ID']}")  # before JAX starts
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh)
+    with distckpt.CheckpointService("ckpt", distckpt.CheckpointOptions(
+            max_to_keep=None, timeout_s=60)) as ckpt:
+        ckpt.save(1, items, metadata={"cwd": os.getcwd()})
+        ckpt.save(2, items)
+        ckpt.wait()
+        steps = ckpt.all_steps()
+        restored = ckpt.restore(distckpt.abstract_target(factory(), mesh), step=1)
+    mine(a.out, {"steps": steps, "restored": restored.step, "verified": restored.verified,
+                 "metadata": restored.metadata, "cwd": os.getcwd()})
+
+
+def scenario_reuse(a) -> None:
+    """Steps only go up in a used directory: refused on every process, nothing written."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh)
+    opts = distckpt.CheckpointOptions(max_to_keep=2, timeout_s=60)
+    with distckpt.CheckpointService(a.dir, opts) as ckpt:
+        ckpt.save(20, items)
+        ckpt.save(30, items, metadata={"run": "first"})
+    out = {}
+    with distckpt.CheckpointService(a.dir, opts) as ckpt:
+        try:
+            ckpt.save(10, items)
+            out["order"] = None
+        except distckpt.StepOrderError as e:
+            out["order"] = str(e)
+        out["entries_after_refusal"] = sorted(os.listdir(a.dir))
+        try:
+            ckpt.save(30, items)
+            out["exists"] = None
+        except distckpt.StepExistsError as e:
+            out["exists"] = str(e)
+        ckpt.save(30, items, metadata={"run": "again"}, overwrite=True)
+        ckpt.wait()
+        out["metadata_30"] = ckpt.metadata(30)
+        out["steps"] = ckpt.all_steps()
+    allow = dataclasses.replace(opts, allow_older_steps=True)
+    with distckpt.CheckpointService(a.dir, allow) as ckpt:
+        ckpt.save(10, items)  # below the 2 highest: retention removes it once committed
+        ckpt.wait()
+        out["steps_allowed"] = ckpt.all_steps()
+    mine(a.out, out)
+
+
+def scenario_recover(a) -> None:
+    """Process 1's background write fails twice: every wait()/close() returns promptly
+    (well inside timeout_s), the failure is raised once, and the service saves again."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh)
+
+    def fault(point: str, step: int) -> None:
+        if point == "process_state:write" and step in (2, 4) and jax.process_index() == 1:
+            raise OSError(f"injected write failure of step {step}")
+
+    opts = distckpt.CheckpointOptions(max_to_keep=None, timeout_s=a.timeout, fault_hook=fault)
+    ckpt = distckpt.CheckpointService(a.dir, opts)
+    out: dict = {}
+    ckpt.save(1, items)
+    ckpt.save(2, items)  # fails in the background
+    t0 = time.monotonic()
+    try:
+        ckpt.wait()
+        out["wait_error"] = None
+    except distckpt.SaveFailedError as e:
+        out["wait_error"] = str(e)
+    out["wait_s"] = time.monotonic() - t0
+    ckpt.wait()  # raised once: nothing left to report
+    out["saved_3"] = ckpt.save(3, items)
+    ckpt.wait()
+    out["steps"] = ckpt.all_steps()
+    ckpt.save(4, items)  # fails again; close() reports it
+    t0 = time.monotonic()
+    try:
+        ckpt.close()
+        out["close_error"] = None
+    except distckpt.SaveFailedError as e:
+        out["close_error"] = str(e)
+    out["close_s"] = time.monotonic() - t0
+    with distckpt.CheckpointService(a.dir, distckpt.CheckpointOptions(read_only=True)) as ro:
+        out["steps_after"] = ro.all_steps()
+    mine(a.out, out)
+
+
+def scenario_overwrite_fails(a) -> None:
+    """overwrite=True whose commit fails after the rename (before the record): the old
+    step is back at once; with --crash the primary is killed there instead."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    items = distckpt.init_sharded(factory(), mesh)
+    armed = []
+
+    def fault(point: str, step: int) -> None:
+        if point == "commit:renamed" and armed:
+            if a.crash:
+                os.kill(os.getpid(), 9)
+            raise OSError("injected failure between the rename and the commit record")
+
+    opts = distckpt.CheckpointOptions(max_to_keep=None, timeout_s=60, fault_hook=fault)
+    out: dict = {}
+    with distckpt.CheckpointService(a.dir, opts) as ckpt:
+        ckpt.save(1, items, metadata={"run": "old"})
+        ckpt.save(2, items, metadata={"run": "old"})
+        ckpt.wait()
+        armed.append(True)
+        ckpt.save(2, items, metadata={"run": "new"}, overwrite=True)
+        try:
+            ckpt.wait()
+            out["error"] = None
+        except distckpt.SaveFailedError as e:
+            out["error"] = str(e)
+        armed.clear()
+        out["steps"] = ckpt.all_steps()
+        out["metadata_2"] = ckpt.metadata(2)
+        out["verified_2"] = ckpt.restore(distckpt.abstract_target(factory(), mesh),
+                                         step=2).verified
+        out["entries"] = sorted(os.listdir(a.dir))
+    mine(a.out, out)
+
+
+def scenario_readonly_primary(a) -> None:
+    """The primary host may not write the (existing) directory: every host fails fast."""
+    if os.environ.get("JAX_PROCESS_ID") == "0" and os.geteuid() == 0 and \
+            not os.environ.get("DISTCKPT_TEST_NO_DAC"):
+        # root ignores permission bits; drop that capability for the primary only
+        os.environ["DISTCKPT_TEST_NO_DAC"] = "1"
+        os.execv("/usr/bin/setpriv", ["setpriv", "--bounding-set=-dac_override",
+                                      sys.executable, *sys.argv])
+    distckpt.initialize()
+    t0 = time.monotonic()
+    try:
+        distckpt.CheckpointService(a.dir, distckpt.CheckpointOptions(timeout_s=a.timeout))
+        error = None
+    except distckpt.CheckpointError as e:
+        error = f"{type(e).__name__}: {e}"
+    mine(a.out, {"error": error, "elapsed": time.monotonic() - t0})
+
+
+def scenario_decisions(a) -> None:
+    """Many decisions under one name in a row: each process gets every value, in order."""
+    distckpt.initialize()
+    got = [distckpt.primary_decides("test:same-name", lambda i=i: i) for i in range(a.steps)]
+    mine(a.out, got)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")
@@ -284,6 +443,8 @@ def main() -> None:
     p.add_argument("--absent", type=int, default=1)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--width", type=int, default=8)
+    p.add_argument("--crash", action="store_true")
+    p.add_argument("--steps", type=int, default=100)
     a = p.parse_args()
     globals()[f"scenario_{a.scenario}"](a)
 

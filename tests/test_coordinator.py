@@ -27,6 +27,18 @@ def test_barrier_timeout_names_missing_process(tmp_path, run_hosts):
         assert got["elapsed"] < timeout + 5
 
 
+@pytest.mark.multiprocess
+def test_decisions_under_one_name_never_read_an_earlier_value(tmp_path, run_hosts):
+    """300 decisions named alike, back to back: a peer leaving one decision's barrier
+    before the primary deleted its value used to read it again as the next one."""
+    out = tmp_path / "decisions"
+    run_hosts(2, 1, "decisions", str(out), "--steps", "300").check()
+    for pid in (0, 1):
+        got = json.loads((tmp_path / f"decisions.{pid}").read_text())
+        stale = [(i, v) for i, v in enumerate(got) if v != i]
+        assert not stale, f"process {pid} read earlier decisions' values: {stale[:10]}"
+
+
 def _resolve_in_subprocess(env: dict[str, str], code: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}

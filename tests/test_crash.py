@@ -596,8 +596,10 @@ def test_disk_full_fails_loudly_on_every_process_and_keeps_earlier_steps(tmp_pat
         assert got["steps_after"] == [1], got
         assert got["restored"]["step"] == 1 and got["restored"]["verified"], got
         assert got["restored"]["digests"] == got["expected"], got
-        # close() raises it again (never a bare barrier timeout from Orbax's threads).
-        assert (got["close_error"] or "").startswith("SaveFailedError"), got
+        # The failure is raised once; close() then returns at once (no barrier timeout
+        # from Orbax's threads, no second raise).
+        assert got["close_error"] is None, got
+        assert got["close_seconds"] < 30, got
         assert "The filesystem is full" in error, error
         fresh = json.loads((out / f"fresh.{process}").read_text())
         assert fresh["listed"] == [1] and fresh["step"] == 1 and fresh["verified"], fresh

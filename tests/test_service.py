@@ -140,7 +140,8 @@ def test_retention_best_and_keep_forever(tmp_path):
 def test_save_interval_explicit_steps_and_force(tmp_path):
     mesh = distckpt.make_mesh("fsdp=8")
     items = distckpt.init_sharded(factory(), mesh)
-    opts = distckpt.CheckpointOptions(save_interval_steps=10, save_on_steps=(3,), max_to_keep=None)
+    opts = distckpt.CheckpointOptions(save_interval_steps=10, save_on_steps=(3,), max_to_keep=None,
+                                      allow_older_steps=True)  # for step 7 after 20
     with distckpt.CheckpointService(tmp_path, opts) as ckpt:
         saved = [s for s in range(1, 22) if ckpt.save(s, items)]
         assert ckpt.save(7, items, force=True)
@@ -217,8 +218,8 @@ def test_only_steps_with_a_commit_record_count_and_leftovers_are_moved_aside(tmp
         with pytest.raises(distckpt.NoCheckpointError, match="committed steps: \\[1\\]"):
             reader.restore(target(), step=9)
     assert sorted(os.listdir(tmp_path)) == ["1", "11.orbax-checkpoint-tmp", "2", "7", "9"]
-    with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(max_to_keep=None)) \
-            as ckpt:
+    again = distckpt.CheckpointOptions(max_to_keep=None, allow_older_steps=True)  # 2 < 9
+    with distckpt.CheckpointService(tmp_path, again) as ckpt:
         for step in (7, 9, 2, 11):  # saving each again works
             ckpt.save(step, items)
             ckpt.wait()
