@@ -20,7 +20,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from distckpt import bench_report, cli
+    from distckpt.bench import report as bench_report
+    from distckpt.tools import cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", help="README to update between the bench markers")

@@ -44,7 +44,7 @@ def main() -> None:
     from jax.sharding import NamedSharding, PartitionSpec
     from orbax.checkpoint._src.multihost import multihost
 
-    from distckpt import coordinator
+    from distckpt.multihost import coordinator
 
     mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
     sharding = NamedSharding(mesh, PartitionSpec("fsdp"))

@@ -25,7 +25,7 @@ import time
 def kernel_ms(jax, jnp, np, mib: int = 64) -> dict[str, float]:
     """The checksum kernel alone on one device and `mib` MiB, against XLA's plain sum of
     the same bytes (the floor of any checksum computed this way): best of 5, in ms."""
-    from distckpt import digest
+    from distckpt.state import digest
 
     x = jnp.asarray(np.random.default_rng(1).random((mib * 2**18,), dtype=np.float32))
     starts = jnp.zeros((1,), jnp.uint32)

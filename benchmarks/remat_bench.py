@@ -50,8 +50,8 @@ def _parse() -> argparse.Namespace:
 def main() -> int:
     args = _parse()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from distckpt.mesh import MeshSpec
-    from distckpt.remat_measure import request_host_devices
+    from distckpt.remat.measure import request_host_devices
+    from distckpt.state.mesh import MeshSpec
 
     mesh_spec = MeshSpec.parse(args.mesh)
     request_host_devices(mesh_spec.size)  # before jax starts its backend
@@ -60,18 +60,18 @@ def main() -> int:
     import numpy as np
     from flax import nnx
 
-    from distckpt.mesh import init_sharded, make_mesh
-    from distckpt.remat import PRESETS, RematPlan, ScannedBlocks
-    from distckpt.remat_measure import (
+    from distckpt.remat.measure import (
         activation_sharding,
         measure_plans,
         stack_step,
     )
-    from distckpt.remat_planner import (
+    from distckpt.remat.plan import PRESETS, RematPlan, ScannedBlocks
+    from distckpt.remat.planner import (
         LayerSpec,
         estimate_plan,
         format_bytes,
     )
+    from distckpt.state.mesh import init_sharded, make_mesh
 
     spec = LayerSpec(batch=args.batch, seq=args.seq, d_model=args.d_model, n_heads=args.heads,
                      n_kv_heads=args.kv_heads, head_dim=args.head_dim, d_ff=args.d_ff,
@@ -159,8 +159,8 @@ def main() -> int:
 
 def _sweep(spec, mesh_spec) -> list[dict]:
     """The planner's choice for 10 budgets, geometric from 90% of 'full' to 105% of 'none'."""
-    from distckpt.remat import RematPlan
-    from distckpt.remat_planner import (
+    from distckpt.remat.plan import RematPlan
+    from distckpt.remat.planner import (
         RematBudgetError,
         estimate_plan,
         format_bytes,

@@ -2,9 +2,9 @@
 
     python benchmarks/s3_orbax_prototype.py [--scale N] [--url s3://bucket/prefix] [--json PATH]
 
-Without ``--url`` it starts a private SeaweedFS server (``distckpt.testing.s3server``) and
+Without ``--url`` it starts a private SeaweedFS server (``distckpt.tools.s3server``) and
 uses ``s3://distckpt-test/prototype``; with ``--url`` it uses the ``AWS_*`` environment.
-Then, through ``distckpt.launcher.launch`` (every process calls ``jax.distributed.initialize``):
+Then, through ``distckpt.tools.launcher.launch`` (every process calls ``jax.distributed.initialize``):
 
 1. 2 processes x 2 CPU devices (mesh data=2,fsdp=2) save a tree of sharded arrays with stock
    Orbax (CheckpointManager + PyTreeCheckpointHandler, OCDBT, async) as step 1;

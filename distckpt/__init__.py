@@ -4,34 +4,34 @@ Save sharded NNX state from every host asynchronously, restore it onto any mesh
 and any number of hosts, and prove it with restore drills.
 """
 
-from distckpt.coordinator import BarrierTimeoutError as BarrierTimeoutError
-from distckpt.coordinator import Topology as Topology
-from distckpt.coordinator import all_gather as all_gather
-from distckpt.coordinator import barrier as barrier
-from distckpt.coordinator import initialize as initialize
-from distckpt.coordinator import is_primary as is_primary
-from distckpt.coordinator import primary_decides as primary_decides
+from distckpt.checkpoint.service import CheckpointError as CheckpointError
+from distckpt.checkpoint.service import CheckpointOptions as CheckpointOptions
+from distckpt.checkpoint.service import CheckpointService as CheckpointService
+from distckpt.checkpoint.service import NoCheckpointError as NoCheckpointError
+from distckpt.checkpoint.service import Restored as Restored
+from distckpt.checkpoint.service import SaveFailedError as SaveFailedError
+from distckpt.checkpoint.service import StepExistsError as StepExistsError
+from distckpt.checkpoint.service import StepOrderError as StepOrderError
+from distckpt.checkpoint.service import TargetMismatchError as TargetMismatchError
 from distckpt.errors import FormatVersionError as FormatVersionError
 from distckpt.errors import StepUnusableError as StepUnusableError
 from distckpt.errors import StorageNotSharedError as StorageNotSharedError
-from distckpt.mesh import DEFAULT_RULES as DEFAULT_RULES
-from distckpt.mesh import MeshSpec as MeshSpec
-from distckpt.mesh import Rules as Rules
-from distckpt.mesh import abstract_target as abstract_target
-from distckpt.mesh import init_sharded as init_sharded
-from distckpt.mesh import make_mesh as make_mesh
-from distckpt.preemption import PreemptionGuard as PreemptionGuard
-from distckpt.preemption import PreemptionTimeoutError as PreemptionTimeoutError
-from distckpt.process_state import drop_process_state as drop_process_state
-from distckpt.service import CheckpointError as CheckpointError
-from distckpt.service import CheckpointOptions as CheckpointOptions
-from distckpt.service import CheckpointService as CheckpointService
-from distckpt.service import NoCheckpointError as NoCheckpointError
-from distckpt.service import Restored as Restored
-from distckpt.service import SaveFailedError as SaveFailedError
-from distckpt.service import StepExistsError as StepExistsError
-from distckpt.service import StepOrderError as StepOrderError
-from distckpt.service import TargetMismatchError as TargetMismatchError
+from distckpt.multihost.coordinator import BarrierTimeoutError as BarrierTimeoutError
+from distckpt.multihost.coordinator import Topology as Topology
+from distckpt.multihost.coordinator import all_gather as all_gather
+from distckpt.multihost.coordinator import barrier as barrier
+from distckpt.multihost.coordinator import initialize as initialize
+from distckpt.multihost.coordinator import is_primary as is_primary
+from distckpt.multihost.coordinator import primary_decides as primary_decides
+from distckpt.multihost.preemption import PreemptionGuard as PreemptionGuard
+from distckpt.multihost.preemption import PreemptionTimeoutError as PreemptionTimeoutError
+from distckpt.state.mesh import DEFAULT_RULES as DEFAULT_RULES
+from distckpt.state.mesh import MeshSpec as MeshSpec
+from distckpt.state.mesh import Rules as Rules
+from distckpt.state.mesh import abstract_target as abstract_target
+from distckpt.state.mesh import init_sharded as init_sharded
+from distckpt.state.mesh import make_mesh as make_mesh
+from distckpt.state.process_state import drop_process_state as drop_process_state
 
 __version__ = "0.1.0"
 

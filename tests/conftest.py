@@ -1,7 +1,7 @@
 """Test harness: 8 simulated CPU devices in-process; real multi-process jobs via the launcher.
 
 XLA_FLAGS must be set before jax initialises its backend, so it is set here, at import.
-Multi-process tests start real processes with `distckpt.launcher.launch` (each calls
+Multi-process tests start real processes with `distckpt.tools.launcher.launch` (each calls
 `jax.distributed.initialize` with gloo collectives); nothing in the distributed layer,
 Orbax or the filesystem is mocked.
 """
@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import pytest  # noqa: E402
 
-from distckpt.launcher import launch  # noqa: E402
+from distckpt.tools.launcher import launch  # noqa: E402
 
 pytest_plugins = ["tests.s3_fixture"]  # a real SeaweedFS S3 server (tests/s3_fixture.py)
 

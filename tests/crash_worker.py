@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import distckpt
-from distckpt import coordinator, digest, nnx_state
+from distckpt.multihost import coordinator
+from distckpt.state import digest, nnx_state
 
 MESH = "fsdp=2,tensor=2"  # 2 processes x 2 devices: every matrix is split across processes
 

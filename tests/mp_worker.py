@@ -22,8 +22,9 @@ import optax
 from flax import nnx
 
 import distckpt
-from distckpt import coordinator, digest, nnx_state
-from distckpt.mesh import Rules
+from distckpt.multihost import coordinator
+from distckpt.state import digest, nnx_state
+from distckpt.state.mesh import Rules
 
 
 class Counter(nnx.Variable):

@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distckpt import CheckpointOptions, CheckpointService, coordinator
-from distckpt.policy import LossAdaptivePolicy, RestartLog, YoungDalyPolicy
+from distckpt import CheckpointOptions, CheckpointService
+from distckpt.checkpoint.policy import LossAdaptivePolicy, RestartLog, YoungDalyPolicy
+from distckpt.multihost import coordinator
 
 
 class Tiny(nnx.Module):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 import distckpt
-from distckpt.preemption import PreemptionGuard, _address, _read_action
+from distckpt.multihost.preemption import PreemptionGuard, _address, _read_action
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Loaded from tests/conftest.py with ``pytest_plugins = ["tests.s3_fixture"]``.
 
-* ``s3_server``: the running :class:`distckpt.testing.s3server.S3Server` (session scope;
+* ``s3_server``: the running :class:`distckpt.tools.s3server.S3Server` (session scope;
   started on first use, so sessions that never touch S3 never start it). A missing
   ``weed`` binary fails the test with the install hint; it is never skipped silently.
 * ``s3_env``: sets ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID`` and
@@ -17,7 +17,7 @@ import secrets
 
 import pytest
 
-from distckpt.testing import s3server
+from distckpt.tools import s3server
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def arrays(items) -> dict:
     import jax
     import numpy as np
 
-    from distckpt import nnx_state
+    from distckpt.state import nnx_state
 
     out = {}
     for leaf in nnx_state.flatten_items(items):
@@ -99,7 +99,7 @@ def scenario_explicit(config: str, out: str) -> None:
     import jax.numpy as jnp
 
     from distckpt import storage
-    from distckpt.inspection import inspect_directory
+    from distckpt.tools.inspection import inspect_directory
 
     creds = storage.S3Credentials(cfg["access_key_id"], cfg["secret_access_key"])
     loc = storage.Location.parse(cfg["url"], endpoint=cfg["endpoint"], credentials=creds)

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 import distckpt
-from distckpt import coordinator
+from distckpt.multihost import coordinator
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run as a script: find tests/
 from tests.test_service_stateful import PATH_FORMS, Harness, Settings  # noqa: E402

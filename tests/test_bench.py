@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from distckpt import bench, bench_report, bench_s3, storage
-from distckpt.bench import BenchConfig, aggregate, parse_contender, targets
+from distckpt import storage
+from distckpt.bench import harness as bench
+from distckpt.bench import report as bench_report
+from distckpt.bench import s3 as bench_s3
+from distckpt.bench.harness import BenchConfig, aggregate, parse_contender, targets
 
 ROOT = Path(__file__).parent.parent
 TINY_MODEL = "d_model=16,n_layers=1,d_ff=32,vocab=32,n_heads=2,n_kv_heads=1,head_dim=8"
@@ -114,7 +117,7 @@ def test_readme_section_is_replaced_between_the_markers():
 
 
 def test_bad_arguments_fail_fast(tmp_path):
-    from distckpt import cli
+    from distckpt.tools import cli
 
     assert cli.main(["bench", "--contenders", "nope", "--dir", str(tmp_path / "d")]) == 2
     assert cli.main(["bench", "--mtbf", "soon"]) == 2
@@ -146,7 +149,7 @@ def test_s3_defaults_and_object_packing():
 @pytest.mark.multiprocess
 def test_bench_end_to_end_on_a_tiny_state(tmp_path):
     out, md = tmp_path / "out.json", tmp_path / "bench.md"
-    cmd = [sys.executable, "-m", "distckpt.cli", "bench", "--size", "256KiB",
+    cmd = [sys.executable, "-m", "distckpt.tools.cli", "bench", "--size", "256KiB",
            "--hosts", "2,1", "--reps", "2", "--warmup", "0", "--leaves", "2",
            "--rss-saves", "3", "--train-rounds", "1", "--train-steps", "1",
            "--train-model", TINY_MODEL, "--train-batch", "4", "--mtbf", "1h",
@@ -233,7 +236,7 @@ def _objects(url: str) -> list[str]:
 
 
 def test_bench_refuses_a_non_empty_s3_prefix(s3_env, s3_url, capsys):
-    from distckpt import cli
+    from distckpt.tools import cli
 
     storage.small_files(s3_url).write_bytes("old/checkpoint", b"keep me")
     assert cli.main(["bench", "--dir", s3_url, "--size", "64KiB", "--hosts", "1"]) == 1
@@ -247,7 +250,7 @@ def test_bench_on_s3_against_raw_put_get(s3_env, s3_url, tmp_path):
     """2 processes on the real S3 server: raw PUT/GET and distckpt measured, their ratios in
     the JSON and the outputs, plain Orbax probed and reported as failing, nothing left."""
     out, md = tmp_path / "out.json", tmp_path / "bench.md"
-    cmd = [sys.executable, "-m", "distckpt.cli", "bench", "--dir", s3_url, "--size", "256KiB",
+    cmd = [sys.executable, "-m", "distckpt.tools.cli", "bench", "--dir", s3_url, "--size", "256KiB",
            "--hosts", "2", "--reps", "1", "--warmup", "0", "--leaves", "2", "--rss-saves",
            "0", "--train-rounds", "0", "--contenders", "raw", "orbax", "distckpt",
            "--json", str(out), "--markdown", str(md), "--chart", str(tmp_path / "c.png")]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "distckpt.cli"]
+CLI = [sys.executable, "-m", "distckpt.tools.cli"]
 
 
 def snapshot(root: Path) -> list[str]:
@@ -132,9 +132,9 @@ def test_drill_removes_its_temp_dir(place):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real one-step checkpoint of the reference transformer, saved in-process."""
-    from distckpt import train
-    from distckpt.mesh import make_mesh
-    from distckpt.service import CheckpointOptions, CheckpointService
+    from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
+    from distckpt.state.mesh import make_mesh
+    from distckpt.tools import train
 
     directory = tmp_path_factory.mktemp("cli-input") / "ckpt"
     cfg = train.TrainConfig()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from distckpt import coordinator
+from distckpt.multihost import coordinator
 
 
 @pytest.mark.multiprocess

@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 from etils import epath
 
-from distckpt import commit
-from distckpt.launcher import free_port, host_env, launch
+from distckpt.checkpoint import commit
+from distckpt.tools.launcher import free_port, host_env, launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -407,7 +407,7 @@ def test_commit_is_durable_every_file_fsynced_before_the_commit_record(tmp_path)
     directory = tmp_path / "ckpt"
     trace = tmp_path / "trace"
     cmd = [*strace, "-o", str(trace), "-e", f"trace={STRACE_CALLS}", sys.executable, "-m",
-           "distckpt.cli", "launch", "--hosts", "2", "--devices-per-host", "2", "--timeout",
+           "distckpt.tools.cli", "launch", "--hosts", "2", "--devices-per-host", "2", "--timeout",
            str(JOB_TIMEOUT), "--", sys.executable, WORKER, "strace", "--dir", str(directory)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=job_env(), cwd=ROOT,
                        timeout=JOB_TIMEOUT + 60)
@@ -569,7 +569,7 @@ def test_disk_full_fails_loudly_on_every_process_and_keeps_earlier_steps(tmp_pat
     mnt.mkdir()
     out.mkdir()
     ckpt = mnt / "ckpt"
-    launch_cmd = f"{sys.executable} -m distckpt.cli launch --hosts 2 --devices-per-host 2 " \
+    launch_cmd = f"{sys.executable} -m distckpt.tools.cli launch --hosts 2 --devices-per-host 2 " \
                  f"--timeout {JOB_TIMEOUT:g} -- {sys.executable} {WORKER}"
     script = "\n".join([
         f"mount -t tmpfs -o size={DISK_KB}k tmpfs '{mnt}' || exit 90",

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.multiprocess
 
-DRILL = [sys.executable, "-m", "distckpt.cli", "drill"]
+DRILL = [sys.executable, "-m", "distckpt.tools.cli", "drill"]
 
 
 def _drill(tmp_path, *args):

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import distckpt
-from distckpt import commit
+from distckpt.checkpoint import commit
 from distckpt.errors import FormatVersionError, StepUnusableError
 from tests.mp_worker import factory
 
@@ -106,7 +106,7 @@ def test_flipped_bytes_in_array_data_are_caught_and_named(four_steps, tmp_path):
             assert restored.step == 3 and restored.verified
             assert [s for s, _ in restored.skipped] == [4]
         assert snapshot(d) == before  # a reader changes nothing
-        cli = subprocess.run([sys.executable, "-m", "distckpt.cli", "verify", str(d), "--json"],
+        cli = subprocess.run([sys.executable, "-m", "distckpt.tools.cli", "verify", str(d), "--json"],
                              capture_output=True, text=True, env={**os.environ,
                                                                   "XLA_FLAGS": ""})
         assert cli.returncode == 1, cli.stderr
@@ -119,7 +119,7 @@ def test_flipped_bytes_in_array_data_are_caught_and_named(four_steps, tmp_path):
 
 def test_verify_cli_one_cpu_process_whatever_saved_it(four_steps):
     # Saved by a process with 8 devices on a 3-axis mesh; verified by one with 1 device.
-    cli = subprocess.run([sys.executable, "-m", "distckpt.cli", "verify", str(four_steps),
+    cli = subprocess.run([sys.executable, "-m", "distckpt.tools.cli", "verify", str(four_steps),
                           "--step", "2"], capture_output=True, text=True,
                          env={**os.environ, "XLA_FLAGS": ""})
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -187,13 +187,13 @@ def test_bad_inputs_get_clear_errors_and_change_nothing(four_steps, tmp_path):
     }
     for name, d in cases.items():
         before = snapshot(d) if d.exists() else None
-        cli = subprocess.run([sys.executable, "-m", "distckpt.cli", "inspect", str(d), "--json"],
+        cli = subprocess.run([sys.executable, "-m", "distckpt.tools.cli", "inspect", str(d), "--json"],
                              capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
         assert cli.returncode in (1, 2), (name, cli.stdout, cli.stderr)
         assert "Traceback" not in cli.stderr, (name, cli.stderr)
         report = json.loads(cli.stdout)
         assert any(expect[name] in p for p in report["problems"]), (name, report["problems"])
-        vcli = subprocess.run([sys.executable, "-m", "distckpt.cli", "verify", str(d)],
+        vcli = subprocess.run([sys.executable, "-m", "distckpt.tools.cli", "verify", str(d)],
                               capture_output=True, text=True, env={**os.environ,
                                                                    "XLA_FLAGS": ""})
         assert vcli.returncode in (1, 2) and "Traceback" not in vcli.stderr, (name, vcli.stderr)

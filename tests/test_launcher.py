@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from distckpt.launcher import launch
+from distckpt.tools.launcher import launch
 
 PY = sys.executable
 
@@ -49,7 +49,7 @@ def test_sigterm_is_forwarded_to_every_host(tmp_path):
             "signal.signal(signal.SIGTERM, bye)\n"
             "(d / f'ready{i}').write_text('x')\n"
             "time.sleep(120)")
-    proc = subprocess.Popen([PY, "-m", "distckpt.cli", "launch", "--hosts", "2", "--", PY, "-c",
+    proc = subprocess.Popen([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "2", "--", PY, "-c",
                              code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
@@ -63,10 +63,10 @@ def test_sigterm_is_forwarded_to_every_host(tmp_path):
 
 def test_cli_usage_errors():
     env = {**os.environ}
-    res = subprocess.run([PY, "-m", "distckpt.cli", "launch", "--hosts", "2"],
+    res = subprocess.run([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "2"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 2 and "give the command after '--'" in res.stderr
-    res = subprocess.run([PY, "-m", "distckpt.cli", "launch", "--hosts", "0", "--", "true"],
+    res = subprocess.run([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "0", "--", "true"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 2 and ">= 1" in res.stderr
 
@@ -145,7 +145,7 @@ def test_an_exception_in_the_launcher_leaves_no_process_alive(tmp_path):
 
 
 def test_sigalrm_to_the_cli_launcher_stops_every_host(tmp_path):
-    proc = subprocess.Popen([PY, "-m", "distckpt.cli", "launch", "--hosts", "2", "--", PY, "-c",
+    proc = subprocess.Popen([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "2", "--", PY, "-c",
                              _FAMILY, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     got = _family_pids(tmp_path, 2)
     proc.send_signal(signal.SIGALRM)
@@ -161,7 +161,7 @@ def test_gloo_connection_lines_are_hidden_unless_asked(tmp_path):
             "from jax.experimental import multihost_utils\n"
             "coordinator.initialize()\n"
             "print('sum', multihost_utils.process_allgather(jnp.ones(1)).sum())")
-    res = subprocess.run([PY, "-m", "distckpt.cli", "launch", "--hosts", "2", "--", PY, "-c",
+    res = subprocess.run([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "2", "--", PY, "-c",
                           code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "[host 0] sum 2.0" in res.stdout and "[host 1] sum 2.0" in res.stdout
@@ -176,6 +176,6 @@ def test_gloo_connection_lines_are_hidden_unless_asked(tmp_path):
     assert launch(printer, 1, 1, out=buf, forward_signals=False, show_gloo=True).returncode == 0
     assert buf.getvalue() == f"[host 0] {line}\n[host 0] other\n"
     for args, env in [(["launch", "--verbose"], {}), (["launch"], {"DISTCKPT_SHOW_GLOO": "1"})]:
-        res = subprocess.run([PY, "-m", "distckpt.cli", *args, "--hosts", "1", "--", *printer],
+        res = subprocess.run([PY, "-m", "distckpt.tools.cli", *args, "--hosts", "1", "--", *printer],
                              capture_output=True, text=True, env={**os.environ, **env})
         assert res.returncode == 0 and res.stdout == f"[host 0] {line}\n[host 0] other\n", args

@@ -25,7 +25,7 @@ QUICKSTART = str(REPO / "examples" / "quickstart.py")
 def distckpt_command() -> list[str]:
     """The `distckpt` console script next to this interpreter (README: .venv/bin/distckpt)."""
     script = Path(sys.executable).parent / "distckpt"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "distckpt.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "distckpt.tools.cli"]
 
 
 def run(args: list[str], cwd: Path, *, devices: int | None = None,

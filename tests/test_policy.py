@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from distckpt import policy
-from distckpt.policy import (
+from distckpt.checkpoint import policy
+from distckpt.checkpoint.policy import (
     LossAdaptivePolicy,
     OrbaxSaveDecision,
     RestartLog,

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from distckpt.launcher import launch
-from distckpt.preemption import PreemptionGuard
+from distckpt.multihost.preemption import PreemptionGuard
+from distckpt.tools.launcher import launch
 
 multiprocess = pytest.mark.multiprocess
 
 ROOT = Path(__file__).parent.parent
 WORKER = [sys.executable, str(Path(__file__).parent / "preempt_worker.py")]
 STEPS = 16
-TRAIN = [sys.executable, "-m", "distckpt.cli", "train", "--steps", str(STEPS), "--save-every",
+TRAIN = [sys.executable, "-m", "distckpt.tools.cli", "train", "--steps", str(STEPS), "--save-every",
          "3", "--mesh", "data=2,fsdp=2", "--max-to-keep", "10"]
 STEP_DELAY = ["--step-delay", "0.2"]  # a slower step (same numbers): room to land a signal
 JOB_TIMEOUT = 300  # generous: other test suites share these 2 cores
@@ -102,7 +102,7 @@ def sigterm_one_host_when(ready, host: int, delay_s: float, sent: list):
 
 def launch_cli(command, extra_env=None) -> subprocess.Popen:
     """`distckpt launch` as its own process, so the test can signal the launcher itself."""
-    return subprocess.Popen([sys.executable, "-m", "distckpt.cli", "launch", "--hosts", "2",
+    return subprocess.Popen([sys.executable, "-m", "distckpt.tools.cli", "launch", "--hosts", "2",
                              "--devices-per-host", "2", "--timeout", str(JOB_TIMEOUT), "--",
                              *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env(extra_env), cwd=ROOT)
@@ -349,7 +349,7 @@ def test_guard_keeps_detection_when_user_code_replaces_its_handler(caplog):
         with PreemptionGuard("unit") as guard:
             guard.reached_sync_point(1)
             signal.signal(signal.SIGTERM, lambda s, _f: calls.append(s))
-            with caplog.at_level("WARNING", logger="distckpt.preemption"):
+            with caplog.at_level("WARNING", logger="distckpt.multihost.preemption"):
                 assert guard.reached_sync_point(2) is False
             assert "was replaced by" in caplog.text
             os.kill(os.getpid(), signal.SIGTERM)
@@ -365,7 +365,7 @@ def test_guard_restores_a_native_handler_python_cannot_see():
     """Like JAX's notifier: installed below Python, so signal.getsignal says SIG_DFL."""
     import ctypes
 
-    from distckpt.preemption import _address, _read_action
+    from distckpt.multihost.preemption import _address, _read_action
 
     before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     libc = ctypes.CDLL(None)

@@ -62,7 +62,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- resolve_cluster
 _RESOLVE = r"""
 import dataclasses, json, os, sys, warnings
-from distckpt.coordinator import detect_cluster, resolve_cluster
+from distckpt.multihost.coordinator import detect_cluster, resolve_cluster
 
 base = dict(os.environ)
 results = []
@@ -274,7 +274,7 @@ def cluster_vars(env: dict[str, str]) -> dict[str, str]:
 
 def parse_train(argv: list[str]):
     """Parse `train ...` with the real CLI parser (fails the test on an unknown flag)."""
-    from distckpt.cli import build_parser
+    from distckpt.tools.cli import build_parser
 
     assert argv[0] == "train", argv
     return build_parser().parse_args(argv)
@@ -544,7 +544,7 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
 def test_dockerfiles():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    assert project["scripts"]["distckpt"] == "distckpt.cli:main"
+    assert project["scripts"]["distckpt"] == "distckpt.tools.cli:main"
     for name, base, extra, cmd in [
             ("Dockerfile.cpu", "python:3.11-slim", "test", ["distckpt", "drill"]),
             ("Dockerfile.cuda", "nvidia/cuda:", "gpu", None)]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import distckpt
-from distckpt import cli
-from distckpt.launcher import launch
+from distckpt.tools import cli
+from distckpt.tools.launcher import launch
 from tests.mp_worker import factory
 
 
@@ -79,7 +79,7 @@ def test_two_hosts_with_a_relative_directory_from_different_working_dirs(tmp_pat
 @pytest.mark.multiprocess
 def test_train_command_with_a_relative_directory_on_two_hosts(tmp_path):
     buf = io.StringIO()
-    command = [sys.executable, "-m", "distckpt.cli", "train", "--dir", "ckpt", "--steps", "4",
+    command = [sys.executable, "-m", "distckpt.tools.cli", "train", "--dir", "ckpt", "--steps", "4",
                "--save-every", "2", "--mesh", "fsdp=2", "--d-model", "16", "--layers", "1"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     result = launch(command, 2, 1, out=buf, timeout_s=300, forward_signals=False, env=env,

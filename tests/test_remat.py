@@ -25,9 +25,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distckpt.mesh import DEFAULT_RULES, make_mesh, state_shardings
-from distckpt.model import ModelConfig, Transformer, next_token_loss
-from distckpt.remat import (
+from distckpt.remat.measure import (
+    FAST_COMPILE_OPTIONS,
+    activation_sharding,
+    measure_plans,
+)
+from distckpt.remat.plan import (
     PRESETS,
     TAGS,
     Action,
@@ -36,12 +39,7 @@ from distckpt.remat import (
     RematTransformer,
     ScannedBlocks,
 )
-from distckpt.remat_measure import (
-    FAST_COMPILE_OPTIONS,
-    activation_sharding,
-    measure_plans,
-)
-from distckpt.remat_planner import (
+from distckpt.remat.planner import (
     Hardware,
     LayerSpec,
     RematBudgetError,
@@ -52,6 +50,8 @@ from distckpt.remat_planner import (
     parse_bytes,
     plan_remat,
 )
+from distckpt.state.mesh import DEFAULT_RULES, make_mesh, state_shardings
+from distckpt.tools.model import ModelConfig, Transformer, next_token_loss
 
 TP_MESH = "data=2,fsdp=2,tensor=2"
 MESHES = ("data=1", TP_MESH)
@@ -395,7 +395,7 @@ def test_parse_bytes_rejects_garbage():
 
 
 def _cli(*argv):
-    from distckpt import remat_cli
+    from distckpt.remat import cli as remat_cli
 
     parser = argparse.ArgumentParser()
     remat_cli.add_parser(parser.add_subparsers(dest="command"))

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.multiprocess
 
-TRAIN = [sys.executable, "-m", "distckpt.cli", "train", "--steps", "10", "--save-every", "3",
+TRAIN = [sys.executable, "-m", "distckpt.tools.cli", "train", "--steps", "10", "--save-every", "3",
          "--mesh", "data=2,fsdp=2", "--max-to-keep", "5"]
 
 

@@ -25,11 +25,13 @@ import numpy as np
 import pytest
 
 import distckpt
-from distckpt import commit, nnx_state, storage
+from distckpt import storage
+from distckpt.checkpoint import commit
+from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import StepUnusableError
-from distckpt.inspection import inspect_directory
-from distckpt.launcher import free_port, launch
-from distckpt.reader import StepReader
+from distckpt.state import nnx_state
+from distckpt.tools.inspection import inspect_directory
+from distckpt.tools.launcher import free_port, launch
 from tests.mp_worker import factory, fingerprint, train_step
 
 S3_WORKER = str(Path(__file__).parent / "s3_worker.py")
@@ -87,7 +89,7 @@ def assert_objects_hold_no_secret(server, url: str) -> None:
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distckpt.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "distckpt.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO})
 
@@ -416,7 +418,7 @@ def test_explicit_location_without_aws_environment_keeps_the_secret_out(
             assert needle.encode() not in data, (key, needle)
     # `distckpt inspect` reads credentials from the environment only.
     res = subprocess.run(
-        [sys.executable, "-m", "distckpt.cli", "inspect", s3_url, "--json"],
+        [sys.executable, "-m", "distckpt.tools.cli", "inspect", s3_url, "--json"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**os.environ, **s3_server.env(), "XLA_FLAGS": "", "PYTHONPATH": REPO})
     assert res.returncode == 0, res.stdout + res.stderr

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import distckpt
-from distckpt import commit, storage
+from distckpt import storage
+from distckpt.checkpoint import commit
 from tests.mp_worker import factory
 
 

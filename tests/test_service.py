@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import distckpt
-from distckpt import nnx_state
+from distckpt.state import nnx_state
 from tests.mp_worker import factory, train_step
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import distckpt
-from distckpt import nnx_state
+from distckpt.state import nnx_state
 
 # Every width is divisible by 1, 2, 3, 4 and 8, so each mesh below can shard it.
 WIDTH = 24

@@ -22,9 +22,11 @@ from orbax.checkpoint._src.path import atomicity
 from orbax.checkpoint._src.serialization import ocdbt_process_spec
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from distckpt import orbax_s3, storage
+from distckpt import storage
 from distckpt.storage import Location, S3Credentials, StorageConfigError
-from distckpt.testing import orbax_roundtrip, s3server
+from distckpt.storage import orbax_adapter as orbax_s3
+from distckpt.testing import orbax_roundtrip
+from distckpt.tools import s3server
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 REPO = Path(__file__).resolve().parent.parent
@@ -190,7 +192,7 @@ def _orbax_calls(root: str, tmp_path):
 
 
 def test_orbax_internals_the_adapter_relies_on(tmp_path):
-    """Fails loudly when Orbax changes what distckpt.orbax_s3 adapts (see its docstring)."""
+    """Fails loudly when Orbax changes what distckpt.storage.orbax_adapter adapts (see its docstring)."""
     assert ocp.__version__ == orbax_s3.SUPPORTED_ORBAX
     orbax_s3.uninstall()
     orbax_s3._check_original(ts_utils.build_kvstore_tspec)

@@ -1,4 +1,4 @@
-"""distckpt.tuning and the tuning fields of CheckpointOptions (one process, 8 CPU devices).
+"""distckpt.checkpoint.tuning and the tuning fields of CheckpointOptions (one process, 8 CPU devices).
 
 Mechanics only: what the options write and that the result stays readable by stock Orbax
 onto another mesh. Speed is measured by ``distckpt bench``, not asserted here.
@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint._src.multihost import multihost
 
 import distckpt
-from distckpt import tuning
+from distckpt.checkpoint import tuning
 from tests.mp_worker import factory
 from tests.test_service import arrays
 

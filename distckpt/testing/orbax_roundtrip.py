@@ -13,7 +13,7 @@ come from distckpt; the rest is stock Orbax 0.12.8.
     python -m distckpt.testing.orbax_roundtrip save URL OUT.json [--step N] [--mesh data=2,fsdp=2]
     python -m distckpt.testing.orbax_roundtrip restore URL OUT.json [--step N] [--mesh fsdp=4]
 
-(run each through :func:`distckpt.launcher.launch`; :func:`run` does that.)
+(run each through :func:`distckpt.tools.launcher.launch`; :func:`run` does that.)
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def worker(phase: str, url: str, out: str, step: int, mesh_spec: str, scale: int
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from distckpt import coordinator
-    from distckpt.mesh import make_mesh
+    from distckpt.multihost import coordinator
+    from distckpt.state.mesh import make_mesh
 
     coordinator.initialize()
     mesh = make_mesh(mesh_spec)
@@ -152,7 +152,7 @@ def run(phase: str, url: str, hosts: int, devices: int, *, mesh: str, step: int 
         scale: int = 1, env: Mapping[str, str] | None = None, timeout_s: float = 300,
         workdir: str | os.PathLike) -> dict[str, Any]:
     """Run one phase as `hosts` processes x `devices` CPU devices; return the report."""
-    from distckpt.launcher import launch
+    from distckpt.tools.launcher import launch
 
     out = Path(workdir) / f"{phase}-{hosts}x{devices}-step{step}.json"
     out.unlink(missing_ok=True)

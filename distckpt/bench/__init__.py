@@ -1,0 +1,1 @@
+"""`distckpt bench`: distckpt against plain Orbax and the raw disk."""

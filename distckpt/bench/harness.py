@@ -1,0 +1,684 @@
+"""``distckpt bench``: checkpoint speed and memory against the disk (or S3) and plain Orbax.
+
+Same state, same run: for each topology (default 4 and then 2 simulated hosts x 2 CPU
+devices) one real multi-process job (:mod:`distckpt.bench.worker`, started through
+:func:`distckpt.tools.launcher.launch`, each process calling ``jax.distributed.initialize``)
+builds one sharded NNX state of random float32 and runs every contender on it in turn,
+A B C A B C ..., ``warmup`` + ``reps`` times; figures are medians of the timed
+repetitions, each repetition's figure being its slowest process. Contenders:
+
+``raw``       the limit: each process writes its unique shard bytes to one file, buffered,
+              fsync'd, and reads them back into preallocated host buffers;
+``orbax``     Orbax ``CheckpointManager`` with default options, as the seeds use it
+              (``orbax:key=value,...`` tunes it, see
+              :class:`distckpt.bench.contenders.PlainOrbax`);
+``distckpt``  :class:`distckpt.CheckpointService` with its defaults.
+
+Figures: ``save()`` stall, time until committed, save GiB/s, restore GiB/s (page cache
+evicted first), raw read GiB/s of the same files, restore onto another topology (the
+previous, larger job's checkpoints), peak extra RSS over the shard bytes a process holds
+during save and restore, RSS growth over consecutive saves, and the reference training
+loop's step-time inflation when it saves every step. :func:`targets` compares distckpt with
+the issue's targets; :func:`policy_summary` gives the Young/Daly interval for the measured
+cost and an MTBF. The report is a JSON-ready dict (schema :data:`SCHEMA`);
+:mod:`distckpt.bench.report` renders it as a table, Markdown and a chart.
+
+On object storage (``directory`` = ``s3://bucket/prefix``, empty or absent; endpoint and
+credentials from the ``AWS_*`` environment) the same jobs run with these differences:
+
+* ``raw`` PUTs each process's shard bytes as 4 MiB objects through TensorStore's s3
+  kvstore and GETs them back (:class:`distckpt.bench.contenders.RawObjects`); committed =
+  every PUT acknowledged. The ratios ``save_vs_raw`` and ``restore_vs_raw`` are then
+  distckpt against raw PUT and GET of the same bytes on the same server (issue 6), and
+  :data:`S3_TARGETS` names them so.
+* the default contenders are raw and distckpt (:func:`default_contenders`). Plain Orbax
+  (orbax-checkpoint 0.12.8) cannot save on ``s3://`` (with OCDBT: "Checkpoint path should
+  be absolute. Got s3:/..."; without it the finalize renames a directory, which S3 does
+  not have). When asked for anyway, each orbax contender is first probed with one tiny
+  save in one process; if that fails, the report carries the failure as its outcome
+  (``failed``: ``"<error first line>"``, shown as "fails" in the tables) and the jobs run
+  the other contenders. A later Orbax that works passes the probe and is measured.
+* nothing is evicted from a page cache (reads go over HTTP to the server, whatever it
+  caches); the raw read of a contender's files is a GET of its step's objects, split over
+  the processes ("raw GET of its objects"), and its files are objects.
+* logs, specs and per-process results go to a new local temporary directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "distckpt-bench/1"
+_EVENT = re.compile(r"BENCH (\{.*\})$")
+GiB = float(2**30)
+MiB = float(2**20)
+
+# Targets of issue 5; "ratio" names a key of a contender's ratios.
+TARGETS: tuple[dict[str, Any], ...] = (
+    {"name": "save throughput vs raw write+fsync", "ratio": "save_vs_raw", "op": ">=",
+     "threshold": 0.8},
+    {"name": "save throughput vs plain Orbax", "ratio": "save_vs_orbax", "op": ">=",
+     "threshold": 1.5},
+    {"name": "restore throughput vs raw read of the same files", "ratio": "restore_vs_files",
+     "op": ">=", "threshold": 0.7},
+    {"name": "restore throughput vs plain Orbax", "ratio": "restore_vs_orbax", "op": ">=",
+     "threshold": 1.5},
+    {"name": "restore onto another topology / same topology (time)",
+     "ratio": "cross_vs_same", "op": "<=", "threshold": 1.2},
+    {"name": "save() stall / one memcpy of the shard bytes", "ratio": "stall_vs_memcpy",
+     "op": "<=", "threshold": 1.5},
+    {"name": "save() stall / plain Orbax's stall", "ratio": "stall_vs_orbax", "op": "<=",
+     "threshold": 1.0},
+    {"name": "extra peak RSS during save / shard bytes", "ratio": "save_rss", "op": "<=",
+     "threshold": 1.2},
+    {"name": "RSS growth per save over consecutive saves (MiB)", "ratio": "rss_growth_mib_per_save",
+     "op": "<=", "threshold": 1.0},
+    {"name": "training step-time inflation, saving every step", "ratio": "train_inflation",
+     "op": "<=", "threshold": 0.05},
+)
+
+
+# Issue 6 (object storage) gives no thresholds of its own: issue 5's, with raw being PUT/GET.
+S3_TARGETS: tuple[dict[str, Any], ...] = (
+    {"name": "save throughput vs raw PUT of the same bytes", "ratio": "save_vs_raw",
+     "op": ">=", "threshold": 0.8},
+    {"name": "restore throughput vs raw GET of the same bytes", "ratio": "restore_vs_raw",
+     "op": ">=", "threshold": 0.7},
+    {"name": "restore throughput vs raw GET of its own objects", "ratio": "restore_vs_files",
+     "op": ">=", "threshold": 0.7},
+    *(t for t in TARGETS if t["ratio"] not in ("save_vs_raw", "restore_vs_files")),
+)
+
+
+def targets_for(scheme: str) -> tuple[dict[str, Any], ...]:
+    """The targets for storage `scheme` ('file' or 's3')."""
+    return S3_TARGETS if scheme == "s3" else TARGETS
+
+
+CONTENDER_KINDS = ("raw", "orbax", "distckpt")
+LOCAL_CONTENDERS = ("raw", "orbax", "distckpt")
+S3_CONTENDERS = ("raw", "distckpt")
+
+
+def default_contenders(directory: str | None) -> tuple[str, ...]:
+    """raw, orbax, distckpt; on ``s3://`` raw and distckpt (plain Orbax cannot save there,
+    see the module docstring; ask for it explicitly to have that measured)."""
+    from distckpt.bench import s3 as bench_s3
+
+    return S3_CONTENDERS if bench_s3.is_url(directory) else LOCAL_CONTENDERS
+
+
+def parse_contender(text: str) -> tuple[str, dict[str, str]]:
+    """``KIND[:key=value,...]`` -> (kind, options); KIND is raw, orbax or distckpt.
+
+    >>> parse_contender("orbax:ocdbt=0,zarr3=1")
+    ('orbax', {'ocdbt': '0', 'zarr3': '1'})
+    """
+    kind, _, rest = text.partition(":")
+    if kind not in CONTENDER_KINDS:
+        raise ValueError(f"unknown contender {text!r}: the kind is one of "
+                         f"{list(CONTENDER_KINDS)}, optionally with options, e.g. "
+                         "orbax:ocdbt=0,zarr3=1")
+    options: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad option {item!r} in contender {text!r}: expected key=value")
+        options[key.strip()] = value.strip()
+    return kind, options
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One `distckpt bench` run."""
+
+    size_bytes: int = 64 * 2**20
+    """Bytes of the benchmark state (all hosts together; float32, random normal)."""
+    hosts: tuple[int, ...] = (4, 2)
+    """Simulated host counts, one job each, run largest first (each later job also
+    restores the previous job's checkpoints: the cross-topology figure)."""
+    devices_per_host: int = 2
+    """CPU devices per simulated host."""
+    data_parallel: int = 1
+    """Size of a 'data' mesh axis over which the state is replicated (1: fully sharded)."""
+    leaves: int = 8
+    """Arrays in the state (equal-sized float32 matrices)."""
+    contenders: tuple[str, ...] | None = None
+    """KIND[:key=value,...] with KIND raw, orbax or distckpt; None: the default for the
+    storage, :func:`default_contenders` (set in ``__post_init__``)."""
+    reps: int = 5
+    """Timed repetitions per contender."""
+    warmup: int = 1
+    """Untimed repetitions before them."""
+    rss_saves: int = 20
+    """Consecutive saves per contender for the RSS-growth figure (0 skips it)."""
+    train_rounds: int = 2
+    """Timed rounds of training blocks (0 skips the training-loop figure)."""
+    train_steps: int = 4
+    """Steps per training block."""
+    train_model: tuple[tuple[str, int], ...] = ()
+    """distckpt.tools.model.ModelConfig overrides of the reference model the loop trains
+    (default: `distckpt train`'s model)."""
+    train_batch: int = 8
+    """Global batch of the training loop."""
+    train_seq_len: int = 33
+    """Tokens per sequence of the training loop."""
+    extras_on: str = "last"
+    """Topologies that also measure RSS growth and the training loop: 'last' (the last,
+    smallest job; these figures are per process) or 'all'."""
+    mtbf_s: float = 4 * 3600.0
+    """Mean time between failures for the Young/Daly interval in the report."""
+    cold: bool = True
+    """Evict the files from the page cache before every read."""
+    directory: str | None = None
+    """New or empty directory for checkpoints and logs (default: a temporary one), or an
+    empty or absent ``s3://bucket/prefix`` for the checkpoints (logs go to a temporary
+    local directory)."""
+    keep: bool = False
+    """Keep the checkpoints afterwards (logs and per-process results are always kept)."""
+    seed: int = 0
+    """Seeds the random state."""
+    timeout_s: float = 900.0
+    """Limit for each job."""
+
+    def __post_init__(self):
+        if self.contenders is None:
+            object.__setattr__(self, "contenders", default_contenders(self.directory))
+        if self.size_bytes < 1 or self.leaves < 1:
+            raise ValueError("size and leaves must be >= 1")
+        if not self.hosts or any(h < 1 for h in self.hosts) or self.devices_per_host < 1:
+            raise ValueError(f"need hosts >= 1 and devices per host >= 1, got {self.hosts}, "
+                             f"{self.devices_per_host}")
+        for h in self.hosts:
+            if (h * self.devices_per_host) % self.data_parallel:
+                raise ValueError(f"data_parallel={self.data_parallel} does not divide the "
+                                 f"{h * self.devices_per_host} devices of {h} hosts")
+        if self.reps < 1 or self.warmup < 0 or self.rss_saves < 0:
+            raise ValueError("need reps >= 1, warmup >= 0, rss_saves >= 0")
+        if self.train_rounds < 0 or self.train_steps < 1:
+            raise ValueError("need train_rounds >= 0 and train_steps >= 1")
+        if self.extras_on not in ("last", "all"):
+            raise ValueError(f"extras_on must be 'last' or 'all', got {self.extras_on!r}")
+        if self.mtbf_s <= 0:
+            raise ValueError(f"mtbf must be positive, got {self.mtbf_s}")
+        if not self.contenders or len(set(self.contenders)) != len(self.contenders):
+            raise ValueError(f"contenders must be given once each, got {self.contenders}")
+        for c in self.contenders:
+            parse_contender(c)
+        if self.on_s3:
+            from distckpt.bench import s3 as bench_s3
+
+            bench_s3.location(self.directory)  # a bad URL or another scheme fails here
+
+    @property
+    def on_s3(self) -> bool:
+        """The checkpoints go to ``s3://`` (an object store), not a local directory."""
+        from distckpt.bench import s3 as bench_s3
+
+        return bench_s3.is_url(self.directory)
+
+    def mesh(self, hosts: int) -> str:
+        devices = hosts * self.devices_per_host
+        if self.data_parallel > 1:
+            return f"data={self.data_parallel},fsdp={devices // self.data_parallel}"
+        return f"fsdp={devices}"
+
+    def label(self, hosts: int) -> str:
+        return f"{hosts}x{self.devices_per_host}"
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The state's float32 [rows, 1024] matrices, the same on every topology: rows are
+        a multiple of every job's fsdp size so that each restores the others' saves."""
+        multiple = math.lcm(*(h * self.devices_per_host // self.data_parallel
+                              for h in self.hosts))
+        cols = 1024
+        rows = (self.size_bytes // self.leaves // (4 * cols)) // multiple * multiple
+        return [(max(multiple, rows), cols)] * self.leaves
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["train_model"] = dict(self.train_model)
+        out["hosts"] = list(self.hosts)
+        out["contenders"] = list(self.contenders)
+        return out
+
+
+# --------------------------------------------------------------------------- machine
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {"cores": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from importlib import metadata
+
+    info["versions"] = {}
+    for pkg in ("jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy"):
+        try:
+            info["versions"][pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info["versions"][pkg] = None
+    return info
+
+
+def filesystem_of(path: Path) -> dict[str, str]:
+    """Device and type of the filesystem holding `path` (from /proc/mounts)."""
+    best = ("", {"device": "?", "type": "?"})
+    try:
+        resolved = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            if (resolved == mnt or resolved.startswith(mnt.rstrip("/") + "/")) and \
+                    len(mnt) >= len(best[0]):
+                best = (mnt, {"device": dev, "type": fstype, "mount": mnt})
+    except OSError:
+        pass
+    return best[1]
+
+
+# --------------------------------------------------------------------------- aggregation
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def rss_slope(after: list[float]) -> float:
+    """Bytes of RSS growth per save: the least-squares slope of the RSS after each save,
+    from the 2nd save on (the first allocates what later saves reuse; the allocator's
+    ups and downs make the end points alone too noisy).
+
+    >>> rss_slope([100, 10, 12, 14, 16])
+    2.0
+    """
+    ys = after[1:]
+    if len(ys) < 2:
+        return 0.0
+    return statistics.linear_regression(range(len(ys)), ys).slope
+
+
+def aggregate(records: list[dict[str, Any]], contenders: list[str]) -> dict[str, Any]:
+    """Per-contender figures of one job from its processes' records.
+
+    Each repetition's time is its slowest process's; RSS ratios are the largest
+    process's; figures are medians over the timed repetitions.
+    """
+    records = sorted(records, key=lambda r: r["process"])
+    first = records[0]
+    total = first["total_bytes"]
+    shard = max(r["shard_bytes"] for r in records)
+    out: dict[str, Any] = {
+        "processes": len(records), "total_bytes": total, "leaves": first["leaves"],
+        "shapes": first["shapes"], "shard_bytes_per_process": shard,
+        "memcpy_s": max(r["memcpy_s"] for r in records),
+        "memcpy_alloc_s": max(r["memcpy_alloc_s"] for r in records),
+        "phase_s": records[0].get("phase_s", {}),
+        "contenders": {},
+    }
+    shard_of = {r["process"]: r["shard_bytes"] for r in records}
+    by_rep: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        for row in r["reps"]:
+            by_rep.setdefault((row["contender"], row["rep"]), []).append(
+                {**row, "process": r["process"]})
+
+    for name in contenders:
+        reps = sorted(rep for (c, rep) in by_rep if c == name)
+        timed = [rep for rep in reps if not by_rep[(name, rep)][0]["warmup"]]
+        series: dict[str, list[float]] = {}
+
+        def worst(rows, key):
+            vals = [row.get(key) for row in rows]
+            return None if any(v is None for v in vals) else max(vals)
+
+        def rss_ratio(rows, base, peak):
+            if any(row.get(peak) is None for row in rows):
+                return None
+            return max((row[peak] - row[base]) / shard_of[row["process"]] for row in rows)
+
+        for rep in timed:
+            rows = by_rep[(name, rep)]
+            for key in ("stall_s", "commit_s", "restore_s", "raw_read_files_s",
+                        "cross_restore_s"):
+                series.setdefault(key, []).append(worst(rows, key))
+            series.setdefault("save_rss", []).append(
+                rss_ratio(rows, "save_rss_base", "save_rss_peak"))
+            series.setdefault("restore_rss", []).append(
+                rss_ratio(rows, "restore_rss_base", "restore_rss_peak"))
+            series.setdefault("cross_restore_rss", []).append(
+                rss_ratio(rows, "cross_restore_rss_base", "cross_restore_rss_peak"))
+            series.setdefault("files_bytes", []).append(rows[0]["files_bytes"])
+            series.setdefault("files", []).append(rows[0]["files"])
+        fig = {key: _median(vals) for key, vals in series.items()}
+        fig["reps"] = {key: vals for key, vals in series.items()}
+        fig["save_gibps"] = _div(total / GiB, fig.get("commit_s"))
+        fig["restore_gibps"] = _div(total / GiB, fig.get("restore_s"))
+        fig["raw_read_files_gibps"] = _div((fig.get("files_bytes") or 0) / GiB,
+                                           fig.get("raw_read_files_s"))
+        fig["cross_restore_gibps"] = _div(total / GiB, fig.get("cross_restore_s"))
+        growth = [r["rss_growth"].get(name) for r in records]
+        if all(g for g in growth):
+            fig["rss_growth_bytes_per_save"] = max(rss_slope(g) for g in growth)
+            fig["rss_after_saves"] = [g for g in growth]
+        train = [r["train"].get("seconds_per_step", {}) for r in records]
+        if all(name in t for t in train) and all("none" in t for t in train):
+            rounds = len(train[0][name])
+            per_round = [max(t[name][i] for t in train) for i in range(rounds)]
+            base = [max(t["none"][i] for t in train) for i in range(rounds)]
+            fig["train_step_s"] = _median(per_round)
+            fig["train_inflation"] = _median([a / b - 1.0 for a, b in
+                                              zip(per_round, base, strict=True)])
+            out["train_step_s_no_save"] = _median(base)
+            out["train_state_bytes"] = records[0]["train"].get("state_bytes")
+        out["contenders"][name] = fig
+    return out
+
+
+def reference_names(contenders: list[str]) -> dict[str, str | None]:
+    """The contenders the ratios compare against: raw, plain (option-less) orbax, distckpt."""
+    def first(kind: str, plain: bool) -> str | None:
+        for c in contenders:
+            k, opts = parse_contender(c)
+            if k == kind and (not plain or not opts):
+                return c
+        return None
+
+    return {"raw": first("raw", False), "orbax": first("orbax", True),
+            "distckpt": first("distckpt", False)}
+
+
+def add_ratios(topo: dict[str, Any], contenders: list[str]) -> None:
+    """Each contender's ratios against raw, plain Orbax, memcpy and its own figures."""
+    ref = reference_names(contenders)
+    figs = topo["contenders"]
+    raw = figs.get(ref["raw"]) if ref["raw"] else None
+    orbax = figs.get(ref["orbax"]) if ref["orbax"] else None
+    for _name, fig in figs.items():
+        ratios = {
+            "save_vs_raw": _div(fig.get("save_gibps"), raw and raw.get("save_gibps")),
+            "save_vs_orbax": _div(fig.get("save_gibps"), orbax and orbax.get("save_gibps")),
+            "restore_vs_files": _div(fig.get("restore_gibps"), fig.get("raw_read_files_gibps")),
+            "restore_vs_raw": _div(fig.get("restore_gibps"), raw and raw.get("restore_gibps")),
+            "restore_vs_orbax": _div(fig.get("restore_gibps"),
+                                     orbax and orbax.get("restore_gibps")),
+            "cross_vs_same": _div(fig.get("cross_restore_s"), fig.get("restore_s")),
+            "stall_vs_memcpy": _div(fig.get("stall_s"), topo["memcpy_s"]),
+            "stall_vs_orbax": _div(fig.get("stall_s"), orbax and orbax.get("stall_s")),
+            "save_rss": fig.get("save_rss"),
+            "restore_rss": fig.get("restore_rss"),
+            "rss_growth_mib_per_save": (None if fig.get("rss_growth_bytes_per_save") is None
+                                        else fig["rss_growth_bytes_per_save"] / MiB),
+            "train_inflation": fig.get("train_inflation"),
+        }
+        fig["ratios"] = ratios
+
+
+def storage_scheme(report: dict[str, Any]) -> str:
+    """'file' or 's3' (reports from before s3:// support have no 'storage': 'file')."""
+    return report.get("storage", {}).get("scheme", "file")
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, checked for distckpt on every topology that measured them.
+
+    `margin` is how far the ratio is on the good side of the threshold, relative to it
+    (0.25: 25% better than needed; negative: missed by that much).
+    """
+    name = report["references"]["distckpt"]
+    rows = []
+    if name is None:
+        return rows
+    for label, topo in report["topologies"].items():
+        ratios = topo["contenders"][name]["ratios"]
+        for t in targets_for(storage_scheme(report)):
+            value = ratios.get(t["ratio"])
+            if value is None:
+                continue
+            thr = t["threshold"]
+            met = value >= thr if t["op"] == ">=" else value <= thr
+            if t["op"] == ">=":
+                margin = value / thr - 1.0
+            elif thr > 0:
+                margin = 1.0 - value / thr
+            else:
+                margin = -value
+            rows.append({"target": t["name"], "ratio": t["ratio"], "topology": label,
+                         "value": value, "op": t["op"], "threshold": thr, "met": met,
+                         "margin": margin})
+    return rows
+
+
+def policy_summary(report: dict[str, Any], mtbf_s: float) -> dict[str, Any] | None:
+    """Young/Daly interval from distckpt's measured cost of a save, on the topology that
+    also measured the training step (else the largest), with the expected time lost."""
+    from distckpt.checkpoint.policy import expected_loss_fraction, young_daly_interval
+
+    name = report["references"]["distckpt"]
+    if name is None or not report["topologies"]:
+        return None
+    label, topo = max(report["topologies"].items(),
+                      key=lambda kv: (kv[1].get("train_step_s_no_save") is not None,
+                                      kv[1]["processes"]))
+    fig = topo["contenders"][name]
+    if fig.get("commit_s") is None:
+        return None
+    # commit_s counts from the start of save() until committed: stall + background commit.
+    cost = fig["commit_s"]
+    interval = young_daly_interval(cost, mtbf_s)
+    out = {"topology": label, "cost_s": cost, "stall_s": fig.get("stall_s"), "mtbf_s": mtbf_s,
+           "interval_s": interval,
+           "expected_loss_fraction": expected_loss_fraction(interval, cost, mtbf_s)}
+    step_s = topo.get("train_step_s_no_save")
+    if step_s:
+        out["train_step_s"] = step_s
+        out["interval_steps"] = max(1, round(interval / step_s))
+        out["every_step_loss_fraction"] = expected_loss_fraction(step_s, cost, mtbf_s)
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+def _prepare_dir(directory: str | None) -> Path:
+    if directory is None:
+        return Path(tempfile.mkdtemp(prefix="distckpt-bench-"))
+    path = Path(directory).resolve()  # Orbax's OCDBT paths must be absolute
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"bench directory {path} is not empty; give a new or empty one")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prepare_storage(config: BenchConfig) -> tuple[Path, str, dict[str, Any]]:
+    """(local directory for logs, specs and results; where the checkpoints go; the report's
+    description of that storage). An ``s3://`` prefix must hold no objects: it is checked
+    before anything is written anywhere."""
+    if not config.on_s3:
+        workdir = _prepare_dir(config.directory)
+        return workdir, str(workdir), {"scheme": "file", "url": str(workdir)}
+    from distckpt.bench import s3 as bench_s3
+
+    location = bench_s3.location(config.directory)
+    bench_s3.check_empty(location.url)
+    workdir = Path(tempfile.mkdtemp(prefix="distckpt-bench-"))
+    return workdir, location.url, location.describe()
+
+
+def _join(base: str, *parts: str) -> str:
+    """`base`/`parts` for a local directory or a URL (Path would fold a URL's '//')."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _remove(root: str) -> None:
+    from distckpt.bench import s3 as bench_s3
+
+    if bench_s3.is_url(root):
+        bench_s3.remove(root)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def job_units(config: BenchConfig, extras: bool = True) -> int:
+    """Progress events one job emits (for a progress bar's total)."""
+    n = len(config.contenders)
+    reps = (config.warmup + config.reps) * n
+    if not extras:
+        return reps
+    train = (config.train_rounds + 1) * (n + 1) if config.train_rounds else 0
+    return reps + config.rss_saves * n + train
+
+
+def job_hosts(config: BenchConfig) -> list[tuple[int, bool]]:
+    """(hosts, measures the extras) of each job, in the order they run."""
+    order = sorted(set(config.hosts), reverse=True)
+    return [(h, config.extras_on == "all" or i == len(order) - 1)
+            for i, h in enumerate(order)]
+
+
+def probe_contenders(config: BenchConfig, names: list[str], root: str, workdir: Path
+                     ) -> dict[str, str]:
+    """The contenders in `names` whose tiny probe save at `root` failed -> the error's first
+    line (:func:`distckpt.bench.worker.probe`, one process with this config's devices)."""
+    from distckpt.tools.launcher import launch
+
+    devices = config.devices_per_host
+    spec = {"contenders": names, "root": root, "mesh": f"fsdp={devices}",
+            "shapes": [(8 * devices, 256)], "timeout_s": config.timeout_s,
+            "out": str(workdir / "probe.json")}
+    spec_path = workdir / "probe-spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    log_path = workdir / "probe.log"
+    with open(log_path, "w") as log:
+        result = launch([sys.executable, "-m", "distckpt.bench.worker", "--probe",
+                         str(spec_path)], 1, devices, out=log, timeout_s=config.timeout_s,
+                        cwd=str(workdir))  # stock Orbax makes local "s3:" dirs in its cwd
+    shutil.rmtree(workdir / "s3:", ignore_errors=True)
+    if result.returncode != 0 or not Path(spec["out"]).exists():
+        raise RuntimeError(f"bench probe exited {result.returncode}; log {log_path}:\n"
+                           f"{_tail(log_path)}")
+    outcome = json.loads(Path(spec["out"]).read_text())
+    return {name: error for name, error in outcome.items() if error is not None}
+
+
+def _notes(config: BenchConfig, failed: dict[str, str]) -> list[str]:
+    """The report's notes: how figures on S3 differ from local disk, and which contenders
+    failed (with their error)."""
+    notes = []
+    if config.on_s3:
+        notes.append("object storage: 'raw' PUTs and GETs the same bytes as 4 MiB objects "
+                     "through TensorStore's s3 kvstore (committed = every PUT acknowledged); "
+                     "'raw GET of its objects' GETs a contender's step objects, split over "
+                     "the processes; nothing is evicted from a page cache before reads "
+                     "(they go over HTTP to the server, whatever it caches)")
+    for name, error in failed.items():
+        notes.append(f"`{name}` fails on {config.directory}: {error} (one-process probe "
+                     "save; not run in the jobs)")
+    return notes
+
+
+def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
+    """Run every job; return the report. Raises RuntimeError (with the log's tail) if a job
+    fails, ValueError if the directory or prefix is not empty."""
+    from distckpt.tools.launcher import launch
+
+    workdir, base, storage = prepare_storage(config)
+    started = time.time()
+    failed: dict[str, str] = {}
+    if config.on_s3:
+        orbax = [c for c in config.contenders if parse_contender(c)[0] == "orbax"]
+        if orbax:
+            failed = probe_contenders(config, orbax, _join(base, "probe"), workdir)
+    contenders = [c for c in config.contenders if c not in failed]
+    report: dict[str, Any] = {
+        "schema": SCHEMA, "config": config.to_json(), "machine": machine(),
+        "filesystem": filesystem_of(workdir), "storage": storage, "directory": base,
+        "logs": str(workdir), "load_average_start": list(os.getloadavg()),
+        "references": reference_names(contenders), "failed": failed,
+        "notes": _notes(config, failed), "topologies": {},
+    }
+    previous_root: str | None = None
+    for hosts, extras in job_hosts(config):
+        if not contenders:
+            break
+        label = config.label(hosts)
+        root = _join(base, label)
+        out_dir = workdir / "results"
+        out_dir.mkdir(exist_ok=True)
+        spec = {
+            "label": label, "mesh": config.mesh(hosts), "shapes": config.shapes(),
+            "contenders": contenders,
+            "reps": config.reps, "warmup": config.warmup,
+            "rss_saves": config.rss_saves if extras else 0,
+            "cold": config.cold and not config.on_s3, "seed": config.seed, "root": root,
+            "out_dir": str(out_dir), "timeout_s": config.timeout_s,
+            "cross_root": previous_root,
+            "train": {"rounds": config.train_rounds if extras else 0,
+                      "steps": config.train_steps,
+                      "model": dict(config.train_model), "batch": config.train_batch,
+                      "seq_len": config.train_seq_len, "mesh": config.mesh(hosts)},
+        }
+        spec_path = workdir / f"{label}-spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        log_path = workdir / f"{label}.log"
+
+        def on_line(_host: int, line: str, label=label) -> None:
+            match = _EVENT.search(line)
+            if match and progress is not None:
+                progress(json.loads(match.group(1)))
+
+        if progress is not None:
+            progress({"job": label, "phase": "start", "hosts": hosts})
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            result = launch([sys.executable, "-m", "distckpt.bench.worker", str(spec_path)],
+                            hosts, config.devices_per_host, out=log,
+                            timeout_s=config.timeout_s, line_callback=on_line)
+        records = [out_dir / f"{label}.p{i}.json" for i in range(hosts)]
+        if result.returncode != 0 or not all(p.exists() for p in records):
+            raise RuntimeError(f"bench job {label} exited {result.returncode}; log {log_path}:"
+                               f"\n{_tail(log_path)}")
+        topo = aggregate([json.loads(p.read_text()) for p in records], contenders)
+        topo.update(hosts=hosts, devices_per_host=config.devices_per_host,
+                    mesh=config.mesh(hosts), wall_s=time.perf_counter() - t0,
+                    cross_from=(previous_root.rsplit("/", 1)[-1] if previous_root else None))
+        add_ratios(topo, contenders)
+        report["topologies"][label] = topo
+        if previous_root is not None and not config.keep:
+            _remove(previous_root)
+        previous_root = root
+    if previous_root is not None and not config.keep:
+        _remove(previous_root)
+    report["targets"] = targets(report)
+    report["policy"] = policy_summary(report, config.mtbf_s)
+    report["load_average_end"] = list(os.getloadavg())
+    report["elapsed_s"] = time.time() - started
+    return report

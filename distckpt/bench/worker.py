@@ -1,0 +1,542 @@
+"""One simulated host of a `distckpt bench` job: builds the state, runs the contenders.
+
+Started by :func:`distckpt.bench.harness.run_bench` through the local launcher, one process per
+simulated host (each calls ``jax.distributed.initialize``)::
+
+    python -m distckpt.bench.worker SPEC.json
+    python -m distckpt.bench.worker --probe SPEC.json   # one tiny save per contender
+
+Every process writes its own measurements to ``<out_dir>/<label>.p<i>.json``; the driver
+takes, for every timed operation, the slowest process (a multi-host save is done when its
+last host is done). Operations start together: each is preceded by a named barrier.
+
+What one repetition does for each contender, in the order given (A B C A B C ...):
+
+1. **save**: ``save()`` (the blocking stall), then wait until the step is committed on
+   every process (time to commit, from the start of ``save()``); peak RSS over the whole
+   save, commit included (VmHWM after resetting it through ``/proc/self/clear_refs``).
+2. **evict**: drop the step's files from the page cache (``posix_fadvise(DONTNEED)``
+   after ``fdatasync``; no root needed), so that reads come from the disk, as far as this
+   machine can tell (a virtual disk may still be cached by its host).
+3. **restore** the step into an abstract target with this job's shardings; peak RSS.
+4. **raw read** of the same files (evicted again), split over the processes: what plain
+   reads of that file layout cost.
+5. **cross-topology restore** (when the driver passes another job's checkpoints): restore
+   the step the other topology saved, onto this one's mesh.
+
+On ``s3://`` (the spec's root is a URL) step 2 does not apply (the reads go over HTTP to
+the server; nothing local to evict) and step 4 GETs the step's objects instead
+(:func:`distckpt.bench.s3.read_objects`).
+
+Then ``rss_saves`` consecutive saves per contender (RSS after each commit), and the
+reference training loop (:mod:`distckpt.tools.train`) in blocks of steps without saving and
+saving every step with each contender.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from distckpt.bench import s3 as bench_s3
+from distckpt.bench.contenders import (
+    Context,
+    bench_path,
+    host_arrays,
+    local_shards,
+    make_contender,
+    remove_tree,
+    slug,
+)
+from distckpt.multihost import coordinator
+
+_BENCH_RULES = {"rows": "fsdp"}
+
+
+# --------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (0 where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    return 0 if kib is None else kib * 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc's malloc_trim), so that
+    RSS counts live memory rather than what the allocator kept from earlier phases."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Peak resident set size over a block: ``with PeakRSS() as m: ...; m.peak, m.base``.
+
+    Resets the kernel's high-water mark (VmHWM) by writing 5 to /proc/self/clear_refs
+    (Linux >= 4.0, own process, no root) and reads it afterwards, so short peaks in any
+    thread are caught. Where that is not possible it samples VmRSS every 2 ms in a thread.
+    """
+
+    def __init__(self):
+        self.base = 0
+        self.peak = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._hwm = False
+
+    def __enter__(self) -> PeakRSS:
+        release_free_memory()
+        self.base = rss_bytes()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm = _status_kib("VmHWM") is not None
+        except OSError:
+            self._hwm = False
+        if not self._hwm:
+            self.peak = self.base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self._hwm:
+            self.peak = max(self.base, (_status_kib("VmHWM") or 0) * 1024)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+
+
+# --------------------------------------------------------------------------- files
+def files_under(path: Path) -> list[Path]:
+    """Regular files below `path`, sorted (symlinks are not followed)."""
+    out = []
+    for root, _dirs, names in os.walk(path):
+        out.extend(Path(root) / n for n in names)
+    return sorted(p for p in out if p.is_file() and not p.is_symlink())
+
+
+def evict(paths: list[Path]) -> int:
+    """Write back and drop `paths` from the page cache; returns the bytes they hold."""
+    total = 0
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue  # deleted meanwhile (e.g. retention)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def read_files(paths: list[Path], chunk: int = 8 << 20) -> int:
+    """Read `paths` with plain reads into one reused buffer; returns bytes read."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+# --------------------------------------------------------------------------- the state
+class BenchState(nnx.Module):
+    """`leaves` float32 parameter matrices [rows, cols], rows sharded over the fsdp axis."""
+
+    def __init__(self, shapes: list[tuple[int, int]]):
+        init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("rows", None))
+        self.params = nnx.List([nnx.Param(init(jax.random.key(0), s, np.float32))
+                                for s in shapes])
+
+
+def abstract_state(shapes: list[tuple[int, int]], mesh: Any) -> BenchState:
+    """The state with ShapeDtypeStruct leaves in this mesh's shardings (nothing allocated)."""
+    from distckpt.state.mesh import Rules, abstract_target
+
+    return abstract_target(lambda: BenchState(shapes), mesh, Rules.of(_BENCH_RULES))
+
+
+def random_state(shapes: list[tuple[int, int]], mesh: Any, seed: int = 0) -> BenchState:
+    """The benchmark state, random normal float32 (constants would compress), each shard
+    generated where it lives from a seed and its index, so any topology builds the same."""
+    graphdef, state = nnx.split(abstract_state(shapes, mesh))
+    counter = iter(range(10**6))
+
+    def fill(_path, variable):
+        sds = variable.get_value()
+        leaf = next(counter)
+
+        def block(index):
+            start = [s.start or 0 for s in index]
+            stop = [s.stop if s.stop is not None else dim
+                    for s, dim in zip(index, sds.shape, strict=True)]
+            rng = np.random.default_rng([seed, leaf, *start])
+            return rng.standard_normal([b - a for a, b in zip(start, stop, strict=True)],
+                                       dtype=np.float32)
+
+        return variable.replace(jax.make_array_from_callback(sds.shape, sds.sharding, block))
+
+    return nnx.merge(graphdef, nnx.map_state(fill, state))
+
+
+def memcpy_seconds(shards: list[np.ndarray], reps: int = 3) -> tuple[float, float]:
+    """(into preallocated buffers, into fresh buffers): median of `reps` copies of `shards`."""
+    dst = [np.empty_like(s) for s in shards]
+    for d, s in zip(dst, shards, strict=True):
+        np.copyto(d, s)  # fault the pages in once
+    warm, fresh = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for d, s in zip(dst, shards, strict=True):
+            np.copyto(d, s)
+        warm.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        copies = [s.copy() for s in shards]
+        fresh.append(time.perf_counter() - t0)
+        del copies
+    return float(np.median(warm)), float(np.median(fresh))
+
+
+# --------------------------------------------------------------------------- the job
+class Job:
+    """One benchmark job: this process's part of every measurement on one topology."""
+
+    def __init__(self, spec: dict[str, Any]):
+        from distckpt.state.mesh import make_mesh
+
+        self.spec = spec
+        self.label = spec["label"]
+        self.timeout_s = float(spec["timeout_s"])
+        self.pid = jax.process_index()
+        self.mesh = make_mesh(spec["mesh"])
+        self.shapes = [tuple(s) for s in spec["shapes"]]
+        self.record: dict[str, Any] = {"process": self.pid, "label": self.label, "reps": [],
+                                       "rss_growth": {}, "train": {}, "phase_s": {}}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Record how long `phase` took (since the previous lap)."""
+        now = time.perf_counter()
+        self.record["phase_s"][phase] = now - self._t
+        self._t = now
+
+    def barrier(self, name: str) -> None:
+        coordinator.barrier(f"bench:{self.label}:{name}", self.timeout_s)
+
+    def emit(self, **fields: Any) -> None:
+        if coordinator.is_primary():
+            print("BENCH " + json.dumps({"job": self.label, **fields}), flush=True)
+
+    def evict_dir(self, path: Path, name: str) -> None:
+        """The primary drops the files under `path` from the page cache; everyone waits."""
+        self.barrier(f"evict:{name}:start")
+        if coordinator.is_primary():
+            evict(files_under(path))
+        self.barrier(f"evict:{name}:done")
+
+    def timed_save(self, c: Any, step: int, items: dict[str, Any], name: str
+                   ) -> dict[str, Any]:
+        self.barrier(f"{name}:save:{step}")
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            c.save(step, items)
+            stall = time.perf_counter() - t0
+            c.wait()
+            commit = time.perf_counter() - t0
+        return {"stall_s": stall, "commit_s": commit, "save_rss_base": mem.base,
+                "save_rss_peak": mem.peak}
+
+    def timed_restore(self, c: Any, step: int, step_dir: Any, name: str, cold: bool,
+                      reader: Any = None) -> dict[str, Any]:
+        if cold:
+            self.evict_dir(step_dir, f"{name}:restore")
+        self.barrier(f"{name}:restore")
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            arrays = c.restore(step, reader)
+            seconds = time.perf_counter() - t0
+        del arrays
+        return {"restore_s": seconds, "restore_rss_base": mem.base,
+                "restore_rss_peak": mem.peak}
+
+    def timed_raw_read(self, step_dir: Any, name: str, cold: bool) -> dict[str, Any]:
+        if bench_s3.is_url(step_dir):
+            return self.timed_raw_get(os.fspath(step_dir), name)
+        if cold:
+            self.evict_dir(step_dir, f"{name}:rawread")
+        self.barrier(f"{name}:rawread")
+        files = files_under(step_dir)
+        mine = files[self.pid::jax.process_count()]
+        t0 = time.perf_counter()
+        read_files(mine)
+        seconds = time.perf_counter() - t0
+        return {"raw_read_files_s": seconds,
+                "files_bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+
+    def timed_raw_get(self, url: str, name: str) -> dict[str, Any]:
+        """The object-store form of the raw read: every process lists the step's objects
+        and GETs its share of them (:data:`bench_s3.IN_FLIGHT` at a time)."""
+        from distckpt import storage
+
+        sizes = storage.list_files(url)
+        keys = sorted(sizes)
+        mine = keys[self.pid::jax.process_count()]
+        self.barrier(f"{name}:rawread")
+        t0 = time.perf_counter()
+        bench_s3.read_objects(url, mine)
+        seconds = time.perf_counter() - t0
+        return {"raw_read_files_s": seconds, "files_bytes": sum(sizes.values()),
+                "files": len(keys)}
+
+    def run(self) -> dict[str, Any]:
+        spec, root = self.spec, bench_path(self.spec["root"])
+        cold = spec["cold"]
+        prepare(spec["root"])
+        module = random_state(self.shapes, self.mesh, seed=spec["seed"])
+        items = {"state": module}
+        arrays = host_arrays(items)
+        jax.block_until_ready(arrays)
+        shards = local_shards(arrays, unique=False)
+        self.record.update(
+            shard_bytes=int(sum(s.nbytes for s in shards)),
+            unique_shard_bytes=int(sum(s.nbytes for s in local_shards(arrays, unique=True))),
+            total_bytes=int(sum(a.nbytes for a in arrays)), leaves=len(arrays),
+            shapes=[list(s) for s in self.shapes])
+        self.record["memcpy_s"], self.record["memcpy_alloc_s"] = memcpy_seconds(shards)
+        del shards
+        self.lap("setup")
+        ctx = Context(make_target=lambda: {"state": abstract_state(self.shapes, self.mesh)},
+                      item_names=("state",), timeout_s=self.timeout_s)
+        contenders = {name: make_contender(name, root / "reps" / slug(name), ctx)
+                      for name in spec["contenders"]}
+        # Another topology's checkpoints of the same state, restored onto this mesh.
+        cross: dict[str, tuple[Any, int, Any]] = {}
+        if spec.get("cross_root"):
+            for name, c in contenders.items():
+                other = bench_path(spec["cross_root"]) / "reps" / slug(name)
+                if c.kind == "raw" or not other.exists():
+                    continue
+                step = c.latest_step(other)
+                if step is not None:
+                    cross[name] = (c.open_reader(other), step, c.step_dir(step, other))
+        total = spec["warmup"] + spec["reps"]
+        for rep in range(total):
+            step = rep + 1
+            for name, c in contenders.items():
+                self.emit(phase="reps", rep=rep, of=total, contender=name)
+                key = f"{name}:{rep}"
+                row: dict[str, Any] = {"rep": rep, "warmup": rep < spec["warmup"],
+                                       "contender": name, "step": step}
+                row.update(self.timed_save(c, step, items, key))
+                row.update(self.timed_restore(c, step, c.step_dir(step), key, cold))
+                row.update(self.timed_raw_read(c.step_dir(step), key, cold))
+                if name in cross:
+                    reader, other_step, other_dir = cross[name]
+                    got = self.timed_restore(c, other_step, other_dir, f"{key}:cross", cold,
+                                             reader=reader)
+                    row.update({f"cross_{k}": v for k, v in got.items()})
+                if step > 3:
+                    c.delete(step - 3)
+                self.record["reps"].append(row)
+        for reader, _, _ in cross.values():
+            reader.close()
+        for c in contenders.values():
+            c.close()
+        self.lap("reps")
+        self.rss_phase(root, items)
+        self.lap("rss")
+        del module, items, arrays
+        gc.collect()
+        if spec["train"]["rounds"] > 0:
+            self.train_phase(root)
+        return self.record
+
+    def rss_phase(self, root: Any, items: dict[str, Any]) -> None:
+        """RSS after each of `rss_saves` consecutive saves (committed), per contender."""
+        n = self.spec["rss_saves"]
+        if n < 1:
+            return
+        ctx = Context(make_target=dict, item_names=("state",), timeout_s=self.timeout_s)
+        for name in self.spec["contenders"]:
+            c = make_contender(name, root / "rss" / slug(name), ctx)
+            after = []
+            for i in range(n):
+                self.emit(phase="rss", contender=name, save=i, of=n)
+                self.barrier(f"rss:{name}:{i}")
+                c.save(i + 1, items)
+                c.wait()
+                if i >= 3:
+                    c.delete(i - 2)
+                release_free_memory()
+                after.append(rss_bytes())
+            c.close()
+            self.record["rss_growth"][name] = after
+            self.barrier(f"rss:{name}:cleanup")
+            if coordinator.is_primary():
+                remove_tree(root / "rss" / slug(name))
+
+    def train_phase(self, root: Any) -> None:
+        """Seconds per step of the reference loop: blocks without saving, then saving every
+        step with each contender (the block's time includes finishing its last save)."""
+        from distckpt.state.mesh import make_mesh
+        from distckpt.tools import train
+        from distckpt.tools.model import ModelConfig
+
+        t = self.spec["train"]
+        mesh = make_mesh(t["mesh"])
+        cfg = train.TrainConfig(model=ModelConfig(**t["model"]), batch=t["batch"],
+                                seq_len=t["seq_len"])
+        state = train.new_state(cfg, mesh)
+        step_fn = train.make_train_step(mesh)
+        ctx = Context(make_target=dict, item_names=("model", "optimizer"),
+                      timeout_s=self.timeout_s)
+        contenders = {name: make_contender(name, root / "train" / slug(name), ctx)
+                      for name in self.spec["contenders"]}
+        self.record["train"]["state_bytes"] = int(sum(a.nbytes for a in host_arrays(state)))
+        blocks: dict[str, list[float]] = {"none": [], **{name: [] for name in contenders}}
+        step = 0
+        loss = float(step_fn(state["model"], state["optimizer"],
+                             train.tokens_for_step(0, cfg, mesh)))  # compiles
+        self.lap("train_setup")
+        for rnd in range(t["rounds"] + 1):
+            for name in ["none", *contenders]:
+                c = contenders.get(name)
+                self.emit(phase="train", round=rnd, of=t["rounds"] + 1, contender=name)
+                self.barrier(f"train:{rnd}:{name}")
+                t0 = time.perf_counter()
+                for _ in range(t["steps"]):
+                    step += 1
+                    loss = float(step_fn(state["model"], state["optimizer"],
+                                         train.tokens_for_step(step, cfg, mesh)))
+                    if c is not None:
+                        c.save(step, state)
+                if c is not None:
+                    c.wait()
+                if rnd > 0:  # round 0 warms up: compilation, every contender's first save
+                    blocks[name].append((time.perf_counter() - t0) / t["steps"])
+        for c in contenders.values():
+            c.close()
+        self.record["train"]["seconds_per_step"] = blocks
+        self.record["train"]["last_loss"] = loss
+        self.barrier("train:cleanup")
+        if coordinator.is_primary():
+            remove_tree(root / "train")
+        self.lap("train")
+
+
+def prepare(root: str) -> None:
+    """Configure this process for an ``s3://`` root (epath/s3fs and the Orbax adapter, from
+    the ``AWS_*`` environment), as CheckpointService would; nothing for a local one."""
+    if bench_s3.is_url(root):
+        from distckpt import storage
+
+        storage.open_directory(root)
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message', at most `limit` characters."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def probe(spec: dict[str, Any]) -> dict[str, str | None]:
+    """One tiny save, wait and restore per contender, in one process: name -> None if it
+    worked, else :func:`error_line` of what it raised.
+
+    The driver asks this before the jobs for contenders that may not work on the storage
+    at all (plain Orbax on ``s3://``), so that a failure is reported as the measured
+    outcome instead of breaking a multi-process job halfway (where the other processes
+    would wait at Orbax's barriers until they time out).
+    """
+    from contextlib import suppress
+
+    from distckpt.state.mesh import make_mesh
+
+    root = bench_path(spec["root"])  # not prepared: the AWS_* environment only, as stock
+    mesh = make_mesh(spec["mesh"])      # Orbax would run (distckpt's adapter not installed)
+    shapes = [tuple(s) for s in spec["shapes"]]
+    items = {"state": random_state(shapes, mesh)}
+    ctx = Context(make_target=lambda: {"state": abstract_state(shapes, mesh)},
+                  item_names=("state",), timeout_s=float(spec["timeout_s"]))
+    out: dict[str, str | None] = {}
+    for name in spec["contenders"]:
+        c = None
+        try:
+            c = make_contender(name, root / slug(name), ctx)
+            c.save(1, items)
+            c.wait()
+            c.restore(1)
+            out[name] = None
+        except Exception as e:  # the failure is the measurement
+            out[name] = error_line(e)
+        finally:
+            if c is not None:
+                with suppress(Exception):
+                    c.close()
+    remove_tree(root)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point: ``python -m distckpt.bench.worker [--probe] SPEC.json``."""
+    import logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    probing = argv[:1] == ["--probe"]
+    argv = argv[1:] if probing else argv
+    if len(argv) != 1:
+        print("usage: python -m distckpt.bench.worker [--probe] SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"), force=True,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    spec = json.loads(Path(argv[0]).read_text())
+    coordinator.initialize()
+    if probing:
+        Path(spec["out"]).write_text(json.dumps(probe(spec)))
+        return 0
+    record = Job(spec).run()
+    out = Path(spec["out_dir"]) / f"{spec['label']}.p{jax.process_index()}.json"
+    out.write_text(json.dumps(record))
+    coordinator.barrier(f"bench:{spec['label']}:done", float(spec["timeout_s"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Read one committed step, whatever topology saved it; never writes anything.
+
+A :class:`StepReader` opens ``<dir>/<step>`` by its commit record
+(:mod:`distckpt.checkpoint.commit`) and reads the step's items directly with Orbax's
+handlers, not through a ``CheckpointManager``: a reader must not create, clean up
+or lock anything (a plain-Orbax reader with temporary-directory cleanup deleted a
+live save), and must not pass through Orbax's restore barriers, whose names come
+from per-process counters. Agreement between processes is the caller's job.
+
+Every failure is a :class:`~distckpt.errors.StepUnusableError` (incomplete,
+unreadable, corrupt) or :class:`~distckpt.errors.FormatVersionError`, with the
+step and what to do; nothing leaks as a bare TensorStore traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from distckpt import storage
+from distckpt.checkpoint import commit
+from distckpt.errors import FormatVersionError, StepUnusableError
+from distckpt.state import digest, jsonio, provenance
+from distckpt.state import process_state as per_process
+
+PROVENANCE_FILE = "provenance/provenance.json"
+METADATA_FILE = "metadata/metadata.json"
+STATE_ITEM = "state"
+PROCESS_ITEM = "process_state"
+
+
+def _short(e: BaseException, limit: int = 400) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class StepReader:
+    """Read-only access to one committed step."""
+
+    def __init__(self, directory: epath.PathLike | storage.Location, step: int):
+        _, self.directory = storage.open_directory(directory)
+        self.step = step
+        self.path = commit.step_dir(self.directory, step)
+        try:
+            self.record = commit.read_record(self.path, step)
+        except commit.CommitRecordError as e:
+            raise StepUnusableError(step, f"not committed: {e}", kind="incomplete") from e
+        self._provenance: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ small files
+    def check_files(self) -> None:
+        """Raise StepUnusableError if a file the commit record lists is missing or resized."""
+        problems = commit.check_files(self.path, self.record)
+        if problems:
+            changed = all(p.endswith("CRC-32 mismatch)") for p in problems)
+            what = "corrupt" if changed else "incomplete"
+            raise StepUnusableError(
+                self.step, f"{what}: {len(problems)} file(s) differ from the commit "
+                f"record: {'; '.join(problems[:5])}" + (" ..." if len(problems) > 5 else ""),
+                kind=what)
+
+    def _json(self, rel: str) -> Any:
+        try:
+            return jsonio.read_limited(self.path / rel)
+        except FileNotFoundError as e:
+            raise StepUnusableError(self.step, f"{rel} is missing", kind="incomplete") from e
+        except (OSError, ValueError) as e:
+            raise StepUnusableError(self.step, f"{rel} is unreadable ({_short(e)})",
+                                    kind="corrupt") from e
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        if self._provenance is None:
+            record = self._json(PROVENANCE_FILE)
+            if not isinstance(record, dict) or record.get("format") != "distckpt":
+                raise StepUnusableError(self.step, f"{PROVENANCE_FILE} is not a distckpt "
+                                        "provenance record", kind="corrupt")
+            version = record.get("format_version")
+            if not isinstance(version, int):
+                raise StepUnusableError(self.step, "provenance has no format version",
+                                        kind="corrupt")
+            if version > provenance.FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"step {self.step} in {self.directory} was written by a newer distckpt "
+                    f"(format {version} > {provenance.FORMAT_VERSION}); upgrade distckpt "
+                    "(pip install -U distckpt) to read it. Nothing was changed.")
+            if record.get("step") != self.step or not isinstance(record.get("leaves"), dict):
+                raise StepUnusableError(self.step, "provenance does not describe this step",
+                                        kind="corrupt")
+            self._provenance = record
+        return self._provenance
+
+    def user_json(self) -> dict[str, Any]:
+        """{'user': metadata, 'metrics': metrics} as saved."""
+        value = self._json(METADATA_FILE)
+        if not isinstance(value, dict):
+            raise StepUnusableError(self.step, f"{METADATA_FILE} is not an object",
+                                    kind="corrupt")
+        return value
+
+    def metrics(self) -> dict[str, Any] | None:
+        return self.user_json().get("metrics") or None
+
+    def process_records(self) -> list[Any]:
+        try:
+            return per_process.ProcessStateHandler().restore(self.path / PROCESS_ITEM)
+        except (OSError, ValueError, KeyError) as e:
+            raise StepUnusableError(self.step, f"per-process state is unreadable ({_short(e)})",
+                                    kind="corrupt") from e
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        return dict(self.record["checksums"])
+
+    # ------------------------------------------------------------------ arrays
+    def restore_arrays(self, tree: Mapping[str, Any], *, partial: bool = False,
+                       concurrent_gb: float | None = None) -> Any:
+        """Restore the nested tree of ShapeDtypeStructs (with shardings) from the state item.
+
+        `concurrent_gb` caps the bytes being read at once (None: Orbax's default)."""
+        handler = ocp.PyTreeCheckpointHandler(
+            **({} if concurrent_gb is None else {"restore_concurrent_gb": concurrent_gb}))
+        try:
+            return handler.restore(self.path / STATE_ITEM, args=ocp.args.PyTreeRestore(
+                item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+                partial_restore=partial))
+        except Exception as e:  # TensorStore/Orbax errors: wrap with the step and a hint
+            raise StepUnusableError(
+                self.step, f"[process={jax.process_index()}] array data is unreadable "
+                f"({_short(e)})", kind="unreadable") from e
+        finally:
+            handler.close()
+
+    def array_metadata(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
+        """name -> (path, shape, dtype) of every array as stored (key leaves as key data)."""
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            tree = handler.metadata(self.path / STATE_ITEM).tree
+        except Exception as e:
+            raise StepUnusableError(self.step, f"array metadata is unreadable ({_short(e)})",
+                                    kind="corrupt") from e
+        finally:
+            handler.close()
+        out = {}
+        for path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            out["/".join(keys)] = (keys, tuple(meta.shape), str(meta.dtype))
+        return out
+
+
+def local_partials(named: Sequence[tuple[str, jax.Array]]) -> dict[str, str]:
+    """This process's partial digests of restored arrays (hex), by name."""
+    partials = digest.dispatch([a for _, a in named]).result()
+    return {name: digest.to_hex(p) for (name, _), p in zip(named, partials, strict=True)}
+
+
+def compare(step: int, expected: Mapping[str, str], gathered: Sequence[Mapping[str, str]],
+            names: Sequence[str]) -> list[str]:
+    """Mismatches between the record's digests and the sum of every process's partials."""
+    problems = []
+    for name in names:
+        want = expected.get(name)
+        if want is None:
+            problems.append(f"{name}: no checksum in the commit record")
+            continue
+        got = digest.to_hex(digest.add(*(digest.from_hex(g[name]) for g in gathered)))
+        if got != want:
+            holders = [i for i, g in enumerate(gathered) if g[name] != digest.to_hex(digest.ZERO)]
+            problems.append(f"{name}: checksum {got} restored, {want} saved (data read by "
+                            f"process(es) {holders})")
+    return problems

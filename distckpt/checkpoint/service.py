@@ -1,0 +1,1208 @@
+"""CheckpointService: sharded, asynchronous, verified save and restore of NNX state.
+
+A step is a directory ``<dir>/<step>/`` with four items and a commit record:
+
+``state``          every process writes the shards it owns (TensorStore/OCDBT);
+``metadata``       user metadata and metrics, JSON, written by the primary host only;
+``provenance``     what the step holds and where it came from (primary only);
+``process_state``  one JSON record per process (e.g. a data iterator position), which
+                   also carries that process's partial content digests;
+``distckpt_commit.json``  written last, by the primary, after every file is fsynced:
+                   the step's manifest (content digest of every array, size of every
+                   file). A step is committed iff this record is present and
+                   consistent (:mod:`distckpt.checkpoint.commit`).
+
+Saving is asynchronous: :meth:`CheckpointService.save` returns once the arrays are
+staged and their digests are enqueued on the devices; training continues and the
+commit happens in the background. A failure in that background commit is gathered
+from every process at the next ``save()``, ``wait()`` or ``close()`` and raised on
+all of them, once, as :class:`SaveFailedError`, so no host proceeds alone to a
+barrier its peers will never reach. Orbax's commit barriers stop waiting as soon as
+a failure is reported (:class:`distckpt.multihost.coordinator.ScopedBarriers`), so the raise
+is prompt and the service is usable again afterwards (the failed step is not saved).
+
+Decisions that read the filesystem (does this step exist? which step is the
+newest? is this step usable?) are taken by the primary host and handed to the
+others (:func:`distckpt.multihost.coordinator.primary_decides`): hosts of a shared
+filesystem do not see its changes at the same moment.
+
+Restore is strict: the target's leaves must match the step's leaves in path,
+shape and dtype, or one error lists every difference; nothing is cast. A partial
+restore is opt-in and reports the target paths it left untouched. Restore
+verifies every array it read against the commit record (opt out with
+``verify=False``). With no step given it falls back from newest to oldest over
+steps that are incomplete, unreadable or corrupt, logs why, and (when writable)
+quarantines them; every process ends on the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
+from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
+
+from distckpt import storage
+from distckpt.checkpoint import commit, tuning
+from distckpt.checkpoint.reader import StepReader, compare, local_partials
+from distckpt.errors import (
+    CheckpointError,
+    FormatVersionError,
+    NoCheckpointError,
+    SaveFailedError,
+    StepExistsError,
+    StepOrderError,
+    StepUnusableError,
+    StorageNotSharedError,
+    TargetMismatchError,
+)
+from distckpt.multihost import coordinator
+from distckpt.state import digest, jsonio, nnx_state, provenance
+from distckpt.state import process_state as per_process
+
+logger = logging.getLogger(__name__)
+
+_ITEMS = ("state", "metadata", "provenance", "process_state")
+_KEEP_FILE = "distckpt_keep_forever.json"
+
+
+__all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatVersionError",
+           "NoCheckpointError", "Restored", "SaveFailedError", "SaveStats", "StepExistsError",
+           "StepOrderError", "StepUnusableError", "StorageNotSharedError",
+           "TargetMismatchError", "check_target"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+    """How a CheckpointService saves, keeps and restores steps."""
+
+    max_to_keep: int | None = 3
+    """Keep the N highest step numbers (None keeps all); ranked by step, never save order."""
+    keep_period: int | None = None
+    """Also keep every step that is a multiple of this."""
+    best_metric: str | None = None
+    """Metric name (a key of save(metrics=...)) that ranks steps for best-N retention."""
+    best_fn: Callable[[Mapping[str, Any]], float] | None = None
+    """Alternative to best_metric: metrics dict -> score."""
+    best_mode: Literal["min", "max"] = "min"
+    """Whether a lower ('min', e.g. loss) or higher ('max', e.g. accuracy) score is better."""
+    best_n: int | None = 1
+    """With best_metric/best_fn: also keep the best N steps saved with metrics (None: all)."""
+    save_interval_steps: int | None = 1
+    """save() writes steps that are multiples of this (None: only save_on_steps/force)."""
+    save_on_steps: tuple[int, ...] = ()
+    """save() also writes these steps."""
+    save_policy: Any = None
+    """A save-decision policy from :mod:`distckpt.checkpoint.policy` (YoungDalyPolicy: save every
+    sqrt(2 x cost x MTBF) seconds; LossAdaptivePolicy: save more often while the loss is
+    unstable), or any object with its ``should_save(step, metrics=)`` /
+    ``observe(save_stats)`` methods. When given it replaces save_interval_steps (which
+    is then ignored); save_on_steps and force=True still save. The service feeds it the
+    measured cost of every committed save and the metrics passed to save(); the primary
+    host decides and every host follows."""
+    async_save: bool = True
+    """Commit in the background; save() returns once arrays are staged."""
+    timeout_s: float = 600.0
+    """Limit for barriers, decisions and a background commit."""
+    primary_host: int = 0
+    """The process that writes shared metadata and takes filesystem decisions."""
+    read_only: bool = False
+    """Never write, move or delete anything (evaluation, inspection, a drill's restore side)."""
+    allow_older_steps: bool = False
+    """Let save() write a step below the newest committed one (else StepOrderError)."""
+    verify: bool = True
+    """Check every restored array against the content digests in the commit record."""
+    require_shared_storage: bool = True
+    """Probe at start-up that every host sees the same directory, and fail fast if not.
+    False is per-host local mode: each host writes its own shards into its own directory
+    and the primary writes the shared files; restoring needs the directories merged."""
+    probe_timeout_s: float = 15.0
+    """How long the storage probe waits for the primary's probe file to become visible
+    (network filesystems can be slow to show a new file to other hosts)."""
+    compression: bool = False
+    """Compress array chunks (zstd/blosc). Off: weights and optimizer moments barely
+    compress and it costs CPU on save and restore (measured; see distckpt.checkpoint.tuning).
+    Either way checkpoints restore with stock Orbax onto any mesh."""
+    use_ocdbt: bool = True
+    """Pack each step's arrays into a few OCDBT files per process (Orbax's default)."""
+    use_zarr3: bool = False
+    """Write zarr v3 instead of v2 (Orbax's default is v2)."""
+    replica_parallel: bool = True
+    """Data-parallel replicas split the writes of a replicated array."""
+    save_concurrent_gb: float | None = None
+    """Cap on bytes (GB, 1e9) being written at once per process; None: Orbax's default."""
+    restore_concurrent_gb: float | None = None
+    """Cap on bytes (GB) being read at once per process; None: Orbax's default."""
+    fault_hook: per_process.FaultHook | None = None
+    """Tests and drills: fault_hook(point, step) runs at named save points; raising there
+    injects a failure, os.kill there simulates a crash. Points: 'save:staged' (save(),
+    after staging), 'process_state:write' (background, every process),
+    'commit:renamed' (primary, after the rename and fsync, before the commit record),
+    'commit:recorded' (primary, after the commit record, before retention)."""
+
+    def __post_init__(self):
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be None or >= 1, got {self.max_to_keep}")
+        if self.keep_period is not None and self.keep_period < 1:
+            raise ValueError(f"keep_period must be None or >= 1, got {self.keep_period}")
+        if self.best_metric is not None and self.best_fn is not None:
+            raise ValueError("give best_metric or best_fn, not both")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.best_n is not None and self.best_n < 1:
+            raise ValueError(f"best_n must be None or >= 1, got {self.best_n}")
+        if self.save_interval_steps is not None and self.save_interval_steps < 1:
+            raise ValueError(
+                f"save_interval_steps must be None or >= 1, got {self.save_interval_steps}")
+        if any(s < 0 for s in self.save_on_steps):
+            raise ValueError(f"save_on_steps must be non-negative, got {self.save_on_steps}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.probe_timeout_s < 0:
+            raise ValueError(f"probe_timeout_s must be >= 0, got {self.probe_timeout_s}")
+        if self.save_policy is not None and not all(
+                callable(getattr(self.save_policy, m, None)) for m in ("should_save", "observe")):
+            raise TypeError(
+                f"save_policy must have should_save(step, metrics=) and observe(stats) "
+                f"methods (e.g. distckpt.checkpoint.policy.YoungDalyPolicy), got {self.save_policy!r}")
+        for name in ("save_concurrent_gb", "restore_concurrent_gb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+
+    def handler_kwargs(self) -> dict[str, Any]:
+        """ocp.PyTreeCheckpointHandler keyword arguments for the array item."""
+        return tuning.pytree_handler_kwargs(
+            compression=self.compression, use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3,
+            replica_parallel=self.replica_parallel,
+            save_concurrent_gb=self.save_concurrent_gb,
+            restore_concurrent_gb=self.restore_concurrent_gb)
+
+    def score_fn(self) -> Callable[[Mapping[str, Any]], float] | None:
+        if self.best_fn is not None:
+            return self.best_fn
+        if self.best_metric is not None:
+            metric = self.best_metric
+
+            def score(metrics: Mapping[str, Any]) -> float:
+                if metric not in metrics:
+                    raise KeyError(f"best_metric {metric!r} missing from metrics {sorted(metrics)}")
+                return float(metrics[metric])
+
+            return score
+        return None
+
+
+@dataclasses.dataclass
+class SaveStats:
+    """Timings of one save, in seconds."""
+
+    step: int
+    stall_s: float
+    """How long save() blocked the caller."""
+    commit_s: float | None = None
+    """From the start of save() until the step was committed (None while in flight)."""
+    started: float = dataclasses.field(default=0.0, repr=False)
+    """time.perf_counter() when save() began."""
+    digest_s: float = 0.0
+    """Of the stall: enqueueing the content checksums (compiling them on a first save)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What restore() returns."""
+
+    step: int
+    items: dict[str, Any]
+    """The target items holding the restored values (NNX objects are updated in place)."""
+    metadata: dict[str, Any]
+    metrics: dict[str, Any] | None
+    process_state: Any
+    provenance: dict[str, Any]
+    untouched: tuple[str, ...] = ()
+    """Target leaves a partial restore did not find in the step (left as they were)."""
+    seconds: float = 0.0
+    """Wall time of the restore, verification included."""
+    verify_seconds: float = 0.0
+    """Of which: checksumming the restored arrays and comparing."""
+    verified: bool = False
+    """Whether every restored array matched its saved digest."""
+    skipped: tuple[tuple[int, str], ...] = ()
+    """(step, reason) of newer steps the fallback passed over."""
+
+
+@dataclasses.dataclass
+class _HighestSteps(pp.PreservationPolicy):
+    """Preserve the n highest step numbers. (Orbax's LatestN keeps the last n in its
+    list, which is save order: a lower step saved into a used directory pushed a higher
+    committed one out.)"""
+
+    n: int | None
+
+    def should_preserve(self, checkpoints, *, context):
+        if self.n is None:
+            return [True] * len(checkpoints)
+        keep = set(sorted((c.step for c in checkpoints), reverse=True)[:self.n])
+        return [c.step in keep for c in checkpoints]
+
+
+@dataclasses.dataclass
+class _BestSteps(pp.PreservationPolicy):
+    """Preserve the n best steps by score among the steps saved with metrics (ties: the
+    higher step), as best_step() ranks them, from the metrics distckpt saved with each
+    step. (Orbax's BestN keeps every step, with metrics or not, while there are at most
+    n, and knows the metrics of earlier steps only if their service ranked by them.)"""
+
+    score: Callable[[Mapping[str, Any]], float]
+    mode: Literal["min", "max"]
+    n: int | None
+    metrics_of: Callable[[int, Mapping[str, Any] | None], Mapping[str, Any] | None]
+
+    def should_preserve(self, checkpoints, *, context):
+        sign = 1.0 if self.mode == "min" else -1.0
+        found = [(c.step, self.metrics_of(c.step, c.metrics)) for c in checkpoints]
+        ranked = sorted((sign * self.score(m), -step) for step, m in found if m is not None)
+        best = {-neg_step for _, neg_step in ranked[:self.n]}
+        return [c.step in best for c in checkpoints]
+
+
+@dataclasses.dataclass
+class _KeepMarked(pp.PreservationPolicy):
+    """Preserve the steps a user marked with keep_forever()."""
+
+    steps: set[int]
+
+    def should_preserve(self, checkpoints, *, context):
+        return [c.step in self.steps for c in checkpoints]
+
+
+class CheckpointService:
+    """Sharded async checkpoints of NNX state in `directory`, shared by all processes.
+
+    `directory` is a local path, ``s3://bucket/prefix`` or ``gs://bucket/prefix`` (or a
+    :class:`distckpt.storage.Location` with explicit endpoint and credentials); object
+    stores take their endpoint, region and credentials from the environment
+    (:mod:`distckpt.storage`) and commit without renames (:mod:`distckpt.checkpoint.commit`).
+
+    Every process constructs the service with the same arguments and calls save() and
+    restore() with the same steps in the same order. A relative local path is resolved
+    against each process's working directory.
+
+    Reusing a directory: steps only go up. save(step) below the newest step committed
+    in the directory (by this or any earlier service) raises StepOrderError on every
+    process before anything is written; restore() and continue from the newest step + 1,
+    use a new directory, or pass CheckpointOptions(allow_older_steps=True). Saving a
+    committed step again raises StepExistsError unless overwrite=True (the old step is
+    kept until the new one commits). Retention ranks steps by step number, never by save
+    order: max_to_keep keeps the N highest steps (plus keep_forever, keep_period
+    multiples and best-N), so with allow_older_steps a step below the N highest is
+    removed by retention right after it commits.
+
+    A failed background save is raised once, as SaveFailedError, by the next save(),
+    wait() or close() on every process (that save() does not save its own step); after
+    it the service saves new steps again.
+    """
+
+    def __init__(self, directory: str | epath.PathLike | storage.Location,
+                 options: CheckpointOptions | None = None):
+        self.options = options or CheckpointOptions()
+        # Every process prepares object storage (s3fs, the Orbax adapter) before Orbax runs.
+        self.location, self.directory = storage.open_directory(directory)
+        coordinator.set_primary_host(self.options.primary_host)
+        self._check_directory()
+        self._keep_forever: set[int] = set(self._load_keep_forever())
+        self._metrics_seen: dict[int, Mapping[str, Any] | None] = {}  # for best-N retention
+        self._stats: list[SaveStats] = []
+        self._closed = False
+        self._save_policy = self._save_decision_policy()
+        self._policy_decision: tuple[int, bool] | None = None  # (step, save?) last asked
+        self._last_save_step: int | None = None  # the save whose outcome is not reported yet
+        self._background_failure: tuple[str, BaseException] | None = None  # (scope, error)
+        # Each save is a scope of Orbax's commit barriers, named alike on every process.
+        self._barriers = coordinator.ScopedBarriers(self._abort_reason)
+        self._save_seq = 0
+        self._open_scopes: list[str] = []  # scopes whose coordination keys are not cleared
+        self._name_format = commit.CommittedNameFormat()
+        self._manager: ocp.CheckpointManager | None = None
+        self._process_handler: per_process.ProcessStateHandler | None = None
+        if not self.options.read_only:
+            self._open_writer()
+
+    def _check_directory(self) -> None:
+        """Refuse a directory that is not usable, before anything is created."""
+        def state() -> str:
+            if not self.directory.exists():
+                return "missing"
+            return "dir" if self.directory.is_dir() else "file"
+
+        decided = coordinator.primary_decides(
+            "init:directory", lambda: {"where": state(), "key": self._own_key(),
+                                       "shown": str(self.directory),
+                                       "nonce": f"{os.getpid()}-{time.time_ns()}"},
+            self.options.timeout_s)
+        where = decided["where"]
+        self._nonce = decided["nonce"]  # names this service's save scopes on every host
+        # Coordination names below use the primary's path, never this process's own: a
+        # host given another path (a per-host or unshared directory) must still meet its
+        # peers at the same barriers, so the storage probe can fail fast and name it.
+        self._key = decided["key"]
+        self._primary_directory = decided["shown"]  # for messages (the key mangles URLs)
+        if where == "file":
+            raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory; "
+                                  "pass a directory path")
+        if where == "missing" and self.options.read_only:
+            raise NoCheckpointError(
+                f"checkpoint directory {self.directory} does not exist (opened read-only); "
+                "check the path")
+
+    def _own_key(self) -> str:
+        """This process's directory as a coordination name. The coordination service's
+        key-value store splits names at '/', so a URL's '//' would not survive it."""
+        if self.location.is_local:
+            return os.fspath(self.directory)
+        return self.location.url.replace("://", ":", 1)
+
+    def _open_writer(self) -> None:
+        o = self.options
+
+        def create() -> list[str]:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            commit.wait_for_purge(self.directory)  # an earlier service's, in this process
+            recovered = commit.recover_replaced(self.directory)  # a crash mid-overwrite
+            commit.purge_trash(self.directory)  # left by a crash during retention
+            return recovered
+
+        for line in self._primary_writes(f"init:{self._key}:created", create):
+            logger.warning("[process=%d] %s: %s", jax.process_index(), self.directory, line)
+        if o.require_shared_storage:
+            self._probe_shared_storage()
+        mp = ocp.options.MultiprocessingOptions(primary_host=o.primary_host)
+        self._process_handler = per_process.ProcessStateHandler(
+            o.fault_hook, on_failure=self._on_background_failure)
+        manager_options = ocp.CheckpointManagerOptions(
+            save_decision_policy=self._save_policy,
+            save_interval_steps=1,
+            preservation_policy=self._preservation_policy(),
+            best_fn=o.score_fn(),
+            best_mode=o.best_mode,
+            enable_async_checkpointing=o.async_save,
+            async_options=ocp.AsyncOptions(timeout_secs=int(o.timeout_s),
+                                           barrier_sync_fn=self._barriers),
+            multiprocessing_options=mp,
+            create=False,
+            cleanup_tmp_directories=False,
+            step_name_format=self._name_format,
+            # Orbax's async save would delete an existing step directory as it starts (a
+            # "force" save). The service decides what may be there instead: an uncommitted
+            # leftover is moved aside, and a step being overwritten stays until its
+            # replacement commits (commit.py). (Sync saves cannot skip it: there the old
+            # step is held aside for the whole save instead.)
+            file_options=ocp.options.FileOptions(skip_sync_file_validations=o.async_save),
+            temporary_path_class=commit.commit_path_class(
+                self.directory, self._finalize_commit,
+                lambda step: self._fault("commit:recorded", step)),
+            # Object storage has no rename: retention there is commit.ObjectStoreDeleter.
+            todelete_subdir=commit.TRASH_DIR if self.location.is_local else None,
+        )
+        handlers = {
+            "state": per_process.ReportingPyTreeHandler(
+                on_failure=lambda e: self._on_background_failure(self._last_save_step, e),
+                multiprocessing_options=mp, **o.handler_kwargs()),
+            "metadata": ocp.JsonCheckpointHandler("metadata.json", multiprocessing_options=mp),
+            "provenance": ocp.JsonCheckpointHandler("provenance.json", multiprocessing_options=mp),
+            "process_state": self._process_handler,
+        }
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=_ITEMS, item_handlers=handlers, options=manager_options)
+        if not self.location.is_local:
+            # Orbax 0.12.8 takes no deleter argument; its own would delete the step's
+            # objects in listing order, the commit record among them, while readers may
+            # still list the step. Ours deletes the record first (commit.delete_step).
+            if not hasattr(self._manager, "_checkpoint_deleter"):
+                raise CheckpointError(
+                    f"orbax-checkpoint {ocp.__version__} has no CheckpointManager."
+                    "_checkpoint_deleter; distckpt's object-storage retention supports "
+                    "orbax-checkpoint 0.12.8")
+            self._manager._checkpoint_deleter = commit.ObjectStoreDeleter(
+                self.directory, coordinator.is_primary)
+
+    def _probe_shared_storage(self) -> None:
+        """Every host must see a file the primary just wrote (flax#3364, orbax#999)."""
+        if jax.process_count() == 1:
+            return
+
+        def write_probe() -> str:
+            nonce = f"{os.getpid()}-{time.time_ns()}"
+            (self.directory / f".distckpt-probe-{nonce}").write_text(nonce)
+            return nonce
+
+        # Peers receive the name only after the primary wrote the file, or its error.
+        nonce = self._primary_writes(f"init:{self._key}:probe", write_probe)
+        probe = self.directory / f".distckpt-probe-{nonce}"
+
+        def look() -> tuple[bool, str | None]:
+            try:
+                return probe.exists(), None
+            except Exception as e:  # e.g. an S3 endpoint this host cannot reach: blind too,
+                return False, f"{type(e).__name__}: {e}"[:300]  # and its peers must hear it
+
+        deadline = time.monotonic() + self.options.probe_timeout_s
+        seen, error = look()
+        while not seen and error is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen, error = look()
+        views = coordinator.all_gather(f"init:{self._key}:probe-seen", [seen, error],
+                                       self.options.timeout_s + self.options.probe_timeout_s)
+        if coordinator.is_primary():
+            probe.unlink(missing_ok=True)
+        blind = [i for i, (v, _) in enumerate(views) if not v]
+        if blind:
+            raise StorageNotSharedError(
+                f"[process={jax.process_index()}] checkpoint directory {self.directory} is not "
+                f"shared: process(es) {blind} did not see the probe file the primary host "
+                "wrote there"
+                + ("" if self._key == self._own_key() else
+                   f" (the primary host's directory is {self._primary_directory}; every host "
+                   "must be given the same path)")
+                + f" within {self.options.probe_timeout_s:g}s"
+                + "".join(f"; process {i} could not look: {e}" for i, (_, e) in enumerate(views)
+                          if e)
+                + ". Point every host at the same shared filesystem or object store path"
+                + ("" if self.location.is_local else
+                   f" (same bucket, prefix and endpoint; this host uses {self.location!r})")
+                + ", raise probe_timeout_s for "
+                "a slow network filesystem, or pass require_shared_storage=False for per-host "
+                "local directories that you merge yourself. Nothing was written.")
+
+    def _primary_writes(self, name: str, write: Callable[[], Any]) -> Any:
+        """The primary writes to the directory; a failure there fails every host at once
+        (not at the next barrier, after the timeout) with a message naming the cause."""
+        try:
+            return coordinator.primary_decides(name, write, self.options.timeout_s)
+        except (OSError, coordinator.DecisionFailedError) as e:
+            cause = e.error if isinstance(e, coordinator.DecisionFailedError) \
+                else f"{type(e).__name__}: {e}"
+            raise CheckpointError(
+                f"[process={jax.process_index()}] the primary host (process "
+                f"{coordinator.primary_host()}) cannot write to the checkpoint directory "
+                f"{self._primary_directory}: {cause}. Give every host write access there "
+                "(file permissions, or object-store credentials allowed to write), point "
+                "at a writable directory, or pass CheckpointOptions(read_only=True) to only "
+                "restore. Nothing was saved.") from e
+
+    # ------------------------------------------------------------------ policies
+    def _save_decision_policy(self) -> sdp.SaveDecisionPolicy:
+        policies: list[sdp.SaveDecisionPolicy] = []
+        if self.options.save_interval_steps is not None:
+            policies.append(sdp.FixedIntervalPolicy(self.options.save_interval_steps))
+        if self.options.save_on_steps:
+            policies.append(sdp.SpecificStepsPolicy(self.options.save_on_steps))
+        return sdp.AnySavePolicy(policies)
+
+    def _preservation_policy(self) -> pp.PreservationPolicy:
+        o = self.options
+        policies: list[pp.PreservationPolicy] = [_HighestSteps(n=o.max_to_keep),
+                                                 _KeepMarked(self._keep_forever)]
+        if o.keep_period is not None:
+            policies.append(pp.EveryNSteps(o.keep_period))
+        score = o.score_fn()
+        if score is not None:
+            policies.append(_BestSteps(score=score, mode=o.best_mode, n=o.best_n,
+                                       metrics_of=self._step_metrics))
+        return pp.AnyPreservationPolicy(policies)
+
+    def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
+        """Whether save(step) would write this step: the interval or save_policy, or an
+        explicit step. With a save_policy every process must call it (or save()) with
+        the same steps; the decision is taken once per step and remembered."""
+        policy = self.options.save_policy
+        if policy is not None:
+            if step in self.options.save_on_steps:
+                return True
+            if self._policy_decision is None or self._policy_decision[0] != step:
+                policy.observe(self._stats)  # costs of the saves committed so far
+                self._policy_decision = (step, bool(policy.should_save(step, metrics=metrics)))
+            return self._policy_decision[1]
+        info = ocp.checkpoint_manager.CheckpointInfo(
+            step=step, time=datetime.datetime.now(tz=datetime.UTC), metrics=None)
+        context = sdp.DecisionContext(
+            is_saving_in_progress=False, reached_preemption=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=self.options.primary_host))
+        return bool(self._save_policy.should_save(info, previous_steps=[], context=context))
+
+    def _step_metrics(self, step: int, known: Mapping[str, Any] | None
+                      ) -> Mapping[str, Any] | None:
+        """Metrics of a step for retention: Orbax's (the step being saved), else the ones
+        saved with it (read once; a committed step's metrics never change)."""
+        if known is not None:
+            return known
+        if step not in self._metrics_seen:
+            try:
+                self._metrics_seen[step] = StepReader(self.directory, step).metrics()
+            except CheckpointError:  # not committed (yet) or unreadable: no metrics
+                return None
+        return self._metrics_seen[step]
+
+    # ------------------------------------------------------------------ helpers
+    def _load_keep_forever(self) -> list[int]:
+        def read() -> list[int]:
+            path = self.directory / _KEEP_FILE
+            if not path.exists():
+                return []
+            try:
+                return sorted(int(s) for s in jsonio.read_limited(path)["steps"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path} is unreadable ({e}); fix or remove it") from e
+
+        return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
+
+    def _failure_note(self, scope: str) -> str:
+        return f"save-failed:{scope}"
+
+    def _on_background_failure(self, step: int | None, error: BaseException) -> None:
+        """Called from the commit thread: remember the failure and tell the peers now."""
+        scope = self._barriers.scope
+        self._background_failure = (scope, error)
+        coordinator.publish(self._failure_note(scope),
+                            f"step {step}: {type(error).__name__}: {error}")
+
+    def _abort_reason(self, scope: str) -> str | None:
+        """Why the commit barriers of `scope` should stop waiting (None: keep waiting)."""
+        failure = self._background_failure
+        if failure is not None and failure[0] == scope:
+            return f"this process's save failed: {type(failure[1]).__name__}: {failure[1]}"
+        note = coordinator.read_note(self._failure_note(scope))
+        return None if note is None else f"a peer's save failed ({note})"
+
+    def _fault(self, point: str, step: int) -> None:
+        if self.options.fault_hook is not None:
+            self.options.fault_hook(point, step)
+
+    def _finalize_commit(self, path: epath.Path, step: int) -> dict[str, Any]:
+        """Primary, commit thread, after the rename and fsync: build the commit record."""
+        try:
+            self._fault("commit:renamed", step)
+            checksums = per_process.read_checksums(path / "process_state", jax.process_count())
+            stats = self._stats[-1] if self._stats and self._stats[-1].step == step else None
+            commit_s = None if stats is None else time.perf_counter() - stats.started
+            record = commit.build_record(step, path, checksums, {
+                "process_count": jax.process_count(), "commit_s": commit_s})
+        except BaseException as e:
+            self._on_background_failure(step, e)
+            raise
+        if stats is not None:
+            stats.commit_s = commit_s
+            logger.info("[process=%d] step %d committed in %.3fs", jax.process_index(), step,
+                        commit_s)
+        return record
+
+    def _agree_on_errors(self, where: str, background: BaseException | None,
+                         rejected: BaseException | None = None) -> None:
+        """Gather failures from every process; raise on all of them if any process failed.
+
+        `background` is this process's failed background commit, `rejected` its invalid
+        save input (which may differ per process, e.g. process_state). A process that
+        raised alone would leave its peers waiting at the save's barriers.
+        """
+        local = background or rejected
+        report = None if local is None else {
+            "kind": "background" if background is not None else "input",
+            "error": f"{type(local).__name__}: {local}"[:2000]}
+        reports = coordinator.all_gather(f"errors:{where}", report, self.options.timeout_s)
+        failed = {i: r for i, r in enumerate(reports) if r is not None}
+        save_failed = any(r["kind"] == "background" for r in failed.values())
+        if not save_failed:
+            # Every process has finished the last save (its Orbax threads are joined).
+            self._clear_scopes()
+        if not failed:
+            return
+        if background is None and rejected is not None and not save_failed:
+            raise rejected  # this process's own bad input, as the caller passed it
+        lines = "; ".join(f"process {i}: {r['error']}" for i, r in failed.items())
+        what = (f"the background save of step {self._last_save_step} to {self.directory} "
+                "failed" if save_failed else "the save was rejected")
+        hint = (" The filesystem is full: free space there or save to another directory."
+                if "No space left on device" in lines else "")
+        recovered = self._recover_failed_save(where) if save_failed else []
+        raise SaveFailedError(
+            f"[process={jax.process_index()}] {what} ({lines}); nothing new is committed. "
+            f"Committed steps are intact: {self.all_steps()}."
+            + "".join(f" {line}." for line in recovered)
+            + (" This error is raised once: the service saves new steps again from the "
+               "next save() (the step that raised here was not saved; save it again)."
+               if save_failed else "")
+            + hint
+        ) from local
+
+    def _recover_failed_save(self, where: str) -> list[str]:
+        """After a failed save, on every process: let Orbax's threads end (their barriers
+        stop at the failure note), clear their errors, put back a step an overwrite held,
+        and forget the failure, so the next save() starts clean."""
+        for call in (self._manager.wait_until_finished, self._manager.check_for_errors):
+            try:
+                call()
+            except Exception as e:  # the failure just gathered, raised by Orbax once more
+                logger.info("[process=%d] after the failed save: %s: %s",
+                            jax.process_index(), type(e).__name__, e)
+
+        def recover() -> list[str]:
+            try:
+                return commit.recover_replaced(self.directory)
+            except Exception as e:  # reported, not raised: the save's failure matters more
+                return [f"putting back a step the failed overwrite held failed "
+                        f"({type(e).__name__}: {e}); the next writable service retries"]
+
+        recovered = coordinator.primary_decides(f"errors:{where}:recover", recover,
+                                                self.options.timeout_s)
+        self._clear_scopes()  # the decision's barrier: every process has drained
+        self._background_failure = None
+        self._last_save_step = None
+        return recovered
+
+    def _put_back_held(self) -> None:
+        """Primary, after a failed overwrite: put back the step it held aside (if any)."""
+        try:
+            for line in commit.recover_replaced(self.directory):
+                logger.warning("[process=%d] %s", jax.process_index(), line)
+        except Exception:  # the save's own error is the one to raise
+            logger.exception("[process=%d] putting back the step a failed overwrite held "
+                             "failed; the next writable service retries", jax.process_index())
+
+    def _clear_scopes(self) -> None:
+        """Delete the coordination keys of finished saves (their barriers and notes)."""
+        if coordinator.is_primary():
+            for scope in self._open_scopes:
+                self._barriers.clear(scope)
+                coordinator.clear_note(self._failure_note(scope))
+        self._open_scopes = []
+
+    # ------------------------------------------------------------------ queries
+    def all_steps(self) -> list[int]:
+        """Committed steps as this process sees them, oldest first.
+
+        A step counts only with a consistent commit record (:mod:`distckpt.checkpoint.commit`): a
+        junk ``7/``, a symlinked step, a step whose record is missing and temporary
+        directories are never listed.
+        """
+        return commit.committed_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The best committed step by best_metric/best_fn (None if no step has metrics)."""
+        score = self.options.score_fn()
+        if score is None:
+            raise ValueError("best_step() needs CheckpointOptions(best_metric=...) or best_fn=")
+        scored = []
+        for s in self.all_steps():
+            try:
+                m = StepReader(self.directory, s).metrics()
+            except StepUnusableError as e:
+                logger.warning("[process=%d] best_step: skipping %s", jax.process_index(), e)
+                continue
+            if m is not None:
+                scored.append((score(m), s))
+        if not scored:
+            return None
+        pick = min if self.options.best_mode == "min" else max
+        return pick(scored, key=lambda t: (t[0], -t[1] if self.options.best_mode == "min"
+                                           else t[1]))[1]
+
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics saved with `step` (None if it was saved without any)."""
+        return StepReader(self.directory, step).metrics()
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The user metadata saved with `step`."""
+        return dict(StepReader(self.directory, step).user_json().get("user") or {})
+
+    def reload(self) -> None:
+        """Re-read the list of committed steps from storage (writers' Orbax manager)."""
+        if self._manager is not None:
+            self._manager.reload()
+
+    @property
+    def save_stats(self) -> list[SaveStats]:
+        """Stall and commit times of the saves this service made."""
+        return list(self._stats)
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        step: int,
+        items: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        process_state: Any = None,
+        force: bool = False,
+        overwrite: bool = False,
+    ) -> bool:
+        """Save `items` as `step` if the save policy (or `force`) says so.
+
+        Returns once the arrays are staged (async) or committed (sync); False if the
+        policy skipped the step. On every process, before writing anything, raises
+        StepOrderError if `step` is below the newest committed step in the directory
+        (unless CheckpointOptions.allow_older_steps), and StepExistsError if `step` is
+        committed and `overwrite` is False. With `overwrite` the old step stays until the
+        new one is committed. Raises SaveFailedError (once) if the previous save failed.
+        """
+        self._ensure_open()
+        if self.options.read_only or self._manager is None:
+            raise CheckpointError(f"{self.directory} was opened read_only; it cannot be saved to")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if not (force or self.should_save(step, metrics)):
+            return False
+        leaves, metadata_json, metrics_json, rejected = [], {}, {}, None
+        try:  # validate everything before anything touches disk
+            leaves = nnx_state.flatten_items(items)
+            metadata_json = dict(metadata or {})
+            metrics_json = {k: float(v) for k, v in (metrics or {}).items()}
+            coordinator.encode_json(metadata_json, "metadata")
+            coordinator.encode_json(process_state, "process_state")
+        except (TypeError, ValueError) as e:
+            rejected = e
+
+        t0 = time.perf_counter()
+        # The previous save must be committed (or have failed) and every process's input
+        # must be valid, on all processes, before this one starts.
+        self._agree_on_errors(f"save:step={step}:start", self._finish_local(), rejected)
+        t_agreed = time.perf_counter()
+        decided = coordinator.primary_decides(
+            f"save:step={step}:exists", lambda: self._prepare_step_dir(step, overwrite),
+            self.options.timeout_s)
+        where, newest = decided["where"], decided["newest"]
+        if where == "older":
+            raise StepOrderError(
+                f"step {step} is below step {newest}, the newest committed step in "
+                f"{self.directory}, and steps only go up there: a lower step would not "
+                "continue that run, and retention (which keeps the highest step numbers) "
+                "could delete it right after it commits. To continue that run, restore() "
+                f"and save from step {newest + 1}; to start a new run, use a new directory; "
+                "to save below the newest step anyway, pass "
+                "CheckpointOptions(allow_older_steps=True). Nothing was written.")
+        if where == "committed":
+            raise StepExistsError(
+                f"step {step} already exists in {self.directory} (the newest committed step "
+                f"is {newest}). To continue that run, restore() and save from step "
+                f"{newest + 1}; to replace step {step}, pass overwrite=True (the old step is "
+                "kept until the new one commits); or use a new directory. Nothing was "
+                "written.")
+        if where == "overwrite":
+            logger.info("[process=%d] overwriting step %d", jax.process_index(), step)
+        # A step being replaced stays on disk until its replacement commits; Orbax must
+        # not count it as taken (it refuses to save a step it lists).
+        self._name_format.hidden = frozenset({step}) if where == "overwrite" else frozenset()
+        self._manager.reload()
+        record = provenance.build(step, leaves, has_process_state=process_state is not None)
+        saveable = nnx_state.to_saveable(leaves)
+        names = tuple(leaf.name for leaf in leaves)
+        t_digest = time.perf_counter()
+        pending = digest.dispatch([nnx_state.lookup(saveable, tuple(str(k) for k in leaf.path))
+                                   for leaf in leaves], defer=True)
+        digest_s = time.perf_counter() - t_digest
+        args = ocp.args.Composite(
+            state=per_process.ReportingPyTreeSave(saveable),
+            metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),
+            provenance=ocp.args.JsonSave(record),
+            process_state=per_process.ProcessStateSave(process_state, pending, names),
+        )
+        t_decided = time.perf_counter()
+        stats = SaveStats(step=step, stall_s=0.0, started=t0, digest_s=digest_s)
+        self._stats.append(stats)
+        self._process_handler.step = step
+        self._last_save_step = step
+        self._metrics_seen.pop(step, None)  # an overwritten step's metrics change
+        self._save_seq += 1
+        scope = f"save:{self._nonce}:{self._save_seq}"
+        self._barriers.begin(scope)
+        self._open_scopes.append(scope)
+        try:
+            self._manager.save(step, args=args, metrics=metrics_json or None, force=True)
+        except Exception as e:
+            # The peers' next wait() stops at this note instead of the commit's barrier.
+            coordinator.publish(self._failure_note(scope), f"{type(e).__name__}: {e}")
+            if where == "overwrite" and coordinator.is_primary():
+                self._put_back_held()
+            if not self.options.async_save:  # raised here; not again by the next call
+                self._background_failure = None
+                self._last_save_step = None
+            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; "
+                                  "committed steps are intact") from e
+        finally:
+            self._name_format.hidden = frozenset()
+        self._fault("save:staged", step)
+        stats.stall_s = time.perf_counter() - t0
+        logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
+                    "%.3fs, step decision + digests %.3fs, staging (orbax) %.3fs",
+                    jax.process_index(), step, stats.stall_s, t_agreed - t0,
+                    t_decided - t_agreed, time.perf_counter() - t_decided)
+        if not self.options.async_save and stats.commit_s is None:
+            stats.commit_s = stats.stall_s
+        return True
+
+    def _prepare_step_dir(self, step: int, overwrite: bool) -> dict[str, Any]:
+        """Primary: {'where': 'older', 'free', 'committed' or 'overwrite', 'newest': the
+        newest committed step}; moves an uncommitted leftover aside. Decides the order
+        first: nothing is touched for a step that will be refused."""
+        newest = commit.newest_committed(self.directory)
+        if newest is not None and step < newest and not self.options.allow_older_steps:
+            return {"where": "older", "newest": newest}
+        path = commit.step_dir(self.directory, step)
+        if not (path.exists() or (self.location.is_local and os.path.islink(os.fspath(path)))):
+            return {"where": "free", "newest": newest}
+        try:
+            commit.read_record(path, step)
+        except commit.CommitRecordError as e:
+            moved = commit.quarantine(self.directory, step, "uncommitted")
+            if moved is not None:  # None: an object store's empty "folder", nothing to move
+                logger.warning("[process=%d] %s was not a committed step (%s); moved it to "
+                               "%s before saving step %d", jax.process_index(), path, e,
+                               moved, step)
+            return {"where": "free", "newest": newest}
+        if not overwrite:
+            return {"where": "committed", "newest": newest}
+        if not (self.location.is_local and self.options.async_save):
+            # Object stores write in place and Orbax's sync save deletes the step first:
+            # hold the old step aside until the new one commits. (A local async commit
+            # swaps them itself at the last moment; commit.py.)
+            commit.hold_for_replace(self.directory, step)
+        return {"where": "overwrite", "newest": newest}
+
+    def keep_forever(self, step: int) -> None:
+        """Exempt a committed step from retention (every process calls it)."""
+        if step not in self.all_steps():
+            raise ValueError(f"step {step} is not committed; committed: {self.all_steps()}")
+        self._keep_forever.add(step)
+        if coordinator.is_primary():
+            commit.write_durable(self.directory / _KEEP_FILE,
+                                 {"steps": sorted(self._keep_forever)})
+        coordinator.barrier(f"keep_forever:step={step}", self.options.timeout_s)
+
+    def wait(self) -> None:
+        """Block until the in-flight save is committed; raise on every process if any failed."""
+        self._ensure_open()
+        self._agree_on_errors(f"wait:after={self._stats[-1].step if self._stats else -1}",
+                              self._finish_local())
+
+    def _finish_local(self) -> BaseException | None:
+        """Wait for this process's background commit; return its error instead of raising.
+
+        A peer whose commit failed never reaches the commit's final barrier, so waiting
+        for our own commit would last until the async timeout. Instead, while waiting,
+        a process whose commit failed posts that on the coordination service and the
+        others stop waiting as soon as they read it.
+        """
+        if self._manager is None or self._last_save_step is None:
+            return None
+        step = self._last_save_step
+        scope = self._barriers.scope  # the in-flight save's
+        note = self._failure_note(scope)
+        while True:
+            if self._background_failure is not None and self._background_failure[0] == scope:
+                return self._background_failure[1]
+            peer = coordinator.read_note(note)
+            if peer is not None:
+                return SaveFailedError(f"a peer's background save of step {step} failed: {peer}")
+            try:
+                self._manager.check_for_errors()
+            except Exception as e:  # surfaced from Orbax's background commit thread
+                coordinator.publish(note, f"{type(e).__name__}: {e}")
+                return e
+            if not self._manager.is_saving_in_progress() or self._orbax_gave_up():
+                break
+            time.sleep(0.02)
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:
+            coordinator.publish(note, f"{type(e).__name__}: {e}")
+            return e
+        if step is not None and self._background_failure is None:
+            self._fill_commit_time(step)
+        return None
+
+    def _orbax_gave_up(self) -> bool:
+        """Orbax's finalize thread ended while its save still counts as in progress.
+
+        After a failed write Orbax's closing barrier (which resets is_saving_in_progress)
+        can time out on a process, leaving the flag set for good; the error is then only
+        in the ended thread, and wait_until_finished() raises it.
+        """
+        ref = getattr(self._manager, "_finalize_thread", None)  # orbax-checkpoint 0.12.8
+        if ref is None:
+            return False
+        return bool(ref.map(lambda t: t is not None and not t.is_alive()))
+
+    def _fill_commit_time(self, step: int) -> None:
+        stats = self._stats[-1] if self._stats else None
+        if stats is None or stats.step != step or stats.commit_s is not None:
+            return
+        try:  # non-primary processes learn the commit time from the record
+            stats.commit_s = commit.read_record(commit.step_dir(self.directory, step),
+                                                step).get("commit_s")
+        except commit.CommitRecordError:
+            pass
+
+    def close(self) -> None:
+        """Finish the in-flight save and release resources. Never swallows an error."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        except BaseException:
+            # wait() raised the failure after Orbax's threads ended (their barriers stop at
+            # the failure note), so closing the manager is prompt; if it fails too, do not
+            # let that mask the error that says why.
+            self._closed = True
+            if self._manager is not None:
+                try:
+                    self._manager.close()
+                except Exception:
+                    logger.exception("[process=%d] closing the checkpoint manager after a "
+                                     "failed save also failed", jax.process_index())
+            raise
+        self._closed = True
+        if self._manager is not None:
+            self._manager.close()
+            if coordinator.is_primary():
+                commit.wait_for_purge(self.directory)
+                commit.purge_trash(self.directory)
+
+    def __enter__(self) -> CheckpointService:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not mask the original error; still release the manager
+            self._closed = True
+            if self._manager is not None:
+                try:
+                    self._manager.close()
+                except Exception:
+                    logger.exception("closing the checkpoint manager after an error failed")
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this CheckpointService is closed")
+
+    # ------------------------------------------------------------------ restore
+    def resolve_step(self, step: int | Literal["latest", "best"] | None = None) -> int:
+        """The step to restore, decided by the primary host from a fresh listing."""
+        candidates = self._candidates(step)
+        return candidates[0]
+
+    def _candidates(self, step: int | Literal["latest", "best"] | None) -> list[int]:
+        """Steps to try, in order (newest first for None/'latest'), agreed by all processes."""
+        if isinstance(step, int) and not isinstance(step, bool):
+            want: int | None = step
+        elif step in (None, "latest", "best"):
+            want = None
+        else:
+            raise ValueError(f"step must be an int, 'latest', 'best' or None; got {step!r}")
+
+        def decide() -> dict[str, Any]:
+            steps = self.all_steps()
+            if want is not None:
+                return {"steps": [want] if want in steps else [], "all": steps}
+            if step == "best":
+                best = self.best_step()
+                return {"steps": [] if best is None else [best], "all": steps}
+            return {"steps": sorted(steps, reverse=True), "all": steps}
+
+        chosen = coordinator.primary_decides(f"restore:resolve:{step}", decide,
+                                             self.options.timeout_s)
+        if not chosen["steps"]:
+            if want is not None:
+                raise NoCheckpointError(
+                    f"step {want} is not a committed checkpoint in {self.directory}; "
+                    f"committed steps: {chosen['all']}")
+            raise NoCheckpointError(
+                f"no committed checkpoint in {self.directory}"
+                + (" with metrics to rank by" if step == "best" else "")
+                + "; start from scratch or point at another directory")
+        return chosen["steps"]
+
+    def read_provenance(self, step: int) -> dict[str, Any]:
+        return StepReader(self.directory, step).provenance
+
+    def restore(
+        self,
+        target: Mapping[str, Any],
+        step: int | Literal["latest", "best"] | None = None,
+        *,
+        partial: bool = False,
+        process_state_remap: per_process.ProcessStateRemap | None = None,
+        verify: bool | None = None,
+    ) -> Restored:
+        """Restore a step into `target`, on this job's mesh.
+
+        `target` has the same item names as the save; its leaves carry the shardings to
+        restore into (see distckpt.abstract_target). Strict unless `partial=True`.
+        With `step` None (or 'latest') the newest usable step is restored: steps that
+        are incomplete, unreadable or fail verification are skipped (and quarantined
+        when the service is writable). An explicit step or 'best' never falls back.
+        """
+        self._ensure_open()
+        t0 = time.perf_counter()
+        verify = self.options.verify if verify is None else verify
+        fallback = step is None or step == "latest"
+        candidates = self._candidates(step)
+        leaves = nnx_state.flatten_items(target)
+        skipped: list[tuple[int, str]] = []
+        for s in candidates:
+            try:
+                restored = self._restore_step(s, target, leaves, partial=partial,
+                                              remap=process_state_remap, verify=verify)
+            except StepUnusableError as e:
+                if not fallback:
+                    raise
+                skipped.append((s, e.reason))
+                self._set_aside(s, e)
+                continue
+            restored.skipped = tuple(skipped)
+            restored.seconds = time.perf_counter() - t0
+            return restored
+        raise NoCheckpointError(
+            f"no usable checkpoint in {self.directory}: every committed step failed "
+            f"({'; '.join(f'step {s}: {r}' for s, r in skipped)}). The bad steps are "
+            + ("kept as they were (read-only)." if self.options.read_only else
+               f"in {self.directory / commit.QUARANTINE_DIR}.")
+            + " Start from scratch, or restore one of them explicitly with partial=True.")
+
+    def _set_aside(self, step: int, error: StepUnusableError) -> None:
+        logger.error("[process=%d] step %d is not usable, falling back to an older step: %s",
+                     jax.process_index(), step, error.reason)
+        if self.options.read_only:
+            return
+
+        def move() -> str:
+            moved = commit.quarantine(self.directory, step, error.kind)
+            return "nowhere (it was gone)" if moved is None else str(moved)
+
+        moved = coordinator.primary_decides(f"restore:quarantine:{step}", move,
+                                            self.options.timeout_s)
+        logger.warning("[process=%d] quarantined step %d at %s", jax.process_index(), step,
+                       moved)
+        self.reload()
+
+    def _restore_step(self, step: int, target: Mapping[str, Any],
+                      leaves: list[nnx_state.Leaf], *, partial: bool,
+                      remap: per_process.ProcessStateRemap | None,
+                      verify: bool) -> Restored:
+        """Restore one step on every process; raise StepUnusableError on all if any failed."""
+        local: dict[str, Any] = {}
+        result = None
+        try:
+            reader = StepReader(self.directory, step)
+            reader.check_files()
+            record = reader.provenance
+        except StepUnusableError as e:
+            local = {"error": e.reason, "kind": e.kind}
+        else:
+            # A target that does not fit is the caller's problem, not the step's: raise now
+            # (every process reads the same provenance, so all raise alike).
+            wanted, untouched = check_target(record["leaves"], leaves, step, partial=partial)
+            try:
+                result, values, named = self._read_arrays(reader, wanted, record, remap)
+                if verify:
+                    t_v = time.perf_counter()
+                    local = {"partials": local_partials(named)}
+                    result.verify_seconds = time.perf_counter() - t_v
+                result.untouched = tuple(untouched)
+            except StepUnusableError as e:
+                local = {"error": e.reason, "kind": e.kind}
+        gathered = coordinator.all_gather(f"restore:step={step}:outcome", local,
+                                          self.options.timeout_s)
+        errors = [(i, g) for i, g in enumerate(gathered) if "error" in g]
+        if errors:
+            kinds = {g["kind"] for _, g in errors}
+            kind = "corrupt" if "corrupt" in kinds else sorted(kinds)[0]
+            reason = "; ".join(f"process {i}: {g['error']}" for i, g in errors[:4])
+            raise StepUnusableError(step, reason, kind=kind)
+        assert result is not None
+        if verify:
+            t_v = time.perf_counter()
+            problems = compare(step, reader.checksums, [g["partials"] for g in gathered],
+                               [leaf.name for leaf in wanted])
+            result.verify_seconds += time.perf_counter() - t_v
+            if problems:
+                raise StepUnusableError(
+                    step, f"{len(problems)} array(s) differ from what was saved: "
+                    + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""),
+                    kind="corrupt")
+            result.verified = True
+        # Only now, with every process's read verified, touch the caller's objects.
+        result.items = nnx_state.write_back(target, values)
+        return result
+
+    def _read_arrays(self, reader: StepReader, wanted: list[nnx_state.Leaf],
+                     record: dict[str, Any], remap: per_process.ProcessStateRemap | None
+                     ) -> tuple[Restored, dict[str, Any], list[tuple[str, jax.Array]]]:
+        tree = nnx_state.restore_target(wanted)
+        out = reader.restore_arrays(
+            tree, partial=True, concurrent_gb=self.options.restore_concurrent_gb)
+        raw = [(leaf.name, nnx_state.lookup(out, tuple(str(k) for k in leaf.path)))
+               for leaf in wanted]
+        saved_json = reader.user_json()
+        records = reader.process_records()
+        try:
+            mine = per_process.select(records, record["process_count"], remap)
+        except ValueError as e:
+            if len(records) != record["process_count"]:
+                raise StepUnusableError(reader.step, str(e), kind="incomplete") from e
+            raise
+        values = {name: nnx_state.rebuild_value(leaf, value)
+                  for leaf, (name, value) in zip(wanted, raw, strict=True)}
+        restored = Restored(step=reader.step, items={},
+                            metadata=dict(saved_json.get("user") or {}),
+                            metrics=saved_json.get("metrics") or None, process_state=mine,
+                            provenance=record)
+        return restored, values, raw
+
+
+def check_target(saved: Mapping[str, Any], leaves: Sequence[nnx_state.Leaf], step: int, *,
+                 partial: bool) -> tuple[list[nnx_state.Leaf], list[str]]:
+    """Compare the target's leaves with the saved ones; return (to restore, untouched).
+
+    Strict mode raises one TargetMismatchError listing every missing, extra, reshaped
+    or re-typed path. Partial mode still refuses shape/dtype changes of shared paths.
+    """
+    by_name = {leaf.name: leaf for leaf in leaves}
+    missing = sorted(set(by_name) - set(saved))  # in target, not in step
+    extra = sorted(set(saved) - set(by_name))  # in step, not in target
+    problems = []
+    for name in sorted(set(by_name) & set(saved)):
+        leaf, rec = by_name[name], saved[name]
+        if list(leaf.shape) != list(rec["shape"]):
+            problems.append(f"  {name}: shape {tuple(rec['shape'])} saved, "
+                            f"{leaf.shape} in target")
+        if leaf.dtype != rec["dtype"]:
+            problems.append(f"  {name}: dtype {rec['dtype']} saved, {leaf.dtype} in target "
+                            "(distckpt never casts; convert after restoring if you mean to)")
+    if not partial:
+        problems += [f"  {n}: in the target but not in step {step}" for n in missing]
+        problems += [f"  {n}: in step {step} but not in the target" for n in extra]
+    if problems:
+        hint = ("" if partial else
+                "\nIf the model changed on purpose, restore with partial=True to load the "
+                "paths both share and keep the rest as initialised.")
+        raise TargetMismatchError(
+            f"restore target does not match step {step} ({len(problems)} problem(s)):\n"
+            + "\n".join(problems) + hint)
+    wanted = [by_name[n] for n in by_name if n in saved]
+    return wanted, missing

@@ -1,0 +1,1 @@
+"""Hosts of one job: the coordinator (initialize, named barriers, primary-decides) and coordinated preemption."""

@@ -1,0 +1,1 @@
+"""Mesh-aware remat: plans, the planner and measurements."""

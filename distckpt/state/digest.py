@@ -1,0 +1,237 @@
+"""Content checksums of sharded arrays that do not depend on how they are sharded.
+
+A restore onto another mesh, another number of hosts or a single CPU process must
+be able to check what it read against what was saved, so the checksum of an
+array is defined on its *global* contents only:
+
+    lane_k(a) = sum over elements e of h_k(coordinates(e), bits(e))   (mod 2**32)
+    digest(a) = lane_0(a) . lane_1(a)                                  (64 bits, hex)
+
+where ``h_k`` chains the murmur3 finaliser ``fmix32`` (a bijection on 32-bit words
+with full avalanche) over a lane seed, the element's global coordinates and the
+32-bit words of its raw bits.
+
+Why this and not a CRC over a fixed chunk grid:
+
+* **Topology independence for free.** Addition is commutative, so any process can
+  sum the elements it holds (the first replica of each shard only, so replicated
+  data counts once) and partial sums from any split of the array add up to the
+  same digest. A chunk grid would need a reader to reassemble chunks that straddle
+  its shards.
+* **Position matters.** Hashing the global coordinates with the bits catches moved
+  data (a transposed or shifted shard), which a sum of plain element hashes would
+  miss.
+* **Bit-exact.** Elements are hashed as raw bits: -0.0 vs 0.0 or two NaN payloads
+  differ. Typed PRNG keys are hashed through their key data.
+* **Off the training thread.** The sums run as small XLA computations on the
+  device holding each shard (about 1 GB/s per process on this 2-core CPU machine,
+  versus 0.18 GB/s for the same hash in NumPy). For a save, :func:`dispatch` with
+  ``defer=True`` keeps the training thread out of it: on accelerators it only
+  *enqueues* the computations (JAX dispatch is asynchronous and runs before any
+  later step could donate the buffers); on CPU it takes zero-copy NumPy views of
+  the shards (an outstanding view makes JAX skip a later donation of that buffer,
+  as Orbax's own staging relies on) and the background commit thread runs the
+  computations, compiling them there on a first save. On accelerators the kernels
+  compile in the save that first sees a shard shape; JAX's persistent compilation
+  cache removes that cost from later runs.
+
+Detection: a single changed element changes a lane unless two 32-bit hashes
+collide (probability 2**-32 per lane, lanes seeded independently, so about 2**-64
+for both). This is a corruption check, not a defence against an adversary.
+:func:`numpy_digest` is a plain NumPy implementation of the same definition,
+used to test the XLA one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distckpt.multihost import coordinator
+
+_LANE_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+_M1, _M2 = 0x85EBCA6B, 0xC2B2AE35
+_MASK = 0xFFFF_FFFF
+
+Partial = tuple[int, int]
+"""A partial digest: the two 32-bit lane sums of some of an array's elements."""
+
+ZERO: Partial = (0, 0)
+
+
+def _fmix(x, c1, c2):
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 13)
+    x = x * c2
+    return x ^ (x >> 16)
+
+
+def _words_jnp(x: jax.Array) -> list[jax.Array]:
+    """The element bits of `x` as 32-bit words (same shape as x each)."""
+    dtype = np.dtype(x.dtype)
+    if dtype.kind == "c":
+        return _words_jnp(jnp.real(x)) + _words_jnp(jnp.imag(x))
+    if dtype == np.bool_:
+        return [x.astype(jnp.uint32)]
+    if jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits < 8:  # int4, ...
+        signed = jnp.issubdtype(dtype, jnp.signedinteger)
+        return [x.astype(jnp.int8 if signed else jnp.uint8).astype(jnp.uint32)]
+    width = dtype.itemsize
+    if width == 8:
+        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        return [pair[..., 0], pair[..., 1]]
+    if width in (1, 2, 4):
+        return [jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}"))
+                .astype(jnp.uint32)]
+    raise TypeError(f"cannot checksum dtype {dtype} ({width}-byte elements)")
+
+
+@jax.jit
+def _shard_lanes(data: jax.Array, starts: jax.Array) -> jax.Array:
+    """[2] uint32: the lane sums of `data`, whose [0, ...] element sits at `starts`."""
+    c1, c2 = jnp.uint32(_M1), jnp.uint32(_M2)
+    words = _words_jnp(data)
+    coords = [jax.lax.broadcasted_iota(jnp.uint32, data.shape, d) + starts[d]
+              for d in range(data.ndim)]
+    out = []
+    for seed in _LANE_SEEDS:
+        h = jnp.full(data.shape, seed, jnp.uint32)
+        for c in coords:
+            h = _fmix(h + c, c1, c2)
+        for w in words:
+            h = _fmix(h ^ w, c1, c2)
+        out.append(jnp.sum(h, dtype=jnp.uint32))
+    return jnp.stack(out)
+
+
+def _key_data(array: jax.Array) -> jax.Array:
+    if jnp.issubdtype(array.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(array)
+    return array
+
+
+def add(*partials: Partial) -> Partial:
+    """Combine partial digests (lane-wise sums mod 2**32)."""
+    a = sum(p[0] for p in partials) & _MASK
+    b = sum(p[1] for p in partials) & _MASK
+    return (a, b)
+
+
+def to_hex(p: Partial) -> str:
+    return f"{p[0]:08x}{p[1]:08x}"
+
+
+def from_hex(s: str) -> Partial:
+    if len(s) != 16:
+        raise ValueError(f"not a digest: {s!r}")
+    return (int(s[:8], 16), int(s[8:], 16))
+
+
+class Pending:
+    """Digest computations enqueued (or host views held); result() finishes them."""
+
+    def __init__(self, outputs: list[list[jax.Array | tuple[np.ndarray, np.ndarray]]]):
+        self._outputs = outputs
+
+    def result(self) -> list[Partial]:
+        """This process's partial digest of each array (blocks until computed)."""
+        out = []
+        for lanes in self._outputs:
+            total = ZERO
+            for entry in lanes:
+                if isinstance(entry, tuple):  # a host view: compute here, off the caller
+                    view, starts = entry
+                    entry = _shard_lanes(jax.device_put(view, _HOST), starts)
+                a, b = (int(v) for v in np.asarray(entry))
+                total = add(total, (a, b))
+            out.append(total)
+        self._outputs = []  # release the views (and the buffers they keep alive)
+        return out
+
+
+_HOST = None
+
+
+def dispatch(arrays: Sequence[jax.Array], *, defer: bool = False) -> Pending:
+    """Start this process's partial digests of `arrays`; returns at once.
+
+    Call it on the training thread right after the step's arrays exist; call
+    ``result()`` from anywhere later. With `defer`, shards on CPU devices are held as
+    zero-copy host views and checksummed in ``result()`` (no compilation in the
+    caller); other shards are enqueued on their devices either way.
+    """
+    global _HOST
+    outputs = []
+    for array in arrays:
+        array = _key_data(array)
+        lanes: list[jax.Array | tuple[np.ndarray, np.ndarray]] = []
+        if array.size:
+            for shard in array.addressable_shards:
+                if shard.replica_id != 0:
+                    continue
+                starts = np.array([0 if s.start is None else s.start for s in shard.index]
+                                  or [0], dtype=np.uint32)
+                if defer and shard.device.platform == "cpu":
+                    _HOST = _HOST or shard.device
+                    lanes.append((np.asarray(shard.data), starts))
+                else:
+                    lanes.append(_shard_lanes(shard.data, starts))
+        outputs.append(lanes)
+    return Pending(outputs)
+
+
+def local_partial(array: jax.Array) -> Partial:
+    """This process's share of the digest of a (possibly sharded, multi-host) array."""
+    return dispatch([array]).result()[0]
+
+
+def numpy_digest(array: np.ndarray) -> str:
+    """The digest of a whole host array, in plain NumPy (the reference definition)."""
+    array = np.asarray(array)
+    if array.size == 0:
+        return to_hex(ZERO)
+    dtype = array.dtype
+    if dtype.kind == "c":
+        parts = [array.real, array.imag]
+    else:
+        parts = [array]
+    words = []
+    for part in parts:
+        part = np.ascontiguousarray(part)
+        if part.dtype == np.bool_:
+            words.append(part.astype(np.uint32))
+        elif part.dtype.itemsize == 8:
+            pair = part.view(np.uint32).reshape(part.shape + (2,))
+            words += [pair[..., 0], pair[..., 1]]
+        else:
+            words.append(part.view(f"u{part.dtype.itemsize}").astype(np.uint32))
+    c1, c2 = np.uint32(_M1), np.uint32(_M2)
+    grids = np.indices(array.shape, dtype=np.uint32) if array.ndim else []
+    lanes = []
+    for seed in _LANE_SEEDS:
+        h = np.full(array.shape, seed, np.uint32)
+        for c in grids:
+            h = _fmix(h + c, c1, c2)
+        for w in words:
+            h = _fmix(h ^ w, c1, c2)
+        lanes.append(int(h.sum(dtype=np.uint64)) & _MASK)
+    return to_hex((lanes[0], lanes[1]))
+
+
+def digests(arrays: Mapping[str, jax.Array] | Iterable[tuple[str, jax.Array]],
+            name: str = "digest") -> dict[str, str]:
+    """Digests of named arrays, identical on every process (hex strings).
+
+    Collective over processes (every process calls it with the same names); `name`
+    must identify the call (e.g. ``"drill:step=8"``).
+    """
+    pairs = list(arrays.items() if isinstance(arrays, Mapping) else arrays)
+    mine = [to_hex(p) for p in dispatch([a for _, a in pairs]).result()]
+    gathered = coordinator.all_gather(f"digest:{name}", mine)
+    return {key: to_hex(add(*(from_hex(p[i]) for p in gathered)))
+            for i, (key, _) in enumerate(pairs)}
+

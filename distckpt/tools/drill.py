@@ -1,0 +1,619 @@
+"""The pod-slice restore drill: save on one slice shape, restore onto another, prove it.
+
+``distckpt drill`` runs two real multi-process jobs through the local launcher:
+
+1. **save** on the *from* slice (default 4 hosts x 2 devices, mesh
+   ``data=2,fsdp=4``): train the reference transformer for ``steps`` updates,
+   saving asynchronously every ``save_every``. At each save every process adds
+   its share of a sharding-independent content digest of every saved leaf
+   (:mod:`distckpt.state.digest`). The losses of all updates are recorded, plus one
+   update past the last save when the run ends on a save.
+2. **restore** on the *to* slice (default 2 hosts x 2 devices, mesh
+   ``fsdp=2,tensor=2``), read-only: restore the newest committed step into an
+   abstract target built for the new mesh, then check
+
+   * every restored leaf's digest equals the saved one (bit-identical contents,
+     whatever the sharding),
+   * every restored leaf's sharding is the target sharding,
+   * the next update on the new slice gives the old slice's loss for that update.
+
+The loss tolerance: when both slices have the same hosts, devices and mesh the
+update is the same program on the same data, so the loss must be bit-identical.
+Otherwise XLA reassociates float32 sums differently for the new mesh (the loss
+is a mean over batch x sequence tokens of log-sum-exps over the vocabulary,
+each logit a sum over the model width), so results differ by a few ulps per
+sum; the drill accepts a relative difference of 1e-5 (about 80 float32 ulps),
+an order of magnitude above the ~1e-7 observed for the default slices, and far
+below what a wrong parameter, optimizer moment or RNG key produces (>1e-3).
+
+Faults (``--fault``) prove the reliability promises on the way:
+
+* ``kill-during-save``: every saving host is SIGKILLed inside the background commit
+  of the last save (a power loss mid-save). The restore must pick the previous
+  save, verified; ``steps_lost`` is then the save interval plus the steps after
+  the last save.
+* ``preempt``: one saving host gets SIGTERM mid-run. Every host saves the same
+  step (:mod:`distckpt.multihost.preemption`), commits and exits 0; the restore must pick
+  that step and lose nothing.
+* ``corrupt``: after the save phase, bytes of the newest step's largest array
+  data file are flipped. The restore must detect it, skip that step (the report
+  says why) and restore the previous save, verified.
+
+``--dir`` is a new or empty local directory (checkpoints in ``<dir>/checkpoints``, logs,
+phase specs and results next to them), or an empty object-store prefix
+(``s3://bucket/prefix``, ``gs://bucket/prefix``): the checkpoints are written there,
+by every simulated host, with the endpoint and credentials of the environment
+(:mod:`distckpt.storage`), and the logs, specs and results go to a new local temporary
+directory (the report's ``directory``; ``checkpoints`` says where the steps are). Without
+``--dir`` everything goes to a new temporary directory. A temporary directory is removed
+when the drill ends, passed or failed, unless ``--keep`` (then the CLI prints where it is).
+
+The report (a table, and JSON with ``--json``) says whether the restore was
+verified, which step was restored, how many steps of work were lost, how long
+the restore took, each save's blocking stall and commit time, and the loss
+difference. Exit status 0 only when verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from distckpt.state.mesh import MeshSpec
+
+SAME_TOPOLOGY_RTOL = 0.0
+CROSS_TOPOLOGY_RTOL = 1e-5
+_PROGRESS = re.compile(r"DRILL (\w+) (.*)$")
+FAULTS = ("kill-during-save", "preempt", "corrupt")
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpec:
+    """``HOSTSxDEVICES[:AXIS=SIZE,...]``: simulated hosts, CPU devices per host, mesh."""
+
+    hosts: int
+    """Processes (simulated hosts)."""
+    devices: int
+    """CPU devices per host."""
+    mesh: MeshSpec
+    """Mesh over all hosts' devices."""
+
+    def __post_init__(self):
+        if self.hosts < 1 or self.devices < 1:
+            raise ValueError(f"a slice needs >= 1 host and >= 1 device, got {self}")
+        if self.mesh.size != self.hosts * self.devices:
+            raise ValueError(
+                f"slice {self.hosts}x{self.devices} has {self.hosts * self.devices} devices but "
+                f"mesh {self.mesh} has {self.mesh.size}; make the axis sizes multiply to "
+                f"{self.hosts * self.devices}")
+
+    @classmethod
+    def parse(cls, text: str, default_mesh: str | None = None) -> SliceSpec:
+        match = re.fullmatch(r"\s*(\d+)x(\d+)(?::(.+))?\s*", text)
+        if not match:
+            raise ValueError(
+                f"{text!r} is not a slice: expected HOSTSxDEVICES[:AXIS=SIZE,...], e.g. '4x2' "
+                "or '4x2:data=2,fsdp=4'")
+        hosts, devices = int(match.group(1)), int(match.group(2))
+        if hosts < 1 or devices < 1:  # before a default mesh is made up from them
+            raise ValueError(f"{text.strip()}: hosts and devices per host must be >= 1, "
+                             "e.g. '2x4'")
+        mesh = match.group(3) or default_mesh or f"fsdp={hosts * devices}"
+        try:
+            return cls(hosts, devices, MeshSpec.parse(mesh))
+        except ValueError as e:  # errors start with what the user wrote
+            raise ValueError(f"{text.strip()}: {e}") from e
+
+    def __str__(self) -> str:
+        return f"{self.hosts}x{self.devices}:{self.mesh}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrillConfig:
+    """A drill: where from, where to, how long, where to write."""
+
+    source: SliceSpec = SliceSpec.parse("4x2:data=2,fsdp=4")
+    """The slice that trains and saves."""
+    target: SliceSpec = SliceSpec.parse("2x2:fsdp=2,tensor=2")
+    """The slice that restores."""
+    steps: int = 6
+    """Updates the source slice makes."""
+    save_every: int = 4
+    """Save interval in steps."""
+    directory: str | None = None
+    """Empty or new directory for the checkpoints and logs (default: a new temp dir), or
+    an empty ``s3://``/``gs://`` prefix for the checkpoints (logs go to a temp dir)."""
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides of distckpt.tools.model.ModelConfig fields."""
+    batch: int = 8
+    """Global batch size."""
+    timeout_s: float = 600.0
+    """Limit for each phase."""
+    fault: str | None = None
+    """A fault to inject: one of FAULTS (see the module docstring)."""
+    keep: bool = False
+    """Keep the temporary directory the drill makes (default: removed when it ends)."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.save_every < 1:
+            raise ValueError("steps and save_every must be >= 1")
+        if self.save_every > self.steps:
+            raise ValueError(f"save_every={self.save_every} > steps={self.steps}: nothing would "
+                             "be saved; lower --save-every or raise --steps")
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; choose one of {', '.join(FAULTS)}")
+        if self.fault in ("kill-during-save", "corrupt") and self.last_save < 2 * self.save_every:
+            raise ValueError(
+                f"--fault {self.fault} needs two saves to fall back between, but steps="
+                f"{self.steps} with save_every={self.save_every} saves once; use --steps >= "
+                f"{2 * self.save_every}")
+        if self.fault == "preempt" and self.steps < 3:
+            raise ValueError("--fault preempt needs --steps >= 3 (time to deliver the signal)")
+        if self.directory is not None and "://" in self.directory:
+            from distckpt import storage
+
+            storage.Location.parse(self.directory)  # a bad URL fails here (ValueError)
+
+    @property
+    def preempt_after(self) -> int:
+        """The step after which the drill sends SIGTERM to one saving host."""
+        return max(1, self.steps // 2)
+
+    @property
+    def last_save(self) -> int:
+        return self.steps - self.steps % self.save_every
+
+
+# --------------------------------------------------------------------------- workers
+def _train_config(spec: dict[str, Any]):
+    from distckpt.tools.model import ModelConfig
+    from distckpt.tools.train import TrainConfig
+
+    return TrainConfig(model=ModelConfig(**spec["model"]), batch=spec["batch"])
+
+
+def _leaf_arrays(state) -> dict[str, Any]:
+    from distckpt.state import nnx_state
+
+    return {leaf.name: leaf.value for leaf in nnx_state.flatten_items(state)}
+
+
+def _emit(kind: str, **fields) -> None:
+    print(f"DRILL {kind} {json.dumps(fields)}", flush=True)
+
+
+def _write_result(path: str, value: dict[str, Any]) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def worker_save(spec: dict[str, Any]) -> None:
+    import signal
+
+    import jax
+
+    from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
+    from distckpt.multihost import coordinator
+    from distckpt.multihost.preemption import PreemptionGuard
+    from distckpt.state import digest
+    from distckpt.state.mesh import make_mesh
+    from distckpt.tools import train
+
+    coordinator.initialize()
+    cfg = _train_config(spec)
+    mesh = make_mesh(spec["mesh"])
+    state = train.new_state(cfg, mesh)
+    step_fn = train.make_train_step(mesh)
+    losses: dict[int, float] = {}
+    digests: dict[int, dict[str, str]] = {}
+    kill_step = spec.get("kill_step")
+
+    def fault_hook(point: str, step: int) -> None:
+        # Every host dies inside the background commit of `kill_step` (a power loss).
+        if point == "process_state:write" and step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    options = CheckpointOptions(max_to_keep=None, save_interval_steps=spec["save_every"],
+                                fault_hook=fault_hook if kill_step is not None else None)
+    result: dict[str, Any] = {"losses": losses, "digests": digests, "save_stats": [],
+                              "preempted_at": None, "process_count": jax.process_count(),
+                              "devices": jax.device_count()}
+    with PreemptionGuard("drill") as guard, CheckpointService(spec["ckpt_dir"], options) as ckpt:
+        last = spec["steps"] + (1 if spec["steps"] % spec["save_every"] == 0 else 0)
+        for step in range(1, last + 1):
+            tokens = train.tokens_for_step(step, cfg, mesh)
+            losses[step] = float(step_fn(state["model"], state["optimizer"], tokens))
+            if step > spec["steps"]:  # the reference update past the last save; not saved
+                break
+            preempted = guard.reached_sync_point(step, final=step == spec["steps"])
+            saved = ckpt.save(step, state, metrics={"loss": losses[step]},
+                              process_state={"next_step": step + 1}, force=preempted)
+            if saved:
+                digests[step] = digest.digests(_leaf_arrays(state), f"drill:save:step={step}")
+            if preempted:
+                ckpt.wait()
+                result["preempted_at"] = step
+            result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
+            if coordinator.is_primary():
+                # Written as the run goes, so a killed run still says what it did.
+                _write_result(spec["out"], result)
+                _emit("progress", phase="save", step=step, loss=losses[step], saved=saved)
+            if step == spec.get("preempt_after"):
+                _await_notice(guard)
+            if preempted:
+                # One more update, for the restore side's loss comparison (not saved).
+                losses[step + 1] = float(step_fn(state["model"], state["optimizer"],
+                                                 train.tokens_for_step(step + 1, cfg, mesh)))
+                break
+        ckpt.wait()
+        result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
+    if coordinator.is_primary():
+        _write_result(spec["out"], result)
+
+
+def _await_notice(guard, limit_s: float = 120.0) -> None:
+    """--fault preempt: the drill signals one host after this step's progress line; every
+    host waits here until the notice has reached it, so the signal lands before the run
+    can end however loaded the machine is (the agreed step is then the next one)."""
+    deadline = time.monotonic() + limit_s
+    while guard.notice is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def worker_restore(spec: dict[str, Any]) -> None:
+    import jax
+    import numpy as np
+
+    from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
+    from distckpt.multihost import coordinator
+    from distckpt.state import digest
+    from distckpt.state.mesh import make_mesh
+    from distckpt.tools import train
+
+    coordinator.initialize()
+    saved = json.loads(Path(spec["saved"]).read_text())
+    cfg = _train_config(spec)
+    mesh = make_mesh(spec["mesh"])
+    target = train.target(cfg, mesh)
+    want_shardings = {k: v.sharding for k, v in _leaf_arrays(target).items()}
+    _emit("progress", phase="restore", stage="restoring")
+    with CheckpointService(spec["ckpt_dir"], CheckpointOptions(read_only=True)) as ckpt:
+        t0 = time.perf_counter()
+        restored = ckpt.restore(target, process_state_remap=train.remap_data_position)
+        jax.block_until_ready(jax.tree.leaves(restored.items))
+        restore_seconds = time.perf_counter() - t0
+    arrays = _leaf_arrays(restored.items)
+    _emit("progress", phase="restore", stage="verifying", step=restored.step)
+    got = digest.digests(arrays, f"drill:restore:step={restored.step}")
+    expected = saved["digests"].get(str(restored.step), {})
+    content_mismatch = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+    sharding_mismatch = sorted(
+        k for k, a in arrays.items()
+        if not a.sharding.is_equivalent_to(want_shardings[k], a.ndim))
+    step = restored.step + 1
+    loss = float(train.make_train_step(mesh)(restored.items["model"], restored.items["optimizer"],
+                                             train.tokens_for_step(step, cfg, mesh)))
+    total_bytes = int(sum(np.dtype(a.dtype).itemsize * a.size if not
+                          jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                          else jax.random.key_data(a).nbytes for a in arrays.values()))
+    if coordinator.is_primary():
+        Path(spec["out"]).write_text(json.dumps({
+            "restored_step": restored.step, "restore_seconds": restore_seconds,
+            "restore_seconds_inside": restored.seconds, "content_mismatch": content_mismatch,
+            "sharding_mismatch": sharding_mismatch, "next_loss": loss, "next_step": step,
+            "leaves": len(arrays), "bytes": total_bytes, "process_count": jax.process_count(),
+            "process_state": restored.process_state, "verified_by_service": restored.verified,
+            "skipped": [list(x) for x in restored.skipped]}))
+
+
+# --------------------------------------------------------------------------- driver
+@dataclasses.dataclass
+class DrillReport:
+    verified: bool
+    source: str
+    target: str
+    restored_step: int | None
+    expected_step: int
+    steps_lost: int | None
+    leaves: int
+    bytes: int
+    restore_seconds: float | None
+    save_stall_seconds: list[float]
+    commit_seconds: list[float | None]
+    loss_before: float | None
+    loss_after: float | None
+    loss_abs_diff: float | None
+    loss_rel_tol: float
+    content_mismatch: list[str]
+    sharding_mismatch: list[str]
+    phase_seconds: dict[str, float]
+    directory: str
+    fault: str | None = None
+    skipped: list[list[Any]] = dataclasses.field(default_factory=list)
+    """[step, reason] of newer steps the restore skipped (e.g. a corrupt step)."""
+    trained_until: int | None = None
+    """The last step the saving slice trained (before a fault stopped it)."""
+    failure: str | None = None
+    checkpoints: str | None = None
+    """Where the checkpoints are (``<directory>/checkpoints``, or the object-store URL)."""
+    removed: bool = False
+    """`directory` was a temporary directory and was removed when the drill ended."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_directory(directory: str | None, *, empty: bool = True) -> None:
+    """Raise ValueError unless `directory` (local path or object-store URL) is absent or
+    a directory, and with `empty` (the drill) holds nothing; creates nothing. The drill
+    never touches existing checkpoints; ``distckpt train`` (``empty=False``) resumes them."""
+    if directory is None:
+        return
+    from distckpt import storage
+
+    location = storage.Location.parse(directory)
+    if not location.is_local:
+        if not empty:
+            return
+        _, root = storage.open_directory(location)
+        if storage.list_files(root):
+            raise ValueError(
+                f"drill checkpoint prefix {location.url} is not empty; the drill needs a "
+                "new or empty prefix so it never touches existing checkpoints")
+        return
+    path = Path(directory)
+    what = "a new or empty directory" if empty else "a directory"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--dir {directory} is a file; give {what}")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if not path.exists() and existing is not None and not existing.is_dir():
+        raise ValueError(f"--dir {directory} is inside {existing}, which is a file; give {what}")
+    if not empty:
+        return
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(
+            f"drill directory {path} is not empty; the drill needs a new or empty directory "
+            "so it never touches existing checkpoints")
+
+
+def check_config(config: DrillConfig) -> None:
+    """Raise ValueError for anything that would fail the drill once started: a model
+    that does not shard onto either slice's mesh, a directory that is not new or empty.
+    Creates nothing."""
+    from distckpt.tools.model import ModelConfig
+    from distckpt.tools.train import TrainConfig, check_fits
+
+    cfg = TrainConfig(model=ModelConfig(**config.model), batch=config.batch)
+    for flag, slice_ in (("--from", config.source), ("--to", config.target)):
+        try:
+            check_fits(cfg, slice_.mesh)
+        except ValueError as e:
+            raise ValueError(f"{flag} {slice_}: {e}") from e
+    check_directory(config.directory)
+
+
+def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
+    """(local directory for logs and specs, checkpoint directory or URL)."""
+    if directory is not None:
+        from distckpt import storage
+
+        location = storage.Location.parse(directory)
+        if not location.is_local:
+            check_directory(directory)
+            return Path(tempfile.mkdtemp(prefix="distckpt-drill-")), location.url
+    workdir = _prepare_dir(directory)
+    return workdir, str(workdir / "checkpoints")
+
+
+def _prepare_dir(directory: str | None) -> Path:
+    if directory is None:
+        return Path(tempfile.mkdtemp(prefix="distckpt-drill-"))
+    check_directory(directory)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run_phase(name: str, slice_: SliceSpec, spec: dict[str, Any], workdir: Path,
+               timeout_s: float, on_line, on_start=None) -> tuple[int, Path]:
+    from distckpt.tools.launcher import launch
+
+    spec_path = workdir / f"{name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "w") as log:
+        result = launch([sys.executable, "-m", "distckpt.tools.drill", name, str(spec_path)],
+                        slice_.hosts, slice_.devices, out=log, timeout_s=timeout_s,
+                        line_callback=on_line, forward_signals=True, on_start=on_start)
+    return result.returncode, log_path
+
+
+def corrupt_newest(ckpt_dir: Path | str, step: int) -> str:
+    """Flip one bit in each of 8 places of the step's largest array data file."""
+    import random
+
+    if "://" in str(ckpt_dir):
+        return _corrupt_newest_object(str(ckpt_dir), step)
+    files = [p for p in (ckpt_dir / str(step) / "state").rglob("*")
+             if p.is_file() and p.parent.name == "d"]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    rng = random.Random(step)
+    for _ in range(8):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    target.write_bytes(bytes(data))
+    return str(target.relative_to(ckpt_dir))
+
+
+def _corrupt_newest_object(url: str, step: int) -> str:
+    """corrupt_newest on object storage: the same bits, read and rewritten as one object."""
+    import random
+
+    from distckpt import storage
+
+    _, root = storage.open_directory(url)
+    state = root / str(step) / "state"
+    sizes = {rel: size for rel, size in storage.list_files(state).items()
+             if rel.rsplit("/", 2)[-2:-1] == ["d"]}
+    rel = max(sizes, key=lambda r: sizes[r])
+    data = bytearray((state / rel).read_bytes())
+    rng = random.Random(step)
+    for _ in range(8):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    (state / rel).write_bytes(bytes(data))
+    return f"{step}/state/{rel}"
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
+    """Run both phases; `progress(phase, fields)` is called as workers report.
+
+    A temporary directory the drill makes (no ``directory``, or an object-store one) is
+    removed when the drill ends, however it ends, unless ``config.keep``.
+    """
+    workdir, ckpt_dir = _prepare_dirs(config.directory)
+    temporary = config.directory is None or "://" in config.directory
+    try:
+        report = _run_phases(config, workdir, ckpt_dir, progress)
+    finally:
+        if temporary and not config.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.removed = temporary and not config.keep
+    return report
+
+
+def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> DrillReport:
+    base = {"model": config.model, "batch": config.batch, "ckpt_dir": ckpt_dir}
+
+    pids: list[int] = []
+    signalled: list[int] = []
+
+    def on_line(_host: int, line: str) -> None:
+        match = _PROGRESS.search(line)
+        if not match:
+            return
+        fields = json.loads(match.group(2))
+        if (config.fault == "preempt" and not signalled and fields.get("phase") == "save"
+                and fields.get("step", 0) >= config.preempt_after and pids):
+            import signal
+
+            os.kill(pids[-1], signal.SIGTERM)  # one host only; the others must follow
+            signalled.append(pids[-1])
+        if progress is not None:
+            progress(fields)
+
+    report = DrillReport(
+        verified=False, source=str(config.source), target=str(config.target),
+        restored_step=None, expected_step=config.last_save, steps_lost=None, leaves=0, bytes=0,
+        restore_seconds=None, save_stall_seconds=[], commit_seconds=[], loss_before=None,
+        loss_after=None, loss_abs_diff=None, loss_rel_tol=CROSS_TOPOLOGY_RTOL,
+        content_mismatch=[], sharding_mismatch=[], phase_seconds={}, directory=str(workdir),
+        fault=config.fault, checkpoints=ckpt_dir)
+    same = config.source == config.target
+    report.loss_rel_tol = SAME_TOPOLOGY_RTOL if same else CROSS_TOPOLOGY_RTOL
+
+    t0 = time.perf_counter()
+    save_out = workdir / "save-result.json"
+    killing = config.fault == "kill-during-save"
+    rc, log = _run_phase("save", config.source, {
+        **base, "mesh": str(config.source.mesh), "steps": config.steps,
+        "save_every": config.save_every, "out": str(save_out),
+        "preempt_after": config.preempt_after if config.fault == "preempt" else None,
+        "kill_step": config.last_save if killing else None},
+        workdir, config.timeout_s, on_line, on_start=pids.extend)
+    report.phase_seconds["save"] = time.perf_counter() - t0
+    if (rc != 0 and not killing) or (killing and rc == 0) or not save_out.exists():
+        why = "was not killed" if killing and rc == 0 else f"exited {rc}"
+        report.failure = f"save phase {why}; log {log}:\n{_tail(log)}"
+        return report
+    saved = json.loads(save_out.read_text())
+    report.save_stall_seconds = [s["stall_s"] for s in saved["save_stats"]]
+    report.commit_seconds = [s["commit_s"] for s in saved["save_stats"]]
+    report.trained_until = config.steps
+    if config.fault == "preempt":
+        if saved["preempted_at"] is None:
+            report.failure = (f"SIGTERM to host pid {signalled} did not preempt the run; log "
+                              f"{log}:\n{_tail(log)}")
+            return report
+        report.trained_until = report.expected_step = saved["preempted_at"]
+    elif config.fault in ("kill-during-save", "corrupt"):
+        report.expected_step = config.last_save - config.save_every
+    if config.fault == "corrupt":
+        corrupt_newest(ckpt_dir if "://" in ckpt_dir else Path(ckpt_dir), config.last_save)
+
+    t0 = time.perf_counter()
+    restore_out = workdir / "restore-result.json"
+    rc, log = _run_phase("restore", config.target, {
+        **base, "mesh": str(config.target.mesh), "saved": str(save_out),
+        "out": str(restore_out)}, workdir, config.timeout_s, on_line)
+    report.phase_seconds["restore"] = time.perf_counter() - t0
+    if rc != 0 or not restore_out.exists():
+        report.failure = f"restore phase exited {rc}; log {log}:\n{_tail(log)}"
+        return report
+    got = json.loads(restore_out.read_text())
+    report.restored_step = got["restored_step"]
+    report.steps_lost = report.trained_until - got["restored_step"]
+    report.skipped = got["skipped"]
+    report.leaves, report.bytes = got["leaves"], got["bytes"]
+    report.restore_seconds = got["restore_seconds"]
+    report.content_mismatch = got["content_mismatch"]
+    report.sharding_mismatch = got["sharding_mismatch"]
+    report.loss_before = saved["losses"].get(str(got["next_step"]))
+    report.loss_after = got["next_loss"]
+    if report.loss_before is not None:
+        report.loss_abs_diff = abs(report.loss_after - report.loss_before)
+    tol = report.loss_rel_tol * max(1.0, abs(report.loss_before or 0.0))
+    problems = []
+    if report.restored_step != report.expected_step:
+        problems.append(f"restored step {report.restored_step}, expected step "
+                        f"{report.expected_step}")
+    if not got["verified_by_service"]:
+        problems.append("the restore did not verify the arrays against the commit record")
+    if config.fault == "corrupt" and config.last_save not in [s for s, _ in report.skipped]:
+        problems.append(f"the corrupted step {config.last_save} was not reported as skipped")
+    if report.content_mismatch:
+        problems.append(f"{len(report.content_mismatch)} leaves differ from what was saved: "
+                        f"{report.content_mismatch[:5]}")
+    if report.sharding_mismatch:
+        problems.append(f"{len(report.sharding_mismatch)} leaves not in the target sharding: "
+                        f"{report.sharding_mismatch[:5]}")
+    if report.loss_abs_diff is None or report.loss_abs_diff > tol:
+        problems.append(f"next-step loss {report.loss_after} vs {report.loss_before} "
+                        f"(|diff| {report.loss_abs_diff} > tolerance {tol:g})")
+    report.verified = not problems
+    report.failure = "; ".join(problems) or None
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point: ``python -m distckpt.tools.drill save|restore SPEC.json``."""
+    parser = argparse.ArgumentParser(prog="python -m distckpt.tools.drill",
+                                     description="internal: one phase of distckpt drill")
+    parser.add_argument("phase", choices=["save", "restore"])
+    parser.add_argument("spec")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"), force=True,
+                        format="%(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(args.spec).read_text())
+    (worker_save if args.phase == "save" else worker_restore)(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The reference training loop: AdamW on synthetic tokens, checkpointed, resumable.
+
+Data is a pure function of the step (a NumPy generator seeded with
+``seed + step``), built directly as a global array sharded over the batch axes,
+so a run is reproducible bit for bit on the same topology and the same batch
+reaches the model whatever the mesh. Each process records in its per-process
+state the next step its data stream will read, as a real loader would.
+
+The loop runs inside a :class:`distckpt.multihost.preemption.PreemptionGuard`: a SIGTERM to
+any process (or to all) makes every process save the same step, wait for its
+commit and return normally, so the job exits 0 and a restart resumes from that
+step. The guard is entered before the restore, so a signal during it is not lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
+
+from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
+from distckpt.multihost import coordinator
+from distckpt.multihost.preemption import PreemptionGuard
+from distckpt.state.mesh import DEFAULT_RULES, MeshSpec, Rules, abstract_target, init_sharded
+from distckpt.tools.model import ModelConfig, Transformer, next_token_loss, set_activation_sharding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run's numbers."""
+
+    model: ModelConfig = ModelConfig()
+    """The transformer's shape."""
+    batch: int = 8
+    """Global batch size (sequences per step)."""
+    seq_len: int = 33
+    """Tokens per sequence (the model sees seq_len - 1 and predicts the next)."""
+    learning_rate: float = 3e-3
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seeds parameters, dropout and data."""
+
+    def __post_init__(self):
+        if self.batch < 1 or self.seq_len < 2:
+            raise ValueError(f"need batch >= 1 and seq_len >= 2, got {self.batch}, "
+                             f"{self.seq_len}")
+
+
+def factory(cfg: TrainConfig) -> Callable[[], dict[str, Any]]:
+    """Builds {'model', 'optimizer'}; the optimizer shares the model's parameters."""
+
+    def make() -> dict[str, Any]:
+        model = Transformer(cfg.model, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+        optimizer = nnx.Optimizer(model, optax.adamw(cfg.learning_rate), wrt=nnx.Param)
+        return {"model": model, "optimizer": optimizer}
+
+    return make
+
+
+def tokens_for_step(step: int, cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES
+                    ) -> jax.Array:
+    """The global [batch, seq_len] token array for `step`, sharded over the batch axes."""
+    shape = (cfg.batch, cfg.seq_len)
+    sharding = NamedSharding(mesh, rules.spec(("batch", None), shape, mesh, "tokens"))
+    full = np.random.default_rng(cfg.seed * 1_000_003 + step).integers(
+        0, cfg.model.vocab, size=shape, dtype=np.int32)
+    return jax.make_array_from_callback(shape, sharding, lambda index: full[index])
+
+
+def remap_data_position(records: list[Any], index: int, count: int) -> dict[str, int]:
+    """Per-process state remap for this loop: every host's stream is at the same step.
+
+    The reference data is a function of the global step, so a position carries over to
+    any number of hosts; hosts that disagree mean the checkpoint is inconsistent.
+    """
+    positions = {r["next_step"] for r in records}
+    if len(positions) != 1:
+        raise ValueError(f"saved hosts disagree on the data position: {sorted(positions)}")
+    return {"next_step": positions.pop()}
+
+
+def make_train_step(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """A jitted update: (model, optimizer, tokens) -> loss; model/optimizer updated in place."""
+
+    @nnx.jit
+    def step(model: Transformer, optimizer: nnx.Optimizer, tokens_BxL: jax.Array) -> jax.Array:
+        loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens_BxL)
+        optimizer.update(model, grads)
+        return loss
+
+    def run(model, optimizer, tokens):
+        set_activation_sharding(mesh, rules)
+        try:
+            return step(model, optimizer, tokens)
+        finally:
+            set_activation_sharding(None, None)
+
+    return run
+
+
+def new_state(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+    return init_sharded(factory(cfg), mesh, rules)
+
+
+def target(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+    return abstract_target(factory(cfg), mesh, rules)
+
+
+def check_fits(cfg: TrainConfig, mesh: MeshSpec, rules: Rules = DEFAULT_RULES) -> None:
+    """Raise ValueError unless the batch and every parameter and optimizer leaf shard onto
+    `mesh` by `rules` (each sharded dimension divisible by its mesh axes).
+
+    Needs no devices (an abstract mesh) and allocates nothing, so a launcher can check a
+    slice before starting a process on it. The activations add no condition of their own
+    under the default rules: they shard the batch, heads and MLP dimensions the same way.
+    """
+    abstract = AbstractMesh(mesh.shape, mesh.names)
+    try:
+        rules.spec(("batch", None), (cfg.batch, cfg.seq_len), abstract, "batch")
+        target(cfg, abstract, rules)
+    except ValueError as e:
+        raise ValueError(f"the model does not fit mesh {mesh}: {e}") from e
+
+
+@dataclasses.dataclass
+class RunResult:
+    start_step: int
+    """The step training resumed from (0 for a fresh start)."""
+    last_step: int
+    losses: dict[int, float]
+    """Loss of each update this run made, by step number."""
+    saved_steps: list[int]
+    preempted_at: int | None = None
+    """The step every process saved on a preemption notice (None if not preempted)."""
+
+
+def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfig,
+        *, rules: Rules = DEFAULT_RULES, max_to_keep: int | None = 3,
+        on_step: Callable[[int, float], None] | None = None,
+        crash_after: int | None = None) -> RunResult:
+    """Train to `steps`, saving every `save_every`; resume from the newest committed step.
+
+    On SIGTERM to any process, every process saves the same step, waits for its commit
+    and returns early with `preempted_at` set (see distckpt.multihost.preemption).
+
+    `crash_after` (for tests and drills) waits until the in-flight save is committed
+    after that step, then kills this process with SIGKILL, as a hardware failure would.
+    """
+    options = CheckpointOptions(max_to_keep=max_to_keep, save_interval_steps=save_every)
+    preempted_at: int | None = None
+    with PreemptionGuard("train", timeout_s=options.timeout_s) as guard, \
+            CheckpointService(directory, options) as ckpt:
+        start = 0
+        if ckpt.all_steps():
+            restored = ckpt.restore(target(cfg, mesh, rules),
+                                    process_state_remap=remap_data_position)
+            state, start = restored.items, restored.step
+            expect = restored.process_state
+            if expect is not None and expect.get("next_step") != start + 1:
+                raise RuntimeError(f"data position {expect} does not follow step {start}")
+            logger.info("[process=%d] resumed from step %d", jax.process_index(), start)
+        else:
+            state = new_state(cfg, mesh, rules)
+        model, optimizer = state["model"], state["optimizer"]
+        train_step = make_train_step(mesh, rules)
+        losses: dict[int, float] = {}
+        saved: list[int] = []
+        for step in range(start + 1, steps + 1):
+            t0 = time.perf_counter()
+            loss = float(train_step(model, optimizer, tokens_for_step(step, cfg, mesh, rules)))
+            losses[step] = loss
+            if coordinator.is_primary():
+                logger.info("step %d loss %.6f (%.3fs)", step, loss, time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(step, loss)
+            preempted = guard.reached_sync_point(step, final=step == steps)
+            # A forced save first waits for a save still in flight.
+            if ckpt.save(step, state, metrics={"loss": loss},
+                         process_state={"next_step": step + 1}, force=preempted):
+                saved.append(step)
+            if preempted:
+                ckpt.wait()
+                preempted_at = step
+                logger.warning("[process=%d] preempted: saved step %d, committed; stopping",
+                               jax.process_index(), step)
+                break
+            if crash_after is not None and step >= crash_after:
+                ckpt.wait()
+                logger.warning("[process=%d] crashing on purpose after step %d",
+                               jax.process_index(), step)
+                os.kill(os.getpid(), signal.SIGKILL)
+        ckpt.wait()
+    return RunResult(start_step=start, last_step=max(losses, default=start), losses=losses,
+                     saved_steps=saved, preempted_at=preempted_at)
