@@ -43,7 +43,7 @@ def _resolve_in_subprocess(env: dict[str, str], code: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
     clean.update(env)
-    script = ("import json\nfrom distckpt import coordinator\n" + code)
+    script = ("import json\nfrom distckpt.multihost import coordinator\n" + code)
     res = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -157,7 +157,7 @@ def test_sigalrm_to_the_cli_launcher_stops_every_host(tmp_path):
 
 def test_gloo_connection_lines_are_hidden_unless_asked(tmp_path):
     # Real gloo: two hosts initialise jax.distributed and run one collective.
-    code = ("from distckpt import coordinator; import jax.numpy as jnp\n"
+    code = ("from distckpt.multihost import coordinator; import jax.numpy as jnp\n"
             "from jax.experimental import multihost_utils\n"
             "coordinator.initialize()\n"
             "print('sum', multihost_utils.process_allgather(jnp.ones(1)).sum())")
