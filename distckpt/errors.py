@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class CheckpointError(RuntimeError):
     """Base class of distckpt's checkpoint errors."""
@@ -28,14 +30,27 @@ class SaveFailedError(CheckpointError):
     """A save failed on at least one process; nothing new was committed."""
 
 
+class StepProblem(enum.StrEnum):
+    """What is wrong with a committed step. A ``str``: ``kind == "corrupt"`` and JSON
+    output keep working."""
+
+    INCOMPLETE = "incomplete"
+    """A file the commit record lists is missing or resized, or there is no record."""
+    UNREADABLE = "unreadable"
+    """The files are there but cannot be read (wrong topology, library, format)."""
+    CORRUPT = "corrupt"
+    """Contents changed since the commit (checksum or CRC-32 mismatch)."""
+
+
 class StepUnusableError(CheckpointError):
     """A committed step cannot be restored: incomplete, unreadable or failing verification."""
 
-    def __init__(self, step: int, reason: str, *, kind: str = "unreadable"):
+    def __init__(self, step: int, reason: str, *,
+                 kind: StepProblem | str = StepProblem.UNREADABLE):
         self.step = step
         self.reason = reason
-        self.kind = kind
-        """'incomplete', 'unreadable' or 'corrupt' (checksum mismatch)."""
+        self.kind = StepProblem(kind)
+        """Incomplete, unreadable or corrupt (checksum mismatch)."""
         super().__init__(f"step {step}: {reason}")
 
 

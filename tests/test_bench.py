@@ -52,6 +52,7 @@ def _process(pid: int, stall: float, shard: int = 100) -> dict:
                       "state_bytes": 8}}
 
 
+@pytest.mark.fast
 def test_aggregate_takes_the_slowest_process_and_the_median_of_timed_reps():
     names = ["raw", "orbax", "distckpt"]
     topo = aggregate([_process(1, stall=0.2), _process(0, stall=0.1)], names)
@@ -91,6 +92,7 @@ def test_aggregate_takes_the_slowest_process_and_the_median_of_timed_reps():
     assert policy["interval_steps"] == round(policy["interval_s"] / 1.0)
 
 
+@pytest.mark.fast
 def test_contenders_and_config_are_validated():
     assert parse_contender("distckpt") == ("distckpt", {})
     assert parse_contender("orbax:chunk=8MiB, ocdbt=0") == ("orbax",
@@ -107,6 +109,7 @@ def test_contenders_and_config_are_validated():
     assert bench.job_hosts(c) == [(4, False), (2, True)]
 
 
+@pytest.mark.fast
 def test_readme_section_is_replaced_between_the_markers():
     text = "# x\n\n## Benchmarks\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ntail\n"
     out = bench_report.replace_section(text, "new | table")
@@ -116,6 +119,7 @@ def test_readme_section_is_replaced_between_the_markers():
         bench_report.replace_section("no markers", "x")
 
 
+@pytest.mark.fast
 def test_bad_arguments_fail_fast(tmp_path):
     from distckpt.tools import cli
 
@@ -126,6 +130,7 @@ def test_bad_arguments_fail_fast(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.fast
 def test_s3_defaults_and_object_packing():
     assert BenchConfig().contenders == ("raw", "orbax", "distckpt")
     assert BenchConfig(directory="s3://bucket/p").contenders == ("raw", "distckpt")

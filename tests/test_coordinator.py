@@ -76,6 +76,7 @@ def test_incomplete_environment_is_an_actionable_error():
     assert "outside 0..1" in msg
 
 
+@pytest.mark.fast
 def test_single_process_helpers_need_no_service():
     assert coordinator.primary_decides("t", lambda: 7) == 7
     assert coordinator.all_gather("t", {"a": 1}) == [{"a": 1}]
@@ -85,6 +86,7 @@ def test_single_process_helpers_need_no_service():
         coordinator.primary_decides("big", lambda: "x" * (2 << 20))
 
 
+@pytest.mark.fast
 def test_missing_tasks_parsed_from_service_message():
     msg = ("DEADLINE_EXCEEDED: Barrier timed out. Id: b3::0. ...\n# of tasks that reached the "
            "barrier: 1/3.\nThe first task at the barrier: 0. Some timed out task names:\n1\n2\n\n")

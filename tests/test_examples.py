@@ -18,6 +18,7 @@ def test_quickstart_on_two_hosts(tmp_path, run_hosts):
         assert f"[host {host}] restored step 30 kernel sharding P('fsdp',)" in job.output
 
 
+@pytest.mark.fast
 def test_readme_quickstart_is_the_example():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     body = Path(QUICKSTART).read_text()

@@ -15,11 +15,12 @@ import sys
 
 import jax
 import pytest
+from etils import epath
 from flax import nnx
 
 import distckpt
 from distckpt.checkpoint import commit
-from distckpt.errors import FormatVersionError, StepUnusableError
+from distckpt.errors import FormatVersionError, StepProblem, StepUnusableError
 from tests.mp_worker import factory
 
 WIDTH = 600  # 600x600 float32 kernels: data files above commit.SMALL_FILE_BYTES (no CRC)
@@ -140,6 +141,13 @@ def test_small_file_edits_and_truncation_are_caught(four_steps, tmp_path):
         with pytest.raises(StepUnusableError, match="bytes, .* when committed") as e2:
             ckpt.restore(target(), step=2)
         assert e2.value.kind == "incomplete"
+    # The file checks are typed results: no caller reads their text.
+    steps = {s: epath.Path(d / str(s)) for s in (2, 3)}
+    found = {p.rel: p.problem for s, path in steps.items()
+             for p in commit.check_files(path, commit.read_record(path, s))}
+    assert found["metadata/metadata.json"] is StepProblem.CORRUPT
+    assert found[os.path.relpath(big, d / "2")] is StepProblem.INCOMPLETE
+    assert e3.value.kind is StepProblem.CORRUPT and e2.value.kind is StepProblem.INCOMPLETE
 
 
 def test_bad_inputs_get_clear_errors_and_change_nothing(four_steps, tmp_path):

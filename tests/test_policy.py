@@ -35,6 +35,7 @@ class FakeClock:
 
 
 # --------------------------------------------------------------------------- formulas
+@pytest.mark.fast
 def test_young_interval_minimises_the_expected_loss():
     cost, mtbf = 30.0, 6 * 3600.0
     tau = young_daly_interval(cost, mtbf)
@@ -47,6 +48,7 @@ def test_young_interval_minimises_the_expected_loss():
     assert expected_loss_fraction(daly, cost, mtbf) <= best + 1e-12
 
 
+@pytest.mark.fast
 def test_expected_loss_limits():
     # No failures: only the saves cost, C / (tau + C).
     assert expected_loss_fraction(99.0, 1.0, 1e15) == pytest.approx(0.01, rel=1e-6)
@@ -65,6 +67,7 @@ def test_expected_loss_limits():
 
 
 # --------------------------------------------------------------------------- Young/Daly
+@pytest.mark.fast
 def test_young_daly_policy_with_an_injected_clock():
     clock = FakeClock(1000.0)
     p = YoungDalyPolicy(mtbf_s=3600.0, clock=clock)
@@ -90,6 +93,7 @@ def test_young_daly_policy_with_an_injected_clock():
     assert p.cost_estimate_s == 5.0  # median of 2 and 8
 
 
+@pytest.mark.fast
 def test_young_daly_bounds_and_given_cost():
     clock = FakeClock()
     p = YoungDalyPolicy(mtbf_s=1e9, cost_s=1.0, max_interval_s=50.0, clock=clock)
@@ -112,6 +116,7 @@ def test_young_daly_bounds_and_given_cost():
 
 
 # --------------------------------------------------------------------------- adaptive
+@pytest.mark.fast
 def test_loss_adaptive_doubles_while_stable_and_halves_while_unstable():
     p = LossAdaptivePolicy(base_interval=4, min_interval=2, max_interval=16, window=3,
                            threshold=0.1)
@@ -131,6 +136,7 @@ def test_loss_adaptive_doubles_while_stable_and_halves_while_unstable():
     assert q.unstable()
 
 
+@pytest.mark.fast
 def test_loss_adaptive_never_saves_a_nan_and_needs_the_metric():
     p = LossAdaptivePolicy(base_interval=1, min_interval=1, max_interval=4, window=2)
     assert p.should_save(1, metrics={"loss": 1.0}) is False  # counting starts here
@@ -143,6 +149,7 @@ def test_loss_adaptive_never_saves_a_nan_and_needs_the_metric():
 
 
 # --------------------------------------------------------------------------- restart log
+@pytest.mark.fast
 def test_restart_log_counts_unclean_restarts(tmp_path):
     wall = FakeClock(1_000.0)
     log = RestartLog(tmp_path, wall_clock=wall)
@@ -168,6 +175,7 @@ def test_restart_log_counts_unclean_restarts(tmp_path):
     assert fresh.mtbf_s == 99.0
 
 
+@pytest.mark.fast
 def test_restart_log_refuses_a_foreign_file(tmp_path):
     (tmp_path / policy.RESTART_LOG_FILE).write_text('{"runs": []}')
     with pytest.raises(ValueError, match="not a distckpt restart log"):
@@ -175,6 +183,7 @@ def test_restart_log_refuses_a_foreign_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- Orbax
+@pytest.mark.fast
 def test_orbax_adapter_drives_a_real_checkpoint_manager(tmp_path):
     import numpy as np
     import orbax.checkpoint as ocp

@@ -320,6 +320,7 @@ def test_sigterm_before_the_guard_is_picked_up_from_jax_preemption_service(tmp_p
 
 
 # ------------------------------------------------------------------ in this process
+@pytest.mark.fast
 def test_guard_restores_the_previous_handler_and_chains_to_it():
     calls = []
 
@@ -342,6 +343,7 @@ def test_guard_restores_the_previous_handler_and_chains_to_it():
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.fast
 def test_guard_keeps_detection_when_user_code_replaces_its_handler(caplog):
     calls = []
     before = signal.getsignal(signal.SIGTERM)
@@ -361,6 +363,7 @@ def test_guard_keeps_detection_when_user_code_replaces_its_handler(caplog):
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.fast
 def test_guard_restores_a_native_handler_python_cannot_see():
     """Like JAX's notifier: installed below Python, so signal.getsignal says SIG_DFL."""
     import ctypes
@@ -380,6 +383,7 @@ def test_guard_restores_a_native_handler_python_cannot_see():
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.fast
 def test_a_second_active_guard_is_refused():
     with PreemptionGuard("unit"):
         with pytest.raises(RuntimeError, match="another PreemptionGuard"):
@@ -389,6 +393,7 @@ def test_a_second_active_guard_is_refused():
         pass
 
 
+@pytest.mark.fast
 def test_guard_must_be_entered_in_the_main_thread():
     errors = []
 

@@ -318,6 +318,7 @@ def test_shellcheck():
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.fast
 def test_slurm_sbatch_directives():
     lines = (LAUNCH / "slurm.sbatch").read_text().splitlines()
     first_command = next(i for i, ln in enumerate(lines)
@@ -424,6 +425,7 @@ def k8s_docs() -> list[dict]:
     return docs
 
 
+@pytest.mark.fast
 def test_k8s_indexed_job_and_headless_service():
     docs = k8s_docs()
     jobs = [d for d in docs if d["kind"] == "Job"]
@@ -541,6 +543,7 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.fast
 def test_dockerfiles():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
@@ -573,6 +576,7 @@ def test_hadolint():
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.fast
 def test_readmes_cover_every_recipe():
     launch_readme = (LAUNCH / "README.md").read_text()
     for path in [*SHELL_RECIPES, *K8S_MANIFESTS]:

@@ -17,6 +17,7 @@ from distckpt.tools.launcher import launch
 from tests.mp_worker import factory
 
 
+@pytest.mark.fast
 def test_service_saves_and_restores_a_relative_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mesh = distckpt.make_mesh("fsdp=8")
@@ -46,6 +47,7 @@ def relative_checkpoint(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("where, arg", [("", "ckpt"), ("", "./ckpt/"), ("ckpt", ".")])
 def test_verify_and_inspect_accept_relative_paths(relative_checkpoint, monkeypatch, capsys,
                                                   where, arg):

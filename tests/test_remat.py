@@ -81,6 +81,7 @@ def _extra(m, base) -> float:
 
 
 # ---------------------------------------------------------------------- plans and policies
+@pytest.mark.fast
 def test_presets_round_trip_and_build_policies_from_constructors():
     cp = jax.checkpoint_policies
     for name, saved in PRESETS.items():
@@ -96,6 +97,7 @@ def test_presets_round_trip_and_build_policies_from_constructors():
             assert plan.tags_with(Action.SAVE) == tuple(t for t in TAGS if t in saved)
 
 
+@pytest.mark.fast
 def test_from_str_clauses_aliases_and_every():
     plan = RematPlan.from_str("save=qkv_proj,out_proj;every=2")
     assert plan.name == "save_dot_except_mlp" and plan.every == 2
@@ -108,6 +110,7 @@ def test_from_str_clauses_aliases_and_every():
         "save_qkv_proj")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, message", [
     ("", "empty remat plan"),
     ("fastest", "unknown remat preset"),
@@ -121,12 +124,14 @@ def test_from_str_errors_say_what_to_do(text, message):
         RematPlan.from_str(text)
 
 
+@pytest.mark.fast
 def test_plan_validation_rejects_partial_save_untagged():
     plan = RematPlan.preset("minimal")
     with pytest.raises(ValueError, match="save_anything_except_these_names"):
         RematPlan(plan.actions, save_untagged=True)
 
 
+@pytest.mark.fast
 def test_offload_on_cpu_is_a_clear_error_not_a_silent_no_op():
     plan = RematPlan.from_str("minimal;offload=context")
     with pytest.raises(OffloadUnsupportedError, match="cpu backend") as err:
@@ -146,6 +151,7 @@ def test_offload_on_cpu_is_a_clear_error_not_a_silent_no_op():
     assert not choice.plan.offloads and any("offload" in n for n in choice.notes)
 
 
+@pytest.mark.fast
 def test_offload_policy_on_a_backend_with_host_memory():
     class Memory:
         def __init__(self, kind):
@@ -362,6 +368,7 @@ def test_scanned_stack_computes_the_same_function_as_the_reference_transformer()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.fast
 def test_every_must_divide_the_layers():
     with pytest.raises(ValueError, match="does not divide"):
         with nnx.use_eager_sharding(False):
@@ -369,6 +376,7 @@ def test_every_must_divide_the_layers():
 
 
 # ---------------------------------------------------------------------- budgets and CLI
+@pytest.mark.fast
 def test_budget_from_device_memory():
     cfg = ModelConfig(vocab=256, d_model=64, n_layers=2)
     spec = LayerSpec.from_model_config(cfg, batch=8, seq=32)
@@ -383,12 +391,14 @@ def test_budget_from_device_memory():
         plan_remat(SPEC, "data=1", 1024)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, expected", [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20),
                                             ("1.5GB", 1_500_000_000), ("4096", 4096)])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
+@pytest.mark.fast
 def test_parse_bytes_rejects_garbage():
     with pytest.raises(ValueError, match="e.g. 2GiB"):
         parse_bytes("two gigs")
@@ -403,6 +413,7 @@ def _cli(*argv):
     return args.func(args)
 
 
+@pytest.mark.fast
 def test_cli_prints_table_and_json(capsys):
     assert _cli("--mesh", TP_MESH, "--budget", "2MiB", "--layers", "4") == 0
     out = capsys.readouterr().out

@@ -28,6 +28,7 @@ def _used_directory(path, items, opts) -> None:
         ckpt.save(30, items, metadata={"step": 30})
 
 
+@pytest.mark.fast
 def test_saving_below_the_newest_step_of_a_used_directory_is_refused(tmp_path, items):
     """The issue's case: steps 20 and 30, a new service, save(10) deleted step 20."""
     opts = distckpt.CheckpointOptions(max_to_keep=2)
@@ -48,6 +49,7 @@ def test_saving_below_the_newest_step_of_a_used_directory_is_refused(tmp_path, i
         assert ro.metadata(30) == {"step": 30}
 
 
+@pytest.mark.fast
 def test_saving_a_committed_step_again_says_what_to_do(tmp_path, items):
     opts = distckpt.CheckpointOptions(max_to_keep=2)
     _used_directory(tmp_path, items, opts)
@@ -66,6 +68,7 @@ def test_saving_a_committed_step_again_says_what_to_do(tmp_path, items):
     assert "new directory" in msg
 
 
+@pytest.mark.fast
 def test_allow_older_steps_and_retention_by_step_number(tmp_path, items):
     """With allow_older_steps a lower step is saved, then removed by retention as soon as
     it commits if it is not among the max_to_keep highest; a higher step never is."""
@@ -114,6 +117,7 @@ def test_quickstart_run_again_into_its_directory_resumes(tmp_path):
     assert "committed steps: [50, 60]" in second and "restored step 60" in second
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("async_save", [True, False])
 def test_a_lower_step_removed_by_retention_can_be_saved_and_removed_again(tmp_path, items,
                                                                           async_save):
@@ -128,6 +132,7 @@ def test_a_lower_step_removed_by_retention_can_be_saved_and_removed_again(tmp_pa
             assert ckpt.all_steps() == [2]
 
 
+@pytest.mark.fast
 def test_best_step_saved_by_an_earlier_service_is_kept(tmp_path, items):
     """best-N ranks the metrics saved with every step, also by a service that did not rank
     by them, and never keeps a step without metrics as one of the best."""

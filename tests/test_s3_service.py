@@ -342,11 +342,12 @@ def test_restore_from_s3_onto_another_job(s3_env, s3_url, s3_server, tmp_path, r
 @pytest.mark.slow
 def test_drill_on_s3(s3_env, s3_url, s3_server, tmp_path, monkeypatch):
     """`distckpt drill --dir s3://...`: checkpoints on S3, logs and results in a local temp
-    dir; verified, and no secret in any file the drill wrote (INFO logs included)."""
+    dir (kept with --keep, so the test can read them); verified, and no secret in any file
+    the drill wrote (INFO logs included)."""
     monkeypatch.setenv("DISTCKPT_LOG", "INFO")
     report_path = tmp_path / "report.json"
     res = cli("drill", "--dir", s3_url, "--from", "2x2", "--to", "1x2", "--steps", "2",
-              "--save-every", "2", "--json", str(report_path), timeout=900)
+              "--save-every", "2", "--json", str(report_path), "--keep", timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     report = json.loads(report_path.read_text())
     assert report["verified"] is True and report["restored_step"] == 2

@@ -70,6 +70,7 @@ def test_crash_while_overwriting_loses_nothing(tmp_path, run_hosts):
     assert [p.split(".")[0] for p in os.listdir(ckpt_dir / commit.QUARANTINE_DIR)] == ["2"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("async_save", [True, False])
 def test_overwrite_keeps_the_old_step_until_the_new_one_commits(tmp_path, async_save):
     mesh = distckpt.make_mesh("fsdp=8")

@@ -71,6 +71,7 @@ def _save_one(tmp_path, items) -> None:
         ckpt.save(1, items)
 
 
+@pytest.mark.fast
 def test_strict_restore_names_every_offending_path(tmp_path):
     mesh = distckpt.make_mesh("fsdp=8")
     _save_one(tmp_path, distckpt.init_sharded(factory(layers=4), mesh))
@@ -99,6 +100,7 @@ def test_strict_restore_names_every_offending_path(tmp_path):
     assert sorted(os.listdir(tmp_path / "1" / "state")) == listing
 
 
+@pytest.mark.fast
 def test_partial_restore_reports_untouched_paths(tmp_path):
     mesh = distckpt.make_mesh("fsdp=8")
     saved = distckpt.init_sharded(factory(layers=2), mesh)
@@ -115,6 +117,7 @@ def test_partial_restore_reports_untouched_paths(tmp_path):
         nnx.state(saved["model"])["layers"][0]["kernel"].get_value())
 
 
+@pytest.mark.fast
 def test_retention_best_and_keep_forever(tmp_path):
     mesh = distckpt.make_mesh("fsdp=8")
     items = distckpt.init_sharded(factory(), mesh)
@@ -137,6 +140,7 @@ def test_retention_best_and_keep_forever(tmp_path):
     assert json.loads((tmp_path / "distckpt_keep_forever.json").read_text()) == {"steps": [1]}
 
 
+@pytest.mark.fast
 def test_save_interval_explicit_steps_and_force(tmp_path):
     mesh = distckpt.make_mesh("fsdp=8")
     items = distckpt.init_sharded(factory(), mesh)
@@ -151,6 +155,7 @@ def test_save_interval_explicit_steps_and_force(tmp_path):
         assert ckpt.latest_step() == 20
 
 
+@pytest.mark.fast
 def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
     mesh = distckpt.make_mesh("fsdp=8")
     with pytest.raises(distckpt.NoCheckpointError, match="does not exist"):
@@ -181,6 +186,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
         distckpt.CheckpointOptions(best_mode="lowest")
 
 
+@pytest.mark.fast
 def test_mesh_spec_and_rules_errors():
     assert str(distckpt.MeshSpec.parse("data=2, fsdp=4")) == "data=2,fsdp=4"
     for bad, match in [("data", "AXIS=SIZE"), ("data=0", ">= 1"), ("a=2,a=4", "unique"),
@@ -196,6 +202,7 @@ def test_mesh_spec_and_rules_errors():
     assert spec == jax.sharding.PartitionSpec("fsdp")
 
 
+@pytest.mark.fast
 def test_only_steps_with_a_commit_record_count_and_leftovers_are_moved_aside(tmp_path):
     """Issue 3b: junk, a symlinked step, a deleted record and a planted temp dir."""
     mesh = distckpt.make_mesh("fsdp=8")
@@ -228,3 +235,23 @@ def test_only_steps_with_a_commit_record_count_and_leftovers_are_moved_aside(tmp
         assert ckpt.restore(target(), step=1).verified  # the symlink's target is untouched
     moved = sorted(p.split(".")[0] for p in os.listdir(tmp_path / "distckpt-quarantine"))
     assert moved == ["2", "7", "9"]  # set aside, never deleted
+
+
+@pytest.mark.fast
+def test_out_of_space_is_found_by_errno_through_the_chain():
+    import errno
+
+    from distckpt.checkpoint.service import _out_of_space
+
+    full = OSError(errno.ENOSPC, "disk full, said differently")
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("the background save failed") from e
+    except RuntimeError as wrapped:
+        assert _out_of_space(wrapped)
+    assert not _out_of_space(OSError(errno.EACCES, "No space left on device"))
+    assert not _out_of_space(ValueError("bad input"))
+    # TensorStore reports the OS error as text only (no errno).
+    assert _out_of_space(ValueError("writing chunk: No space left on device [OS error]"))

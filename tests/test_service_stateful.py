@@ -691,6 +691,7 @@ def test_two_processes_keep_the_contract_long(tmp_path, run_hosts):
 
 
 # ------------------------------------------------------------------------------ fixed cases
+@pytest.mark.fast
 def test_the_retention_model_on_known_cases():
     """The model itself, on the cases test_service.py and the rule spell out."""
     losses = {1: 0.9, 2: 0.3, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.95}
@@ -729,6 +730,7 @@ def save(step: int, payload: int = 0, metrics: Metrics = None, *, force: bool = 
     return "save", (step, payload, metrics), {"force": force, "overwrite": overwrite}
 
 
+@pytest.mark.fast
 def test_older_steps_the_rule_step_by_step(tmp_path, monkeypatch):
     """The rule's cases in order, through the same checks the random sequences use."""
     monkeypatch.chdir(tmp_path)
@@ -755,6 +757,7 @@ def test_older_steps_the_rule_step_by_step(tmp_path, monkeypatch):
 
 
 # Shrunk failures of the random sequences, kept as fixed cases.
+@pytest.mark.fast
 def test_steps_without_metrics_are_never_among_the_best(tmp_path, monkeypatch):
     """max_to_keep=1, best_n=2: two steps saved without metrics must not both stay (the
     lower one is neither among the highest 1 nor ranked by the metric)."""
@@ -764,6 +767,7 @@ def test_steps_without_metrics_are_never_among_the_best(tmp_path, monkeypatch):
         save(0), save(1)])
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_step_retention_removed_can_be_saved_and_removed_again(tmp_path, monkeypatch,
                                                                   async_save):
@@ -776,6 +780,7 @@ def test_a_step_retention_removed_can_be_saved_and_removed_again(tmp_path, monke
         save(2), save(1), save(1), save(1), save(3)])
 
 
+@pytest.mark.fast
 def test_best_n_ranks_steps_saved_before_best_metric_was_set(tmp_path, monkeypatch):
     """Metrics are saved with every step; a later service ranking by them must see them
     (best_step() does), or retention deletes the best step."""
@@ -789,6 +794,7 @@ def test_best_n_ranks_steps_saved_before_best_metric_was_set(tmp_path, monkeypat
         save(3, 3, loss(1.0))])
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("async_save", [False, True])
 def test_metrics_without_the_best_metric_are_refused_or_not_ranked(tmp_path, monkeypatch,
                                                                    async_save):

@@ -20,6 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 import distckpt
 from distckpt.state import nnx_state
 
+pytestmark = pytest.mark.fast  # single-process, no subprocess jobs, seconds each
+
 # Every width is divisible by 1, 2, 3, 4 and 8, so each mesh below can shard it.
 WIDTH = 24
 MESHES = {1: "data=1", 2: "fsdp=2", 3: "tensor=3", 4: "fsdp=2,tensor=2",

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- parsing
+@pytest.mark.fast
 def test_local_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Location.parse("ckpt", environ={}).path == str(tmp_path / "ckpt")
@@ -42,6 +43,7 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
                                                                 str(tmp_path / "y"))
 
 
+@pytest.mark.fast
 def test_s3_location_takes_the_usual_environment():
     env = {"AWS_ENDPOINT_URL": "http://generic:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2/",
            "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "AKIAX",
@@ -63,6 +65,7 @@ def test_s3_location_takes_the_usual_environment():
     assert (plain_aws.endpoint, plain_aws.region) == (None, None)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, message", [
     ("ftp://host/x", "unsupported checkpoint location scheme"),
     ("s3://b1/x", "invalid s3 bucket name"),
@@ -76,6 +79,7 @@ def test_bad_locations_are_refused(text, message):
         Location.parse(text, environ={})
 
 
+@pytest.mark.fast
 def test_credentials_in_the_url_are_refused_without_echoing_them():
     with pytest.raises(StorageConfigError) as e:
         Location.parse(f"s3://AKIAX:{SECRET}@my-bucket/x", environ={})
@@ -85,6 +89,7 @@ def test_credentials_in_the_url_are_refused_without_echoing_them():
     assert SECRET not in str(e.value)
 
 
+@pytest.mark.fast
 def test_options_that_do_not_apply_are_refused():
     with pytest.raises(StorageConfigError, match="apply to s3:// only"):
         Location.parse("gs://my-bucket/x", endpoint="http://h:1", environ={})
@@ -92,6 +97,7 @@ def test_options_that_do_not_apply_are_refused():
         Location.parse("/tmp/x", credentials=S3Credentials("AKIAX", SECRET), environ={})
 
 
+@pytest.mark.fast
 def test_joinpath_keeps_configuration(tmp_path):
     loc = Location.parse("s3://my-bucket/run", endpoint="http://h:1", environ={})
     step = loc.joinpath("12", "state")
@@ -102,6 +108,7 @@ def test_joinpath_keeps_configuration(tmp_path):
 
 
 # --------------------------------------------------------------------------- redaction
+@pytest.mark.fast
 def test_secrets_never_appear_in_text_or_specs():
     creds = S3Credentials("AKIAEXAMPLE", SECRET, session_token="TOKEN-" + SECRET)
     loc = Location.parse("s3://my-bucket/run", endpoint="http://h:9000", credentials=creds,
@@ -130,6 +137,7 @@ def test_secrets_never_appear_in_text_or_specs():
 
 
 # --------------------------------------------------------------------------- specs
+@pytest.mark.fast
 def test_kvstore_specs_for_each_scheme(tmp_path):
     env = {"AWS_ACCESS_KEY_ID": "AKIAX", "AWS_SECRET_ACCESS_KEY": SECRET}
     s3 = Location.parse("s3://my-bucket/run/", endpoint="http://127.0.0.1:9", environ=env)
@@ -148,6 +156,7 @@ def test_kvstore_specs_for_each_scheme(tmp_path):
         assert parsed["driver"] == loc.kvstore_spec()["driver"]
 
 
+@pytest.mark.fast
 def test_temporary_path_base(tmp_path):
     assert storage.temporary_path_base(Location.parse(str(tmp_path), environ={})) is \
         atomicity.AtomicRenameTemporaryPath
@@ -191,6 +200,7 @@ def _orbax_calls(root: str, tmp_path):
     }
 
 
+@pytest.mark.fast
 def test_orbax_internals_the_adapter_relies_on(tmp_path):
     """Fails loudly when Orbax changes what distckpt.storage.orbax_adapter adapts (see its docstring)."""
     assert ocp.__version__ == orbax_s3.SUPPORTED_ORBAX
@@ -208,6 +218,7 @@ def test_orbax_internals_the_adapter_relies_on(tmp_path):
     assert ocdbt["driver"] == "ocdbt" and ocdbt["target_data_file_size"] == 400 * 2**20
 
 
+@pytest.mark.fast
 def test_adapter_maps_s3_and_leaves_everything_else_alone(tmp_path):
     orbax_s3.uninstall()
     before_local = _orbax_calls(str(tmp_path / "run"), tmp_path)
@@ -240,6 +251,7 @@ def test_adapter_maps_s3_and_leaves_everything_else_alone(tmp_path):
     assert not orbax_s3.installed()
 
 
+@pytest.mark.fast
 def test_adapter_refuses_an_orbax_it_does_not_know():
     def changed(directory, name=None, *, use_ocdbt=True, new_option=None):
         return {}
@@ -279,6 +291,7 @@ def _exercise_small_files(files: storage.SmallFiles) -> None:
             files.read_bytes(bad)
 
 
+@pytest.mark.fast
 def test_small_files_on_local_disk(tmp_path):
     _exercise_small_files(storage.small_files(str(tmp_path / "ckpt")))
     assert not any((tmp_path / "ckpt").rglob("*.json"))

@@ -22,6 +22,8 @@ from distckpt.checkpoint import tuning
 from tests.mp_worker import factory
 from tests.test_service import arrays
 
+pytestmark = pytest.mark.fast  # single-process, no subprocess jobs, seconds each
+
 
 def _zarray_compressors(step_dir) -> set:
     """The compressor of every array, from the zarr metadata inside the OCDBT database."""

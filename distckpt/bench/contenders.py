@@ -126,7 +126,7 @@ class Raw:
         self._items = items
         with open(path, "wb", buffering=self.buffer) as f:
             for shard in local_shards(host_arrays(items), unique=True):
-                f.write(memoryview(shard).cast("B"))
+                f.write(memoryview(shard).cast("B"))  # type: ignore[arg-type]  # numpy stubs declare ndarray.__buffer__ for 3.12+ only
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(path.parent)
@@ -150,7 +150,7 @@ class Raw:
         out = self._buffers(reader)
         with open(self._file(step), "rb", buffering=0) as f:
             for buf in out:
-                view = memoryview(buf).cast("B")
+                view = memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy stubs declare ndarray.__buffer__ for 3.12+ only
                 got = 0
                 while got < len(view):
                     n = f.readinto(view[got:])
@@ -205,7 +205,7 @@ class RawObjects(Raw):
         self._items = items
         shards = local_shards(host_arrays(items), unique=True)
         keys = self._keys(step, sum(s.nbytes for s in shards))
-        views = (memoryview(s).cast("B") for s in shards)
+        views = (memoryview(s).cast("B") for s in shards)  # type: ignore[arg-type]  # numpy stubs declare ndarray.__buffer__ for 3.12+ only
         puts = [self.kv.write(key, data)
                 for key, data in zip(keys, bench_s3.pack(views), strict=True)]
         for put in puts:
@@ -217,7 +217,7 @@ class RawObjects(Raw):
         out = self._buffers(reader)
         gets = [self.kv.read(key) for key in self._keys(step, sum(s.nbytes for s in out))]
         bench_s3.unpack((get.result().value for get in gets),
-                        [memoryview(buf).cast("B") for buf in out])
+                        [memoryview(buf).cast("B") for buf in out])  # type: ignore[arg-type]  # numpy stubs declare ndarray.__buffer__ for 3.12+ only
         return out
 
     def delete(self, step: int) -> None:
@@ -265,14 +265,13 @@ class PlainOrbax:
             if key in options:
                 self.handler_kwargs[arg] = conv(options[key])
         if "replica_parallel" in options:
-            from orbax.checkpoint._src.metadata import array_metadata_store as ams
-
+            from distckpt import compat
             from distckpt.checkpoint import tuning
 
             # Orbax's own metadata store (its 250 ms poll included): this is plain Orbax.
             self.handler_kwargs["type_handler_registry"] = tuning.type_handler_registry(
                 replica_parallel=_parse_flag(options["replica_parallel"]),
-                array_metadata_store=ams.Store())
+                array_metadata_store=compat.ArrayMetadataStore())
         self.manager = self._manager(root, ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=_parse_flag(options.get("async", "1"))))

@@ -252,7 +252,7 @@ class BenchConfig:
         out = dataclasses.asdict(self)
         out["train_model"] = dict(self.train_model)
         out["hosts"] = list(self.hosts)
-        out["contenders"] = list(self.contenders)
+        out["contenders"] = list(self.contenders or ())
         return out
 
 
@@ -375,7 +375,7 @@ def aggregate(records: list[dict[str, Any]], contenders: list[str]) -> dict[str,
                 rss_ratio(rows, "cross_restore_rss_base", "cross_restore_rss_peak"))
             series.setdefault("files_bytes", []).append(rows[0]["files_bytes"])
             series.setdefault("files", []).append(rows[0]["files"])
-        fig = {key: _median(vals) for key, vals in series.items()}
+        fig: dict[str, Any] = {key: _median(vals) for key, vals in series.items()}
         fig["reps"] = {key: vals for key, vals in series.items()}
         fig["save_gibps"] = _div(total / GiB, fig.get("commit_s"))
         fig["restore_gibps"] = _div(total / GiB, fig.get("restore_s"))
@@ -451,7 +451,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     (0.25: 25% better than needed; negative: missed by that much).
     """
     name = report["references"]["distckpt"]
-    rows = []
+    rows: list[dict[str, Any]] = []
     if name is None:
         return rows
     for label, topo in report["topologies"].items():
@@ -522,6 +522,7 @@ def prepare_storage(config: BenchConfig) -> tuple[Path, str, dict[str, Any]]:
         return workdir, str(workdir), {"scheme": "file", "url": str(workdir)}
     from distckpt.bench import s3 as bench_s3
 
+    assert config.directory is not None  # on_s3
     location = bench_s3.location(config.directory)
     bench_s3.check_empty(location.url)
     workdir = Path(tempfile.mkdtemp(prefix="distckpt-bench-"))
@@ -548,7 +549,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def job_units(config: BenchConfig, extras: bool = True) -> int:
     """Progress events one job emits (for a progress bar's total)."""
-    n = len(config.contenders)
+    n = len(config.contenders or ())
     reps = (config.warmup + config.reps) * n
     if not extras:
         return reps
@@ -570,9 +571,10 @@ def probe_contenders(config: BenchConfig, names: list[str], root: str, workdir: 
     from distckpt.tools.launcher import launch
 
     devices = config.devices_per_host
-    spec = {"contenders": names, "root": root, "mesh": f"fsdp={devices}",
-            "shapes": [(8 * devices, 256)], "timeout_s": config.timeout_s,
-            "out": str(workdir / "probe.json")}
+    spec: dict[str, Any] = {
+        "contenders": names, "root": root, "mesh": f"fsdp={devices}",
+        "shapes": [(8 * devices, 256)], "timeout_s": config.timeout_s,
+        "out": str(workdir / "probe.json")}
     spec_path = workdir / "probe-spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     log_path = workdir / "probe.log"
@@ -614,10 +616,10 @@ def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None]
     started = time.time()
     failed: dict[str, str] = {}
     if config.on_s3:
-        orbax = [c for c in config.contenders if parse_contender(c)[0] == "orbax"]
+        orbax = [c for c in config.contenders or () if parse_contender(c)[0] == "orbax"]
         if orbax:
             failed = probe_contenders(config, orbax, _join(base, "probe"), workdir)
-    contenders = [c for c in config.contenders if c not in failed]
+    contenders = [c for c in config.contenders or () if c not in failed]
     report: dict[str, Any] = {
         "schema": SCHEMA, "config": config.to_json(), "machine": machine(),
         "filesystem": filesystem_of(workdir), "storage": storage, "directory": base,

@@ -139,7 +139,7 @@ class PeakRSS:
 # --------------------------------------------------------------------------- files
 def files_under(path: Path) -> list[Path]:
     """Regular files below `path`, sorted (symlinks are not followed)."""
-    out = []
+    out: list[Path] = []
     for root, _dirs, names in os.walk(path):
         out.extend(Path(root) / n for n in names)
     return sorted(p for p in out if p.is_file() and not p.is_symlink())

@@ -81,6 +81,7 @@ same rules are kept another way:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -93,10 +94,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from etils import epath
-from orbax.checkpoint._src.path import atomicity
-from orbax.checkpoint._src.path import step as step_lib
+from orbax.checkpoint.path import atomicity
+from orbax.checkpoint.path import step as step_lib
 
 from distckpt import storage
+from distckpt.errors import StepProblem
 from distckpt.state import jsonio
 
 logger = logging.getLogger(__name__)
@@ -301,12 +303,23 @@ def newest_committed(directory: epath.Path) -> int | None:
     return None
 
 
-def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
-    """Problems with the files the record lists (missing, resized, small file changed).
+@dataclasses.dataclass(frozen=True)
+class FileProblem:
+    """One file that differs from the commit record."""
 
-    Each problem starts with the file's relative path; a changed-contents problem ends
-    with 'CRC-32 mismatch)'.
-    """
+    rel: str
+    """The file's path relative to the step directory."""
+    problem: StepProblem
+    """INCOMPLETE (missing or resized) or CORRUPT (small file's CRC-32 changed)."""
+    detail: str
+    """What differs, for people: 'missing', '10 bytes, 12 when committed ...'."""
+
+    def __str__(self) -> str:
+        return f"{self.rel}: {self.detail}"
+
+
+def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[FileProblem]:
+    """Problems with the files the record lists (missing, resized, small file changed)."""
     problems = []
     crcs = record.get("crc32") or {}
     # Object storage: one listing for every size instead of a request per file.
@@ -323,13 +336,15 @@ def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[str]:
             # Read inside the try: retention may delete the file after the listing.
             changed = actual == size and rel in crcs and _crc32(f) != crcs[rel]
         except FileNotFoundError:
-            problems.append(f"{rel}: missing")
+            problems.append(FileProblem(rel, StepProblem.INCOMPLETE, "missing"))
             continue
         if actual != size:
-            problems.append(f"{rel}: {actual} bytes, {size} when committed (truncated or "
-                            "rewritten)")
+            problems.append(FileProblem(
+                rel, StepProblem.INCOMPLETE,
+                f"{actual} bytes, {size} when committed (truncated or rewritten)"))
         elif changed:
-            problems.append(f"{rel}: contents changed since the commit (CRC-32 mismatch)")
+            problems.append(FileProblem(
+                rel, StepProblem.CORRUPT, "contents changed since the commit (CRC-32 mismatch)"))
     return problems
 
 
@@ -473,7 +488,7 @@ def _held_steps(directory: epath.Path) -> list[int]:
     root = directory / REPLACING_DIR
     if is_local(directory):
         try:
-            names = os.listdir(os.fspath(root))
+            names = set(os.listdir(os.fspath(root)))
         except FileNotFoundError:
             return []
     else:
@@ -683,7 +698,7 @@ def commit_path_class(directory: epath.Path, finalizer: Finalizer,
     if is_local(directory):
         return DurableRenameTemporaryPath
 
-    in_place = storage.temporary_path_base(storage.Location.parse(os.fspath(directory)))
+    in_place: Any = storage.temporary_path_base(storage.Location.parse(os.fspath(directory)))
 
     class InPlaceCommitPath(in_place):
         async def create(self):

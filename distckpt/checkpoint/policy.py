@@ -51,7 +51,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from etils import epath
@@ -212,12 +212,12 @@ class RestartLog:
         return self._decide("mtbf", decide)
 
 
-def failures_of(runs: list[Mapping[str, Any]]) -> int:
+def failures_of(runs: Sequence[Mapping[str, Any]]) -> int:
     """Runs that ended without a clean stop and were followed by another run."""
     return sum(1 for run in runs[:-1] if run.get("stop") is None)
 
 
-def mtbf_of(runs: list[Mapping[str, Any]], now: float) -> float | None:
+def mtbf_of(runs: Sequence[Mapping[str, Any]], now: float) -> float | None:
     """Mean up time between failures of the recorded runs (None without failures).
 
     A run is up from its start until its stop, or else until the next run's start (the
@@ -241,17 +241,29 @@ def mtbf_of(runs: list[Mapping[str, Any]], now: float) -> float | None:
 
 
 # --------------------------------------------------------------------------- policies
+class SaveCost(Protocol):
+    """What a policy reads of one save (``CheckpointService.save_stats`` items)."""
+
+    step: int
+    stall_s: float
+    """How long save() blocked the caller."""
+    commit_s: float | None
+    """From the start of save() until committed (None while in flight)."""
+
+
 @runtime_checkable
 class SavePolicy(Protocol):
-    """What a training loop (or, later, CheckpointService) needs from a save policy."""
+    """What ``CheckpointOptions(save_policy=...)`` needs: CheckpointService calls
+    ``observe(self.save_stats)`` then ``should_save(step, metrics=...)`` once per step.
+    :class:`AgreedPolicy` (YoungDalyPolicy, LossAdaptivePolicy) implements it."""
 
-    def should_save(self, step: int, now: float | None = None,
-                    metrics: Mapping[str, float] | None = None) -> bool:
-        """Whether to save `step`; the same answer on every process."""
+    def should_save(self, step: int, *, metrics: Mapping[str, float] | None = None) -> bool:
+        """Whether to save `step`; the same answer on every process (and every process
+        calls it with the same steps)."""
         ...
 
-    def observe_save(self, step: int, stall_s: float, commit_s: float | None) -> None:
-        """Tell the policy what a save cost (blocking stall, time until committed)."""
+    def observe(self, stats: Iterable[SaveCost]) -> None:
+        """The saves so far (each step may be seen again; count it once)."""
         ...
 
 
@@ -290,7 +302,7 @@ class AgreedPolicy(abc.ABC):
     def observe_save(self, step: int, stall_s: float, commit_s: float | None) -> None:  # noqa: B027
         """Default: the policy does not use save costs."""
 
-    def observe(self, stats: Iterable[Any]) -> None:
+    def observe(self, stats: Iterable[SaveCost]) -> None:
         """Feed ``CheckpointService.save_stats`` (objects with step, stall_s, commit_s).
 
         Saves still in flight (``commit_s is None``) are taken when a later call sees them
@@ -504,7 +516,7 @@ class OrbaxSaveDecision:
     :class:`LossAdaptivePolicy` from the loop (``save(..., force=True)``).
     """
 
-    policy: AgreedPolicy
+    policy: SavePolicy
 
     def should_save(self, step, previous_steps, *, context) -> bool:
         del previous_steps, context

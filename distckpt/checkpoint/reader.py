@@ -23,7 +23,7 @@ from etils import epath
 
 from distckpt import storage
 from distckpt.checkpoint import commit
-from distckpt.errors import FormatVersionError, StepUnusableError
+from distckpt.errors import FormatVersionError, StepProblem, StepUnusableError
 from distckpt.state import digest, jsonio, provenance
 from distckpt.state import process_state as per_process
 
@@ -48,7 +48,8 @@ class StepReader:
         try:
             self.record = commit.read_record(self.path, step)
         except commit.CommitRecordError as e:
-            raise StepUnusableError(step, f"not committed: {e}", kind="incomplete") from e
+            raise StepUnusableError(step, f"not committed: {e}",
+                                    kind=StepProblem.INCOMPLETE) from e
         self._provenance: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ small files
@@ -56,21 +57,23 @@ class StepReader:
         """Raise StepUnusableError if a file the commit record lists is missing or resized."""
         problems = commit.check_files(self.path, self.record)
         if problems:
-            changed = all(p.endswith("CRC-32 mismatch)") for p in problems)
-            what = "corrupt" if changed else "incomplete"
+            changed = all(p.problem is StepProblem.CORRUPT for p in problems)
+            what = StepProblem.CORRUPT if changed else StepProblem.INCOMPLETE
             raise StepUnusableError(
-                self.step, f"{what}: {len(problems)} file(s) differ from the commit "
-                f"record: {'; '.join(problems[:5])}" + (" ..." if len(problems) > 5 else ""),
+                self.step, f"{what.value}: {len(problems)} file(s) differ from the commit "
+                f"record: {'; '.join(map(str, problems[:5]))}"
+                + (" ..." if len(problems) > 5 else ""),
                 kind=what)
 
     def _json(self, rel: str) -> Any:
         try:
             return jsonio.read_limited(self.path / rel)
         except FileNotFoundError as e:
-            raise StepUnusableError(self.step, f"{rel} is missing", kind="incomplete") from e
+            raise StepUnusableError(self.step, f"{rel} is missing",
+                                    kind=StepProblem.INCOMPLETE) from e
         except (OSError, ValueError) as e:
             raise StepUnusableError(self.step, f"{rel} is unreadable ({_short(e)})",
-                                    kind="corrupt") from e
+                                    kind=StepProblem.CORRUPT) from e
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -78,11 +81,11 @@ class StepReader:
             record = self._json(PROVENANCE_FILE)
             if not isinstance(record, dict) or record.get("format") != "distckpt":
                 raise StepUnusableError(self.step, f"{PROVENANCE_FILE} is not a distckpt "
-                                        "provenance record", kind="corrupt")
+                                        "provenance record", kind=StepProblem.CORRUPT)
             version = record.get("format_version")
             if not isinstance(version, int):
                 raise StepUnusableError(self.step, "provenance has no format version",
-                                        kind="corrupt")
+                                        kind=StepProblem.CORRUPT)
             if version > provenance.FORMAT_VERSION:
                 raise FormatVersionError(
                     f"step {self.step} in {self.directory} was written by a newer distckpt "
@@ -90,7 +93,7 @@ class StepReader:
                     "(pip install -U distckpt) to read it. Nothing was changed.")
             if record.get("step") != self.step or not isinstance(record.get("leaves"), dict):
                 raise StepUnusableError(self.step, "provenance does not describe this step",
-                                        kind="corrupt")
+                                        kind=StepProblem.CORRUPT)
             self._provenance = record
         return self._provenance
 
@@ -99,7 +102,7 @@ class StepReader:
         value = self._json(METADATA_FILE)
         if not isinstance(value, dict):
             raise StepUnusableError(self.step, f"{METADATA_FILE} is not an object",
-                                    kind="corrupt")
+                                    kind=StepProblem.CORRUPT)
         return value
 
     def metrics(self) -> dict[str, Any] | None:
@@ -110,7 +113,7 @@ class StepReader:
             return per_process.ProcessStateHandler().restore(self.path / PROCESS_ITEM)
         except (OSError, ValueError, KeyError) as e:
             raise StepUnusableError(self.step, f"per-process state is unreadable ({_short(e)})",
-                                    kind="corrupt") from e
+                                    kind=StepProblem.CORRUPT) from e
 
     @property
     def checksums(self) -> dict[str, str]:
@@ -131,7 +134,7 @@ class StepReader:
         except Exception as e:  # TensorStore/Orbax errors: wrap with the step and a hint
             raise StepUnusableError(
                 self.step, f"[process={jax.process_index()}] array data is unreadable "
-                f"({_short(e)})", kind="unreadable") from e
+                f"({_short(e)})", kind=StepProblem.UNREADABLE) from e
         finally:
             handler.close()
 
@@ -142,7 +145,7 @@ class StepReader:
             tree = handler.metadata(self.path / STATE_ITEM).tree
         except Exception as e:
             raise StepUnusableError(self.step, f"array metadata is unreadable ({_short(e)})",
-                                    kind="corrupt") from e
+                                    kind=StepProblem.CORRUPT) from e
         finally:
             handler.close()
         out = {}

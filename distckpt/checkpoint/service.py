@@ -39,20 +39,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
-from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
-from distckpt import storage
+from distckpt import compat, storage
 from distckpt.checkpoint import commit, tuning
+from distckpt.checkpoint.policy import SavePolicy
 from distckpt.checkpoint.reader import StepReader, compare, local_partials
 from distckpt.errors import (
     CheckpointError,
@@ -61,6 +64,7 @@ from distckpt.errors import (
     SaveFailedError,
     StepExistsError,
     StepOrderError,
+    StepProblem,
     StepUnusableError,
     StorageNotSharedError,
     TargetMismatchError,
@@ -70,9 +74,39 @@ from distckpt.state import digest, jsonio, nnx_state, provenance
 from distckpt.state import process_state as per_process
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _ITEMS = ("state", "metadata", "provenance", "process_state")
 _KEEP_FILE = "distckpt_keep_forever.json"
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether `error`, or an exception it was raised from, is ENOSPC (filesystem full)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        # TensorStore (Orbax's array writes) raises ValueError with the OS error only in
+        # its text, no errno: the one place the message is read.
+        if not isinstance(e, OSError) and "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _StepSlot(enum.StrEnum):
+    """What the primary found where save() wants to write a step (crosses hosts as JSON)."""
+
+    OLDER = "older"
+    """Below the newest committed step and allow_older_steps=False: refuse."""
+    FREE = "free"
+    """Nothing there (or an uncommitted leftover, now moved aside): write."""
+    COMMITTED = "committed"
+    """A committed step and overwrite=False: refuse."""
+    OVERWRITE = "overwrite"
+    """A committed step to replace (overwrite=True)."""
 
 
 __all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatVersionError",
@@ -101,7 +135,7 @@ class CheckpointOptions:
     """save() writes steps that are multiples of this (None: only save_on_steps/force)."""
     save_on_steps: tuple[int, ...] = ()
     """save() also writes these steps."""
-    save_policy: Any = None
+    save_policy: SavePolicy | None = None
     """A save-decision policy from :mod:`distckpt.checkpoint.policy` (YoungDalyPolicy: save every
     sqrt(2 x cost x MTBF) seconds; LossAdaptivePolicy: save more often while the loss is
     unstable), or any object with its ``should_save(step, metrics=)`` /
@@ -144,7 +178,8 @@ class CheckpointOptions:
     """Cap on bytes (GB) being read at once per process; None: Orbax's default."""
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
-    injects a failure, os.kill there simulates a crash. Points: 'save:staged' (save(),
+    injects a failure, os.kill there simulates a crash. Points: a
+    :class:`~distckpt.state.process_state.FaultPoint` (a ``str``): 'save:staged' (save(),
     after staging), 'process_state:write' (background, every process),
     'commit:renamed' (primary, after the rename and fsync, before the commit record),
     'commit:recorded' (primary, after the commit record, before retention)."""
@@ -317,6 +352,9 @@ class CheckpointService:
         self.options = options or CheckpointOptions()
         # Every process prepares object storage (s3fs, the Orbax adapter) before Orbax runs.
         self.location, self.directory = storage.open_directory(directory)
+        # The service itself asks with its own setting (_is_primary, _decide); the
+        # process-wide one is still set for code without a service: the save policies,
+        # RestartLog and callers of distckpt.is_primary().
         coordinator.set_primary_host(self.options.primary_host)
         self._check_directory()
         self._keep_forever: set[int] = set(self._load_keep_forever())
@@ -344,11 +382,10 @@ class CheckpointService:
                 return "missing"
             return "dir" if self.directory.is_dir() else "file"
 
-        decided = coordinator.primary_decides(
+        decided = self._decide(
             "init:directory", lambda: {"where": state(), "key": self._own_key(),
                                        "shown": str(self.directory),
-                                       "nonce": f"{os.getpid()}-{time.time_ns()}"},
-            self.options.timeout_s)
+                                       "nonce": f"{os.getpid()}-{time.time_ns()}"})
         where = decided["where"]
         self._nonce = decided["nonce"]  # names this service's save scopes on every host
         # Coordination names below use the primary's path, never this process's own: a
@@ -409,7 +446,7 @@ class CheckpointService:
             file_options=ocp.options.FileOptions(skip_sync_file_validations=o.async_save),
             temporary_path_class=commit.commit_path_class(
                 self.directory, self._finalize_commit,
-                lambda step: self._fault("commit:recorded", step)),
+                lambda step: self._fault(per_process.FaultPoint.COMMIT_RECORDED, step)),
             # Object storage has no rename: retention there is commit.ObjectStoreDeleter.
             todelete_subdir=commit.TRASH_DIR if self.location.is_local else None,
         )
@@ -427,13 +464,8 @@ class CheckpointService:
             # Orbax 0.12.8 takes no deleter argument; its own would delete the step's
             # objects in listing order, the commit record among them, while readers may
             # still list the step. Ours deletes the record first (commit.delete_step).
-            if not hasattr(self._manager, "_checkpoint_deleter"):
-                raise CheckpointError(
-                    f"orbax-checkpoint {ocp.__version__} has no CheckpointManager."
-                    "_checkpoint_deleter; distckpt's object-storage retention supports "
-                    "orbax-checkpoint 0.12.8")
-            self._manager._checkpoint_deleter = commit.ObjectStoreDeleter(
-                self.directory, coordinator.is_primary)
+            compat.set_checkpoint_deleter(
+                self._manager, commit.ObjectStoreDeleter(self.directory, self._is_primary))
 
     def _probe_shared_storage(self) -> None:
         """Every host must see a file the primary just wrote (flax#3364, orbax#999)."""
@@ -462,7 +494,7 @@ class CheckpointService:
             seen, error = look()
         views = coordinator.all_gather(f"init:{self._key}:probe-seen", [seen, error],
                                        self.options.timeout_s + self.options.probe_timeout_s)
-        if coordinator.is_primary():
+        if self._is_primary():
             probe.unlink(missing_ok=True)
         blind = [i for i, (v, _) in enumerate(views) if not v]
         if blind:
@@ -483,17 +515,27 @@ class CheckpointService:
                 "a slow network filesystem, or pass require_shared_storage=False for per-host "
                 "local directories that you merge yourself. Nothing was written.")
 
+    def _is_primary(self) -> bool:
+        """Whether this process is this service's primary host (options.primary_host)."""
+        return coordinator.is_primary(self.options.primary_host)
+
+    def _decide(self, name: str, decide: Callable[[], _T]) -> _T:
+        """coordinator.primary_decides with this service's primary host and timeout."""
+        return coordinator.primary_decides(name, decide, self.options.timeout_s,
+                                           primary_host=self.options.primary_host)
+
     def _primary_writes(self, name: str, write: Callable[[], Any]) -> Any:
         """The primary writes to the directory; a failure there fails every host at once
         (not at the next barrier, after the timeout) with a message naming the cause."""
         try:
-            return coordinator.primary_decides(name, write, self.options.timeout_s)
+            return self._decide(name, write)
+        # OSError: a single process gets `write`'s own error (primary_decides has no peer).
         except (OSError, coordinator.DecisionFailedError) as e:
             cause = e.error if isinstance(e, coordinator.DecisionFailedError) \
                 else f"{type(e).__name__}: {e}"
             raise CheckpointError(
                 f"[process={jax.process_index()}] the primary host (process "
-                f"{coordinator.primary_host()}) cannot write to the checkpoint directory "
+                f"{self.options.primary_host}) cannot write to the checkpoint directory "
                 f"{self._primary_directory}: {cause}. Give every host write access there "
                 "(file permissions, or object-store credentials allowed to write), point "
                 "at a writable directory, or pass CheckpointOptions(read_only=True) to only "
@@ -540,6 +582,21 @@ class CheckpointService:
                 primary_host=self.options.primary_host))
         return bool(self._save_policy.should_save(info, previous_steps=[], context=context))
 
+    def _check_rankable(self, step: int, metrics: Mapping[str, float] | None) -> None:
+        """Metrics given with best-N retention must rank the step (checked before anything
+        is written: Orbax would fail the save in the background instead)."""
+        score = self.options.score_fn()
+        if score is None or metrics is None:
+            return
+        try:
+            score(metrics)
+        except KeyError as e:
+            raise ValueError(
+                f"metrics {sorted(metrics)} of step {step} lack best_metric "
+                f"{self.options.best_metric!r}, which ranks steps for best-N retention; "
+                "include it in metrics=, or pass no metrics to save the step unranked. "
+                "Nothing was written.") from e
+
     def _step_metrics(self, step: int, known: Mapping[str, Any] | None
                       ) -> Mapping[str, Any] | None:
         """Metrics of a step for retention: Orbax's (the step being saved), else the ones
@@ -564,7 +621,12 @@ class CheckpointService:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path} is unreadable ({e}); fix or remove it") from e
 
-        return coordinator.primary_decides("init:keep_forever", read, self.options.timeout_s)
+        try:
+            return self._decide("init:keep_forever", read)
+        except coordinator.DecisionFailedError as e:  # the same error type on every host
+            raise CheckpointError(f"[process={jax.process_index()}] the primary host "
+                                  f"(process {self.options.primary_host}) could not read "
+                                  f"{_KEEP_FILE}: {e.error}") from e
 
     def _failure_note(self, scope: str) -> str:
         return f"save-failed:{scope}"
@@ -584,14 +646,14 @@ class CheckpointService:
         note = coordinator.read_note(self._failure_note(scope))
         return None if note is None else f"a peer's save failed ({note})"
 
-    def _fault(self, point: str, step: int) -> None:
+    def _fault(self, point: per_process.FaultPoint, step: int) -> None:
         if self.options.fault_hook is not None:
             self.options.fault_hook(point, step)
 
     def _finalize_commit(self, path: epath.Path, step: int) -> dict[str, Any]:
         """Primary, commit thread, after the rename and fsync: build the commit record."""
         try:
-            self._fault("commit:renamed", step)
+            self._fault(per_process.FaultPoint.COMMIT_RENAMED, step)
             checksums = per_process.read_checksums(path / "process_state", jax.process_count())
             stats = self._stats[-1] if self._stats and self._stats[-1].step == step else None
             commit_s = None if stats is None else time.perf_counter() - stats.started
@@ -617,7 +679,8 @@ class CheckpointService:
         local = background or rejected
         report = None if local is None else {
             "kind": "background" if background is not None else "input",
-            "error": f"{type(local).__name__}: {local}"[:2000]}
+            "error": f"{type(local).__name__}: {local}"[:2000],
+            "out_of_space": _out_of_space(local)}
         reports = coordinator.all_gather(f"errors:{where}", report, self.options.timeout_s)
         failed = {i: r for i, r in enumerate(reports) if r is not None}
         save_failed = any(r["kind"] == "background" for r in failed.values())
@@ -632,7 +695,7 @@ class CheckpointService:
         what = (f"the background save of step {self._last_save_step} to {self.directory} "
                 "failed" if save_failed else "the save was rejected")
         hint = (" The filesystem is full: free space there or save to another directory."
-                if "No space left on device" in lines else "")
+                if any(r.get("out_of_space") for r in failed.values()) else "")
         recovered = self._recover_failed_save(where) if save_failed else []
         raise SaveFailedError(
             f"[process={jax.process_index()}] {what} ({lines}); nothing new is committed. "
@@ -648,6 +711,7 @@ class CheckpointService:
         """After a failed save, on every process: let Orbax's threads end (their barriers
         stop at the failure note), clear their errors, put back a step an overwrite held,
         and forget the failure, so the next save() starts clean."""
+        assert self._manager is not None  # a background save ran, so the manager exists
         for call in (self._manager.wait_until_finished, self._manager.check_for_errors):
             try:
                 call()
@@ -662,8 +726,7 @@ class CheckpointService:
                 return [f"putting back a step the failed overwrite held failed "
                         f"({type(e).__name__}: {e}); the next writable service retries"]
 
-        recovered = coordinator.primary_decides(f"errors:{where}:recover", recover,
-                                                self.options.timeout_s)
+        recovered = self._decide(f"errors:{where}:recover", recover)
         self._clear_scopes()  # the decision's barrier: every process has drained
         self._background_failure = None
         self._last_save_step = None
@@ -680,7 +743,7 @@ class CheckpointService:
 
     def _clear_scopes(self) -> None:
         """Delete the coordination keys of finished saves (their barriers and notes)."""
-        if coordinator.is_primary():
+        if self._is_primary():
             for scope in self._open_scopes:
                 self._barriers.clear(scope)
                 coordinator.clear_note(self._failure_note(scope))
@@ -771,6 +834,7 @@ class CheckpointService:
             leaves = nnx_state.flatten_items(items)
             metadata_json = dict(metadata or {})
             metrics_json = {k: float(v) for k, v in (metrics or {}).items()}
+            self._check_rankable(step, metrics_json if metrics is not None else None)
             coordinator.encode_json(metadata_json, "metadata")
             coordinator.encode_json(process_state, "process_state")
         except (TypeError, ValueError) as e:
@@ -781,11 +845,10 @@ class CheckpointService:
         # must be valid, on all processes, before this one starts.
         self._agree_on_errors(f"save:step={step}:start", self._finish_local(), rejected)
         t_agreed = time.perf_counter()
-        decided = coordinator.primary_decides(
-            f"save:step={step}:exists", lambda: self._prepare_step_dir(step, overwrite),
-            self.options.timeout_s)
-        where, newest = decided["where"], decided["newest"]
-        if where == "older":
+        decided = self._decide(
+            f"save:step={step}:exists", lambda: self._prepare_step_dir(step, overwrite))
+        where, newest = _StepSlot(decided["where"]), decided["newest"]
+        if where is _StepSlot.OLDER:
             raise StepOrderError(
                 f"step {step} is below step {newest}, the newest committed step in "
                 f"{self.directory}, and steps only go up there: a lower step would not "
@@ -794,18 +857,18 @@ class CheckpointService:
                 f"and save from step {newest + 1}; to start a new run, use a new directory; "
                 "to save below the newest step anyway, pass "
                 "CheckpointOptions(allow_older_steps=True). Nothing was written.")
-        if where == "committed":
+        if where is _StepSlot.COMMITTED:
             raise StepExistsError(
                 f"step {step} already exists in {self.directory} (the newest committed step "
                 f"is {newest}). To continue that run, restore() and save from step "
                 f"{newest + 1}; to replace step {step}, pass overwrite=True (the old step is "
                 "kept until the new one commits); or use a new directory. Nothing was "
                 "written.")
-        if where == "overwrite":
+        if where is _StepSlot.OVERWRITE:
             logger.info("[process=%d] overwriting step %d", jax.process_index(), step)
         # A step being replaced stays on disk until its replacement commits; Orbax must
         # not count it as taken (it refuses to save a step it lists).
-        self._name_format.hidden = frozenset({step}) if where == "overwrite" else frozenset()
+        self._name_format.hidden = frozenset({step}) if where is _StepSlot.OVERWRITE else frozenset()
         self._manager.reload()
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
         saveable = nnx_state.to_saveable(leaves)
@@ -823,6 +886,7 @@ class CheckpointService:
         t_decided = time.perf_counter()
         stats = SaveStats(step=step, stall_s=0.0, started=t0, digest_s=digest_s)
         self._stats.append(stats)
+        assert self._process_handler is not None  # created with the manager in __init__
         self._process_handler.step = step
         self._last_save_step = step
         self._metrics_seen.pop(step, None)  # an overwritten step's metrics change
@@ -835,7 +899,7 @@ class CheckpointService:
         except Exception as e:
             # The peers' next wait() stops at this note instead of the commit's barrier.
             coordinator.publish(self._failure_note(scope), f"{type(e).__name__}: {e}")
-            if where == "overwrite" and coordinator.is_primary():
+            if where is _StepSlot.OVERWRITE and self._is_primary():
                 self._put_back_held()
             if not self.options.async_save:  # raised here; not again by the next call
                 self._background_failure = None
@@ -844,7 +908,7 @@ class CheckpointService:
                                   "committed steps are intact") from e
         finally:
             self._name_format.hidden = frozenset()
-        self._fault("save:staged", step)
+        self._fault(per_process.FaultPoint.SAVE_STAGED, step)
         stats.stall_s = time.perf_counter() - t0
         logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
                     "%.3fs, step decision + digests %.3fs, staging (orbax) %.3fs",
@@ -855,15 +919,14 @@ class CheckpointService:
         return True
 
     def _prepare_step_dir(self, step: int, overwrite: bool) -> dict[str, Any]:
-        """Primary: {'where': 'older', 'free', 'committed' or 'overwrite', 'newest': the
-        newest committed step}; moves an uncommitted leftover aside. Decides the order
+        """Primary: {'where': a _StepSlot, 'newest': the newest committed step}; moves an uncommitted leftover aside. Decides the order
         first: nothing is touched for a step that will be refused."""
         newest = commit.newest_committed(self.directory)
         if newest is not None and step < newest and not self.options.allow_older_steps:
-            return {"where": "older", "newest": newest}
+            return {"where": _StepSlot.OLDER, "newest": newest}
         path = commit.step_dir(self.directory, step)
         if not (path.exists() or (self.location.is_local and os.path.islink(os.fspath(path)))):
-            return {"where": "free", "newest": newest}
+            return {"where": _StepSlot.FREE, "newest": newest}
         try:
             commit.read_record(path, step)
         except commit.CommitRecordError as e:
@@ -872,22 +935,22 @@ class CheckpointService:
                 logger.warning("[process=%d] %s was not a committed step (%s); moved it to "
                                "%s before saving step %d", jax.process_index(), path, e,
                                moved, step)
-            return {"where": "free", "newest": newest}
+            return {"where": _StepSlot.FREE, "newest": newest}
         if not overwrite:
-            return {"where": "committed", "newest": newest}
+            return {"where": _StepSlot.COMMITTED, "newest": newest}
         if not (self.location.is_local and self.options.async_save):
             # Object stores write in place and Orbax's sync save deletes the step first:
             # hold the old step aside until the new one commits. (A local async commit
             # swaps them itself at the last moment; commit.py.)
             commit.hold_for_replace(self.directory, step)
-        return {"where": "overwrite", "newest": newest}
+        return {"where": _StepSlot.OVERWRITE, "newest": newest}
 
     def keep_forever(self, step: int) -> None:
         """Exempt a committed step from retention (every process calls it)."""
         if step not in self.all_steps():
             raise ValueError(f"step {step} is not committed; committed: {self.all_steps()}")
         self._keep_forever.add(step)
-        if coordinator.is_primary():
+        if self._is_primary():
             commit.write_durable(self.directory / _KEEP_FILE,
                                  {"steps": sorted(self._keep_forever)})
         coordinator.barrier(f"keep_forever:step={step}", self.options.timeout_s)
@@ -942,10 +1005,7 @@ class CheckpointService:
         can time out on a process, leaving the flag set for good; the error is then only
         in the ended thread, and wait_until_finished() raises it.
         """
-        ref = getattr(self._manager, "_finalize_thread", None)  # orbax-checkpoint 0.12.8
-        if ref is None:
-            return False
-        return bool(ref.map(lambda t: t is not None and not t.is_alive()))
+        return compat.finalize_thread_ended(self._manager)
 
     def _fill_commit_time(self, step: int) -> None:
         stats = self._stats[-1] if self._stats else None
@@ -978,7 +1038,7 @@ class CheckpointService:
         self._closed = True
         if self._manager is not None:
             self._manager.close()
-            if coordinator.is_primary():
+            if self._is_primary():
                 commit.wait_for_purge(self.directory)
                 commit.purge_trash(self.directory)
 
@@ -1001,11 +1061,6 @@ class CheckpointService:
             raise CheckpointError("this CheckpointService is closed")
 
     # ------------------------------------------------------------------ restore
-    def resolve_step(self, step: int | Literal["latest", "best"] | None = None) -> int:
-        """The step to restore, decided by the primary host from a fresh listing."""
-        candidates = self._candidates(step)
-        return candidates[0]
-
     def _candidates(self, step: int | Literal["latest", "best"] | None) -> list[int]:
         """Steps to try, in order (newest first for None/'latest'), agreed by all processes."""
         if isinstance(step, int) and not isinstance(step, bool):
@@ -1024,8 +1079,7 @@ class CheckpointService:
                 return {"steps": [] if best is None else [best], "all": steps}
             return {"steps": sorted(steps, reverse=True), "all": steps}
 
-        chosen = coordinator.primary_decides(f"restore:resolve:{step}", decide,
-                                             self.options.timeout_s)
+        chosen = self._decide(f"restore:resolve:{step}", decide)
         if not chosen["steps"]:
             if want is not None:
                 raise NoCheckpointError(
@@ -1036,9 +1090,6 @@ class CheckpointService:
                 + (" with metrics to rank by" if step == "best" else "")
                 + "; start from scratch or point at another directory")
         return chosen["steps"]
-
-    def read_provenance(self, step: int) -> dict[str, Any]:
-        return StepReader(self.directory, step).provenance
 
     def restore(
         self,
@@ -1094,8 +1145,7 @@ class CheckpointService:
             moved = commit.quarantine(self.directory, step, error.kind)
             return "nowhere (it was gone)" if moved is None else str(moved)
 
-        moved = coordinator.primary_decides(f"restore:quarantine:{step}", move,
-                                            self.options.timeout_s)
+        moved = self._decide(f"restore:quarantine:{step}", move)
         logger.warning("[process=%d] quarantined step %d at %s", jax.process_index(), step,
                        moved)
         self.reload()
@@ -1112,7 +1162,7 @@ class CheckpointService:
             reader.check_files()
             record = reader.provenance
         except StepUnusableError as e:
-            local = {"error": e.reason, "kind": e.kind}
+            local = {"error": e.reason, "kind": e.kind.value}
         else:
             # A target that does not fit is the caller's problem, not the step's: raise now
             # (every process reads the same provenance, so all raise alike).
@@ -1125,13 +1175,13 @@ class CheckpointService:
                     result.verify_seconds = time.perf_counter() - t_v
                 result.untouched = tuple(untouched)
             except StepUnusableError as e:
-                local = {"error": e.reason, "kind": e.kind}
+                local = {"error": e.reason, "kind": e.kind.value}
         gathered = coordinator.all_gather(f"restore:step={step}:outcome", local,
                                           self.options.timeout_s)
         errors = [(i, g) for i, g in enumerate(gathered) if "error" in g]
         if errors:
-            kinds = {g["kind"] for _, g in errors}
-            kind = "corrupt" if "corrupt" in kinds else sorted(kinds)[0]
+            kinds = {StepProblem(g["kind"]) for _, g in errors}
+            kind = StepProblem.CORRUPT if StepProblem.CORRUPT in kinds else sorted(kinds)[0]
             reason = "; ".join(f"process {i}: {g['error']}" for i, g in errors[:4])
             raise StepUnusableError(step, reason, kind=kind)
         assert result is not None
@@ -1144,7 +1194,7 @@ class CheckpointService:
                 raise StepUnusableError(
                     step, f"{len(problems)} array(s) differ from what was saved: "
                     + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""),
-                    kind="corrupt")
+                    kind=StepProblem.CORRUPT)
             result.verified = True
         # Only now, with every process's read verified, touch the caller's objects.
         result.items = nnx_state.write_back(target, values)
@@ -1164,7 +1214,7 @@ class CheckpointService:
             mine = per_process.select(records, record["process_count"], remap)
         except ValueError as e:
             if len(records) != record["process_count"]:
-                raise StepUnusableError(reader.step, str(e), kind="incomplete") from e
+                raise StepUnusableError(reader.step, str(e), kind=StepProblem.INCOMPLETE) from e
             raise
         values = {name: nnx_state.rebuild_value(leaf, value)
                   for leaf, (name, value) in zip(wanted, raw, strict=True)}

@@ -26,57 +26,35 @@ reshardable (plain OCDBT + zarr, readable by stock Orbax onto any mesh).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import jax
 import numpy as np
-from orbax.checkpoint._src.metadata import array_metadata_store as ams
-from orbax.checkpoint._src.multihost import multihost
-from orbax.checkpoint._src.path import async_path
-from orbax.checkpoint._src.serialization import type_handler_registry as thr
-from orbax.checkpoint._src.serialization import type_handlers as th
-from orbax.checkpoint._src.serialization.jax_array_handlers import ArrayHandler
+import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers as th
 
+from distckpt.compat import ArrayMetadataStore, FastPollStore, PlaceholderHandler
 
-class FastPollStore(ams.Store):
-    """Orbax's ArrayMetadata store; non-primary hosts poll for the primary's folder
-    every 5 ms (backing off to 50 ms) instead of every 250 ms."""
-
-    async def _maybe_create_base_dir(self, base_dir) -> None:
-        if multihost.is_primary_host(self._primary_host):
-            return await async_path.mkdir(base_dir, parents=True, exist_ok=True)
-        deadline = time.monotonic() + self._write_timeout_secs
-        delay = 0.005
-        while not await async_path.exists(base_dir):
-            if time.monotonic() > deadline:
-                raise ValueError(
-                    f"[process_index={multihost.process_index()}] timed out after "
-                    f"{self._write_timeout_secs} s waiting for the primary host "
-                    f"({self._primary_host}) to create {base_dir}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return None
+__all__ = ["FastPollStore", "pytree_handler_kwargs", "type_handler_registry"]
 
 
 def type_handler_registry(*, replica_parallel: bool = True,
-                          array_metadata_store: ams.Store | None = None) -> Any:
+                          array_metadata_store: ArrayMetadataStore | None = None) -> Any:
     """A private registry like Orbax's default one (same handler types, new instances,
     so Orbax's global registry and other users of it are untouched), whose jax.Array
     handler has the given replica-parallel setting and metadata store (default: a new
     :class:`FastPollStore`)."""
     store = FastPollStore() if array_metadata_store is None else array_metadata_store
-    return thr.create_type_handler_registry(
+    return th.create_type_handler_registry(
         (int, th.ScalarHandler()),
         (float, th.ScalarHandler()),
         (bytes, th.ScalarHandler()),
         (np.number, th.ScalarHandler()),
         (np.ndarray, th.NumpyHandler()),
-        (jax.Array, ArrayHandler(array_metadata_store=store,
-                                 use_replica_parallel=replica_parallel)),
+        (jax.Array, th.ArrayHandler(array_metadata_store=store,
+                                    use_replica_parallel=replica_parallel)),
         (str, th.StringHandler()),
-        (type(th.PLACEHOLDER), th.PlaceholderHandler()),
+        (type(ocp.PLACEHOLDER), PlaceholderHandler()),
     )
 
 

@@ -42,6 +42,8 @@ from typing import Any, TypeVar
 
 import jax
 
+from distckpt import compat
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -73,10 +75,11 @@ class BarrierTimeoutError(TimeoutError):
 class DecisionFailedError(RuntimeError):
     """The primary host's decision raised; `error` is its ``"Type: message"``."""
 
-    def __init__(self, name: str, error: str):
+    def __init__(self, name: str, error: str, primary_host: int | None = None):
         self.name = name
         self.error = error
-        super().__init__(f"[process={jax.process_index()}] primary host {_primary_host} "
+        primary = _primary_host if primary_host is None else primary_host
+        super().__init__(f"[process={jax.process_index()}] primary host {primary} "
                          f"failed deciding {name!r}: {error}")
 
 
@@ -128,9 +131,7 @@ def _env_int(name: str) -> int | None:
 
 
 def _distributed_client():
-    from jax._src import distributed
-
-    return distributed.global_state.client
+    return compat.jax_distributed_client()
 
 
 def is_initialized() -> bool:
@@ -153,9 +154,7 @@ class ClusterParams:
 
 def detect_cluster() -> str | None:
     """Name of the cluster environment JAX would auto-detect here (SLURM, ...), or None."""
-    from jax._src import clusters
-
-    for env in clusters.ClusterEnv._cluster_types:  # jax's own registry of detectors
+    for env in compat.cluster_env_types():  # jax's own registry of detectors
         if env.opt_in_only_method:
             continue
         try:
@@ -189,18 +188,16 @@ def resolve_cluster(
     timeout_s: int = 300,
 ) -> ClusterParams:
     """Resolve the job parameters with the precedence `initialize` documents; starts nothing."""
-    from jax._src import clusters
-
     explicit = (coordinator_address, num_processes, process_id)
     env = (os.environ.get("JAX_COORDINATOR_ADDRESS") or None, _env_int("JAX_NUM_PROCESSES"),
            _env_int("JAX_PROCESS_ID"))
-    values = [a if a is not None else b for a, b in zip(explicit, env, strict=True)]
+    values: list[Any] = [a if a is not None else b for a, b in zip(explicit, env, strict=True)]
     from_args = any(v is not None for v in explicit)
     from_env = any(e is not None and a is None for a, e in zip(explicit, env, strict=True))
     source = " + ".join(n for n, used in (("arguments", from_args), ("environment", from_env))
                         if used) or "single process"
     if None in values and auto_detect and (cluster := detect_cluster()) is not None:
-        address, count, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        address, count, pid, _ = compat.auto_detect_unset_distributed_params(
             values[0], values[1], values[2], None, None, timeout_s)
         values = [address, count, pid]
         source = cluster if source == "single process" else f"{source} + {cluster}"
@@ -298,9 +295,13 @@ def primary_host() -> int:
     return _primary_host
 
 
-def is_primary() -> bool:
-    """True on the primary host. The only place that answers this question."""
-    return jax.process_index() == _primary_host
+def is_primary(primary_host: int | None = None) -> bool:
+    """True on the primary host. The only place that answers this question.
+
+    `primary_host` is the caller's own setting (a service's ``CheckpointOptions``);
+    None: the process-wide one (:func:`set_primary_host`).
+    """
+    return jax.process_index() == (_primary_host if primary_host is None else primary_host)
 
 
 def _timeout_ms(timeout_s: float) -> int:
@@ -382,14 +383,17 @@ def _decision_key(name: str) -> str:
     return f"{name}#{n}"
 
 
-def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAULT_TIMEOUT_S) -> T:
+def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAULT_TIMEOUT_S,
+                    *, primary_host: int | None = None) -> T:
     """Run `decide` on the primary host only and return its value on every process.
 
     `name` identifies the decision (e.g. ``"restore:step"``) and may be used again; each
     call is a decision of its own (see :func:`_decision_key`), so every process must make
     the same calls in the same order. If `decide` raises on the primary, every process
-    raises: the primary its own exception, the others a :class:`DecisionFailedError`
-    carrying its message.
+    raises a :class:`DecisionFailedError` carrying its ``"Type: message"`` (on the
+    primary chained ``from`` the original), so one ``except`` works on every host. With
+    a single process there is no peer to tell: `decide`'s own exception propagates.
+    `primary_host` as in :func:`is_primary`; every process must pass the same.
     """
     if jax.process_count() == 1:  # same checks as with many processes, so code ports
         value = decide()
@@ -398,16 +402,18 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
     client = _distributed_client()
     name = _decision_key(name)
     key = f"{_KV_PREFIX}/decision/{name}"
-    if is_primary():
+    primary = _primary_host if primary_host is None else primary_host
+    if is_primary(primary):
         try:
             payload = {"ok": True, "value": decide()}
             text = encode_json(payload, name)
         except Exception as e:
-            text = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"})
-            client.key_value_set(key, text, allow_overwrite=True)
+            error = f"{type(e).__name__}: {e}"
+            client.key_value_set(key, json.dumps({"ok": False, "error": error}),
+                                 allow_overwrite=True)
             barrier(f"decision:{name}:read", timeout_s)
             client.key_value_delete(key)
-            raise
+            raise DecisionFailedError(name, error, primary) from e
         client.key_value_set(key, text, allow_overwrite=True)
     else:
         try:
@@ -415,15 +421,15 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
         except Exception as e:
             raise TimeoutError(
                 f"[process={jax.process_index()}] no decision {name!r} from primary host "
-                f"{_primary_host} within {timeout_s:g}s: {e}"
+                f"{primary} within {timeout_s:g}s: {e}"
             ) from e
     # Everyone has read the value before the primary removes it.
     barrier(f"decision:{name}:read", timeout_s)
-    if is_primary():
+    if is_primary(primary):
         client.key_value_delete(key)
     payload = json.loads(text)
     if not payload["ok"]:
-        raise DecisionFailedError(name, payload["error"])
+        raise DecisionFailedError(name, payload["error"], primary)
     return payload["value"]
 
 
@@ -447,15 +453,6 @@ def all_gather(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> l
             raise RuntimeError(f"all_gather {name!r}: process {p} wrote no value")
         out.append(json.loads(text))
     return out
-
-
-def all_agree(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
-    """Check that every process holds the same small value; raise listing who differs."""
-    values = all_gather(name, value, timeout_s)
-    if any(v != values[0] for v in values):
-        table = ", ".join(f"process {i}: {v!r}" for i, v in enumerate(values))
-        raise RuntimeError(f"processes disagree on {name!r}: {table}")
-    return values[0]
 
 
 def publish(name: str, value: str) -> None:

@@ -126,6 +126,7 @@ from typing import Any
 
 import jax
 
+from distckpt import compat
 from distckpt.multihost import coordinator
 
 logger = logging.getLogger(__name__)
@@ -471,11 +472,9 @@ class PreemptionGuard:
             return None
 
     def _wait_for_notice(self, client: Any) -> str | None:
-        from jax._src import distributed
-
         me = jax.process_index()
         notice_key = self._prefix + "notice"
-        watch_jax = distributed.global_state.preemption_sync_manager is not None
+        watch_jax = compat.jax_preemption_sync_manager() is not None
         next_poll = 0.0
         while not self._stop.wait(_FLAG_POLL_S):
             if self._signalled:

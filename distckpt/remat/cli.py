@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             device_bytes = (parse_bytes(args.device_memory) if args.device_memory
                             else device_memory_bytes())
-            if args.device_memory and device_bytes < 1:
+            if args.device_memory and device_bytes is not None and device_bytes < 1:
                 return _fail(f"--device-memory {args.device_memory}: device memory must be at "
                              "least 1 byte; give e.g. --device-memory 80GiB")
             if device_bytes is None:
@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     report: dict[str, Any] = choice.to_json()
     if memory is not None:
         report["memory"] = {"breakdown": memory.describe(), "activations": memory.activations}
-    verify_rows = []
+    verify_rows: list[dict[str, Any]] = []
     if args.verify:
         plans = [choice.plan] + ([] if choice.plan.is_no_remat else [RematPlan.preset("none")])
         try:

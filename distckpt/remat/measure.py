@@ -114,7 +114,7 @@ def stack_step(spec: LayerSpec, mesh: Any, plan: RematPlan, n_layers: int,
 
     cfg = spec.model_config(n_layers=n_layers)
     abstract = abstract_target(lambda: ScannedBlocks(cfg, nnx.Rngs(0), plan=plan), mesh, rules)
-    graphdef, params, rest = nnx.split(abstract.blocks, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract.blocks, nnx.Param, ...)  # type: ignore[misc]  # flax stub: variadic tuple
     shape = (spec.batch, spec.seq, spec.d_model)
     x_sharding = NamedSharding(mesh, rules.spec(("batch", "seq", "embed"), shape, mesh, "x"))
     x = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype), sharding=x_sharding)
@@ -266,9 +266,9 @@ def request_host_devices(n: int) -> bool:
     measures in a subprocess instead.
     """
     try:
-        from jax._src import xla_bridge
+        from distckpt import compat
 
-        started = xla_bridge.backends_are_initialized()
+        started = compat.jax_backends_initialized()
     except (ImportError, AttributeError):
         started = "jax" in sys.modules
     if started:

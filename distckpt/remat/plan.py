@@ -279,7 +279,7 @@ class RematPlan:
         return ";".join(parts or ["full"]) + suffix
 
     # ------------------------------------------------------------------ policy
-    def policy(self, device: jax.Device | None = None) -> Callable[..., object]:
+    def policy(self, device: jax.Device | None = None) -> Callable[..., bool]:
         """The `jax.checkpoint` policy for this plan, from `jax.checkpoint_policies` only.
 
         Offloading needs a backend with host memory separate from device memory (GPU,
@@ -350,7 +350,7 @@ def scan_layers(blocks: nnx.Module, x_BxLxD: jax.Array, plan: RematPlan) -> jax.
     # The stacked state goes in as the scan's xs: the backward pass then reads each layer's
     # weights in place. (Slicing a stacked array inside a non-remat body instead makes the
     # slice a residual: one copy of the layer's weights stored per layer.)
-    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)  # type: ignore[misc]  # flax stub: variadic tuple
     leaves = jax.tree.leaves(params)
     if not leaves:
         raise ValueError("scan_layers needs blocks with parameters stacked on a layer axis")

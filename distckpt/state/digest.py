@@ -184,11 +184,6 @@ def dispatch(arrays: Sequence[jax.Array], *, defer: bool = False) -> Pending:
     return Pending(outputs)
 
 
-def local_partial(array: jax.Array) -> Partial:
-    """This process's share of the digest of a (possibly sharded, multi-host) array."""
-    return dispatch([array]).result()[0]
-
-
 def numpy_digest(array: np.ndarray) -> str:
     """The digest of a whole host array, in plain NumPy (the reference definition)."""
     array = np.asarray(array)
@@ -210,7 +205,7 @@ def numpy_digest(array: np.ndarray) -> str:
         else:
             words.append(part.view(f"u{part.dtype.itemsize}").astype(np.uint32))
     c1, c2 = np.uint32(_M1), np.uint32(_M2)
-    grids = np.indices(array.shape, dtype=np.uint32) if array.ndim else []
+    grids: np.ndarray | list[np.ndarray] = np.indices(array.shape, dtype=np.uint32) if array.ndim else []
     lanes = []
     for seed in _LANE_SEEDS:
         h = np.full(array.shape, seed, np.uint32)

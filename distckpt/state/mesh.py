@@ -24,14 +24,21 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 T = TypeVar("T")
+
+
+class AxisSizes(Protocol):
+    """Anything with a mesh's ``shape`` (axis name -> size): Mesh, AbstractMesh, planners."""
+
+    @property
+    def shape(self) -> Mapping[str, int]: ...
 
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -134,8 +141,8 @@ class Rules:
                 return axes
         return None
 
-    def spec(self, logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-             path: str = "") -> PartitionSpec:
+    def spec(self, logical_axes: tuple[str | None, ...], shape: tuple[int, ...],
+             mesh: AxisSizes, path: str = "") -> PartitionSpec:
         """The PartitionSpec for an array with these logical axes on `mesh`.
 
         Mesh axes the mesh lacks (or of size 1) are dropped, a mesh axis is used at most
@@ -200,7 +207,8 @@ def path_str(path: tuple[Any, ...]) -> str:
                     for k in path)
 
 
-def _leaf_sharding(path: tuple[Any, ...], leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
+def _leaf_sharding(path: tuple[Any, ...], leaf: Any, mesh: Mesh | AbstractMesh, rules: Rules
+                   ) -> NamedSharding:
     """A Variable with logical axes by the rules; anything else replicated.
 
     A typed PRNG key array's spec names every dimension (``P(None,)``, not ``P()``, for a
@@ -262,7 +270,8 @@ def _split_abstract(factory: Callable[[], T]) -> tuple[nnx.GraphDef[T], nnx.Stat
     return graphdefs[-1], state
 
 
-def abstract_target(factory: Callable[[], T], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
+def abstract_target(factory: Callable[[], T], mesh: Mesh | AbstractMesh,
+                    rules: Rules = DEFAULT_RULES) -> T:
     """Abstract objects from `factory()` whose leaves are ShapeDtypeStructs with target shardings.
 
     `factory` builds the model (and optimizer), e.g. ``lambda: {"model": m := Model(...),

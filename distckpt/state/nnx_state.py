@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from distckpt import compat
+
 SEP = "/"
 
 
@@ -51,7 +53,7 @@ class Leaf:
     @property
     def key_impl(self) -> str | None:
         """Name of the PRNG implementation of a typed key leaf (e.g. 'threefry2x32')."""
-        return self.value.dtype._impl.name if self.is_key else None
+        return compat.key_impl_name(self.value.dtype) if self.is_key else None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ silently (torchtitan#811 dropped them): the caller passes a
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import args as ocp_args
 from orbax.checkpoint import future
-from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
 from distckpt.state import digest, jsonio
 
@@ -36,11 +36,25 @@ def _filename(process: int) -> str:
     return f"process_{process}.json"
 
 
-FaultHook = Callable[[str, int], None]
+class FaultPoint(enum.StrEnum):
+    """The named points of a save where a fault hook runs. A ``str``: hooks that compare
+    with plain strings (``point == "process_state:write"``) keep working."""
+
+    SAVE_STAGED = "save:staged"
+    """save(), on every process, after Orbax staged the arrays."""
+    PROCESS_STATE_WRITE = "process_state:write"
+    """The background commit, on every process, before this process's record is written."""
+    COMMIT_RENAMED = "commit:renamed"
+    """The primary, after the rename and fsync, before the commit record."""
+    COMMIT_RECORDED = "commit:recorded"
+    """The primary, after the commit record, before retention."""
+
+
+FaultHook = Callable[[FaultPoint, int], None]
 """fault_hook(point, step): called at named points of a save; raising injects a failure."""
 
 
-class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
+class ProcessStateHandler(ocp.handlers.AsyncCheckpointHandler):
     """Every process writes its own JSON record; restore reads all records."""
 
     def __init__(self, fault_hook: FaultHook | None = None,
@@ -64,7 +78,7 @@ class ProcessStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
         # here but may only raise it at its commit timeout, so report it straight away.
         try:
             if self.fault_hook is not None:
-                self.fault_hook("process_state:write", self.step)
+                self.fault_hook(FaultPoint.PROCESS_STATE_WRITE, self.step)
             self._write_sync(directory, args)
         except BaseException as e:
             if self.on_failure is not None:

@@ -7,7 +7,8 @@ every layer that touches storage is configured from it:
   (:meth:`Location.kvstore_spec`); Orbax reaches ``s3://`` through the small adapter in
   :mod:`distckpt.storage.orbax_adapter`;
 * **directories and Orbax's own metadata files**: etils ``epath`` (fsspec: ``s3fs`` for
-  ``s3://``, ``gcsfs`` for ``gs://``; the ``s3`` and ``gcs`` extras pin them);
+  ``s3://``, ``gcsfs`` for ``gs://``; the ``s3`` extra pins s3fs, gcsfs is not pinned: ``pip install
+  gcsfs``);
 * **small files** distckpt writes itself (commit records, markers): :class:`SmallFiles`,
   through a TensorStore kvstore, so they use exactly the endpoint and credentials the array
   data uses (a single PUT on object stores; write-to-temporary-then-rename on local disk).
@@ -193,6 +194,7 @@ class Location:
         endpoint = endpoint.rstrip("/") if endpoint else None
         region = (region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
                   or ("us-east-1" if endpoint else None))
+        source: Literal["explicit", "environment", "default"]
         if credentials is not None:
             source = "explicit"
         elif env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
@@ -307,11 +309,10 @@ def _profile_files(credentials: S3Credentials) -> dict[str, str]:
 _FSSPEC_S3: list[dict[str, Any]] = []
 
 
-def _require(module: str, extra: str, scheme: str) -> None:
+def _require(module: str, install: str, scheme: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"{scheme}:// checkpoints need the `{module}` package (etils epath "
-                          f"uses it for directories); install it with pip install "
-                          f"'distckpt[{extra}]'")
+                          f"uses it for directories); install it with pip install {install}")
 
 
 def _configure_fsspec_s3(location: Location) -> None:
@@ -347,14 +348,14 @@ def prepare(location: Location | str) -> epath.Path:
     """
     loc = location if isinstance(location, Location) else Location.parse(location)
     if loc.scheme == "s3":
-        _require("s3fs", "s3", "s3")
+        _require("s3fs", "'distckpt[s3]'", "s3")
         _configure_fsspec_s3(loc)
         from distckpt.storage import orbax_adapter as orbax_s3
 
         orbax_s3.install()
         orbax_s3.register(loc)
     elif loc.scheme == "gs":
-        _require("gcsfs", "gcs", "gs")
+        _require("gcsfs", "gcsfs (no distckpt extra pins it yet)", "gs")
     return loc.epath()
 
 
@@ -388,7 +389,7 @@ def temporary_path_base(location: Location) -> type:
     ``<step>.orbax-checkpoint-tmp``, rename). Object stores have no atomic rename:
     ``CommitFileTemporaryPath`` (write in place; a marker written last says committed).
     """
-    from orbax.checkpoint._src.path import atomicity
+    from orbax.checkpoint.path import atomicity
 
     if location.is_local:
         return atomicity.AtomicRenameTemporaryPath

@@ -43,13 +43,13 @@ import threading
 from typing import Any
 
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from distckpt import compat
 from distckpt.storage import Location
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ORBAX = "0.12.8"
+SUPPORTED_ORBAX = compat.TESTED_ORBAX
 _EXPECTED_PARAMETERS = ("directory", "name", "use_ocdbt", "ocdbt_process_spec",
                         "ocdbt_write_options", "ocdbt_temporary_metadata_context")
 _GCS_DRIVERS = ("gcs", "gcs_grpc")
@@ -137,7 +137,7 @@ def install() -> None:
     """Route Orbax's ``s3://`` directories to TensorStore's s3 driver (idempotent)."""
     global _original
     with _lock:
-        current = ts_utils.build_kvstore_tspec
+        current = compat.kvstore_tspec_builder()
         if current is _build_kvstore_tspec:
             return
         _check_original(current)
@@ -145,17 +145,17 @@ def install() -> None:
             logger.warning("distckpt's s3:// adapter was written for orbax-checkpoint %s; "
                            "running with %s", SUPPORTED_ORBAX, ocp.__version__)
         _original = current
-        ts_utils.build_kvstore_tspec = _build_kvstore_tspec
+        compat.set_kvstore_tspec_builder(_build_kvstore_tspec)
 
 
 def installed() -> bool:
-    return ts_utils.build_kvstore_tspec is _build_kvstore_tspec
+    return compat.kvstore_tspec_builder() is _build_kvstore_tspec
 
 
 def uninstall() -> None:
     """Restore Orbax's own function (tests)."""
     global _original
     with _lock:
-        if _original is not None and ts_utils.build_kvstore_tspec is _build_kvstore_tspec:
-            ts_utils.build_kvstore_tspec = _original
+        if _original is not None and compat.kvstore_tspec_builder() is _build_kvstore_tspec:
+            compat.set_kvstore_tspec_builder(_original)
         _original = None

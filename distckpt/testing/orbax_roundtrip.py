@@ -82,7 +82,7 @@ def _tree(mesh, scale: int) -> dict[str, Any]:
     for name, (_, _, axes) in LEAVES.items():
         values = expected(name, scale)
         out[name] = jax.make_array_from_callback(values.shape, _sharding(mesh, axes),
-                                                 lambda idx, v=values: v[idx])
+                                                 values.__getitem__)
     return out
 
 

@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from distckpt.remat import cli as remat_cli
     except ImportError:
-        remat_cli = None
-    if remat_cli is not None:
+        pass
+    else:
         remat_cli.add_parser(sub)
     from distckpt.bench import cli as bench_cli
 

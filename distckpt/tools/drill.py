@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
 import re
@@ -73,7 +74,20 @@ from distckpt.state.mesh import MeshSpec
 SAME_TOPOLOGY_RTOL = 0.0
 CROSS_TOPOLOGY_RTOL = 1e-5
 _PROGRESS = re.compile(r"DRILL (\w+) (.*)$")
-FAULTS = ("kill-during-save", "preempt", "corrupt")
+
+
+class Fault(enum.StrEnum):
+    """A fault the drill injects (``--fault``; see the module docstring)."""
+
+    KILL_DURING_SAVE = "kill-during-save"
+    """Every saving host SIGKILLed inside the last save's commit."""
+    PREEMPT = "preempt"
+    """SIGTERM to one saving host."""
+    CORRUPT = "corrupt"
+    """Flip bytes of the newest step's array data before the restore."""
+
+
+FAULTS = tuple(f.value for f in Fault)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +152,8 @@ class DrillConfig:
     """Global batch size."""
     timeout_s: float = 600.0
     """Limit for each phase."""
-    fault: str | None = None
-    """A fault to inject: one of FAULTS (see the module docstring)."""
+    fault: Fault | None = None
+    """A fault to inject (a Fault, or its name: one of FAULTS)."""
     keep: bool = False
     """Keep the temporary directory the drill makes (default: removed when it ends)."""
 
@@ -151,12 +165,15 @@ class DrillConfig:
                              "be saved; lower --save-every or raise --steps")
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; choose one of {', '.join(FAULTS)}")
-        if self.fault in ("kill-during-save", "corrupt") and self.last_save < 2 * self.save_every:
+        if self.fault is not None:
+            object.__setattr__(self, "fault", Fault(self.fault))
+        if (self.fault in (Fault.KILL_DURING_SAVE, Fault.CORRUPT)
+                and self.last_save < 2 * self.save_every):
             raise ValueError(
                 f"--fault {self.fault} needs two saves to fall back between, but steps="
                 f"{self.steps} with save_every={self.save_every} saves once; use --steps >= "
                 f"{2 * self.save_every}")
-        if self.fault == "preempt" and self.steps < 3:
+        if self.fault is Fault.PREEMPT and self.steps < 3:
             raise ValueError("--fault preempt needs --steps >= 3 (time to deliver the signal)")
         if self.directory is not None and "://" in self.directory:
             from distckpt import storage
@@ -207,6 +224,7 @@ def worker_save(spec: dict[str, Any]) -> None:
     from distckpt.multihost.preemption import PreemptionGuard
     from distckpt.state import digest
     from distckpt.state.mesh import make_mesh
+    from distckpt.state.process_state import FaultPoint
     from distckpt.tools import train
 
     coordinator.initialize()
@@ -218,9 +236,9 @@ def worker_save(spec: dict[str, Any]) -> None:
     digests: dict[int, dict[str, str]] = {}
     kill_step = spec.get("kill_step")
 
-    def fault_hook(point: str, step: int) -> None:
+    def fault_hook(point: FaultPoint, step: int) -> None:
         # Every host dies inside the background commit of `kill_step` (a power loss).
-        if point == "process_state:write" and step == kill_step:
+        if point is FaultPoint.PROCESS_STATE_WRITE and step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     options = CheckpointOptions(max_to_keep=None, save_interval_steps=spec["save_every"],
@@ -338,7 +356,7 @@ class DrillReport:
     sharding_mismatch: list[str]
     phase_seconds: dict[str, float]
     directory: str
-    fault: str | None = None
+    fault: Fault | None = None
     skipped: list[list[Any]] = dataclasses.field(default_factory=list)
     """[step, reason] of newer steps the restore skipped (e.g. a corrupt step)."""
     trained_until: int | None = None
@@ -444,7 +462,7 @@ def corrupt_newest(ckpt_dir: Path | str, step: int) -> str:
 
     if "://" in str(ckpt_dir):
         return _corrupt_newest_object(str(ckpt_dir), step)
-    files = [p for p in (ckpt_dir / str(step) / "state").rglob("*")
+    files = [p for p in (Path(ckpt_dir) / str(step) / "state").rglob("*")
              if p.is_file() and p.parent.name == "d"]
     target = max(files, key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
@@ -507,7 +525,7 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
         if not match:
             return
         fields = json.loads(match.group(2))
-        if (config.fault == "preempt" and not signalled and fields.get("phase") == "save"
+        if (config.fault is Fault.PREEMPT and not signalled and fields.get("phase") == "save"
                 and fields.get("step", 0) >= config.preempt_after and pids):
             import signal
 
@@ -528,11 +546,11 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
 
     t0 = time.perf_counter()
     save_out = workdir / "save-result.json"
-    killing = config.fault == "kill-during-save"
+    killing = config.fault is Fault.KILL_DURING_SAVE
     rc, log = _run_phase("save", config.source, {
         **base, "mesh": str(config.source.mesh), "steps": config.steps,
         "save_every": config.save_every, "out": str(save_out),
-        "preempt_after": config.preempt_after if config.fault == "preempt" else None,
+        "preempt_after": config.preempt_after if config.fault is Fault.PREEMPT else None,
         "kill_step": config.last_save if killing else None},
         workdir, config.timeout_s, on_line, on_start=pids.extend)
     report.phase_seconds["save"] = time.perf_counter() - t0
@@ -544,15 +562,15 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
     report.save_stall_seconds = [s["stall_s"] for s in saved["save_stats"]]
     report.commit_seconds = [s["commit_s"] for s in saved["save_stats"]]
     report.trained_until = config.steps
-    if config.fault == "preempt":
+    if config.fault is Fault.PREEMPT:
         if saved["preempted_at"] is None:
             report.failure = (f"SIGTERM to host pid {signalled} did not preempt the run; log "
                               f"{log}:\n{_tail(log)}")
             return report
         report.trained_until = report.expected_step = saved["preempted_at"]
-    elif config.fault in ("kill-during-save", "corrupt"):
+    elif config.fault in (Fault.KILL_DURING_SAVE, Fault.CORRUPT):
         report.expected_step = config.last_save - config.save_every
-    if config.fault == "corrupt":
+    if config.fault is Fault.CORRUPT:
         corrupt_newest(ckpt_dir if "://" in ckpt_dir else Path(ckpt_dir), config.last_save)
 
     t0 = time.perf_counter()
@@ -583,7 +601,7 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
                         f"{report.expected_step}")
     if not got["verified_by_service"]:
         problems.append("the restore did not verify the arrays against the commit record")
-    if config.fault == "corrupt" and config.last_save not in [s for s, _ in report.skipped]:
+    if config.fault is Fault.CORRUPT and config.last_save not in [s for s, _ in report.skipped]:
         problems.append(f"the corrupted step {config.last_save} was not reported as skipped")
     if report.content_mismatch:
         problems.append(f"{len(report.content_mismatch)} leaves differ from what was saved: "

@@ -275,7 +275,7 @@ def seaweedfs(workdir: str | os.PathLike | None = None, *, bucket: str = DEFAULT
     """
     weed = find_weed()
     own_dir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="distckpt-seaweedfs-") if own_dir else workdir)
+    root = Path(tempfile.mkdtemp(prefix="distckpt-seaweedfs-") if workdir is None else workdir)
     root.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     started = None

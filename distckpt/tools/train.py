@@ -114,7 +114,8 @@ def new_state(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dic
     return init_sharded(factory(cfg), mesh, rules)
 
 
-def target(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+def target(cfg: TrainConfig, mesh: Mesh | AbstractMesh, rules: Rules = DEFAULT_RULES
+           ) -> dict[str, Any]:
     return abstract_target(factory(cfg), mesh, rules)
 
 
