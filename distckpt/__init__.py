@@ -4,11 +4,11 @@ Save sharded NNX state from every host asynchronously, restore it onto any mesh
 and any number of hosts, and prove it with restore drills.
 """
 
+from distckpt.checkpoint.options import CheckpointOptions as CheckpointOptions
+from distckpt.checkpoint.options import Restored as Restored
 from distckpt.checkpoint.service import CheckpointError as CheckpointError
-from distckpt.checkpoint.service import CheckpointOptions as CheckpointOptions
 from distckpt.checkpoint.service import CheckpointService as CheckpointService
 from distckpt.checkpoint.service import NoCheckpointError as NoCheckpointError
-from distckpt.checkpoint.service import Restored as Restored
 from distckpt.checkpoint.service import SaveFailedError as SaveFailedError
 from distckpt.checkpoint.service import StepExistsError as StepExistsError
 from distckpt.checkpoint.service import StepOrderError as StepOrderError

@@ -1,0 +1,175 @@
+"""How a :class:`~distckpt.checkpoint.service.CheckpointService` saves, keeps and restores
+steps (:class:`CheckpointOptions`), and what it reports: :class:`SaveStats` per save,
+:class:`Restored` per restore."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from distckpt.checkpoint import tuning
+from distckpt.checkpoint.policy import SavePolicy
+from distckpt.state import process_state as per_process
+
+__all__ = ["CheckpointOptions", "Restored", "SaveStats"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+    """How a CheckpointService saves, keeps and restores steps."""
+
+    max_to_keep: int | None = 3
+    """Keep the N highest step numbers (None keeps all); ranked by step, never save order."""
+    keep_period: int | None = None
+    """Also keep every step that is a multiple of this."""
+    best_metric: str | None = None
+    """Metric name (a key of save(metrics=...)) that ranks steps for best-N retention."""
+    best_fn: Callable[[Mapping[str, Any]], float] | None = None
+    """Alternative to best_metric: metrics dict -> score."""
+    best_mode: Literal["min", "max"] = "min"
+    """Whether a lower ('min', e.g. loss) or higher ('max', e.g. accuracy) score is better."""
+    best_n: int | None = 1
+    """With best_metric/best_fn: also keep the best N steps saved with metrics (None: all)."""
+    save_interval_steps: int | None = 1
+    """save() writes steps that are multiples of this (None: only save_on_steps/force)."""
+    save_on_steps: tuple[int, ...] = ()
+    """save() also writes these steps."""
+    save_policy: SavePolicy | None = None
+    """A save-decision policy from :mod:`distckpt.checkpoint.policy` (YoungDalyPolicy: save every
+    sqrt(2 x cost x MTBF) seconds; LossAdaptivePolicy: save more often while the loss is
+    unstable), or any object with its ``should_save(step, metrics=)`` /
+    ``observe(save_stats)`` methods. When given it replaces save_interval_steps (which
+    is then ignored); save_on_steps and force=True still save. The service feeds it the
+    measured cost of every committed save and the metrics passed to save(); the primary
+    host decides and every host follows."""
+    async_save: bool = True
+    """Commit in the background; save() returns once arrays are staged."""
+    timeout_s: float = 600.0
+    """Limit for barriers, decisions and a background commit."""
+    primary_host: int = 0
+    """The process that writes shared metadata and takes filesystem decisions."""
+    read_only: bool = False
+    """Never write, move or delete anything (evaluation, inspection, a drill's restore side)."""
+    allow_older_steps: bool = False
+    """Let save() write a step below the newest committed one (else StepOrderError)."""
+    verify: bool = True
+    """Check every restored array against the content digests in the commit record."""
+    require_shared_storage: bool = True
+    """Probe at start-up that every host sees the same directory, and fail fast if not.
+    False is per-host local mode: each host writes its own shards into its own directory
+    and the primary writes the shared files; restoring needs the directories merged."""
+    probe_timeout_s: float = 15.0
+    """How long the storage probe waits for the primary's probe file to become visible
+    (network filesystems can be slow to show a new file to other hosts)."""
+    compression: bool = False
+    """Compress array chunks (zstd/blosc). Off: weights and optimizer moments barely
+    compress and it costs CPU on save and restore (measured; see distckpt.checkpoint.tuning).
+    Either way checkpoints restore with stock Orbax onto any mesh."""
+    use_ocdbt: bool = True
+    """Pack each step's arrays into a few OCDBT files per process (Orbax's default)."""
+    use_zarr3: bool = False
+    """Write zarr v3 instead of v2 (Orbax's default is v2)."""
+    replica_parallel: bool = True
+    """Data-parallel replicas split the writes of a replicated array."""
+    save_concurrent_gb: float | None = None
+    """Cap on bytes (GB, 1e9) being written at once per process; None: Orbax's default."""
+    restore_concurrent_gb: float | None = None
+    """Cap on bytes (GB) being read at once per process; None: Orbax's default."""
+    fault_hook: per_process.FaultHook | None = None
+    """Tests and drills: fault_hook(point, step) runs at named save points; raising there
+    injects a failure, os.kill there simulates a crash. Points: a
+    :class:`~distckpt.state.process_state.FaultPoint` (a ``str``): 'save:staged' (save(),
+    after staging), 'process_state:write' (background, every process),
+    'commit:renamed' (primary, after the rename and fsync, before the commit record),
+    'commit:recorded' (primary, after the commit record, before retention)."""
+
+    def __post_init__(self):
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be None or >= 1, got {self.max_to_keep}")
+        if self.keep_period is not None and self.keep_period < 1:
+            raise ValueError(f"keep_period must be None or >= 1, got {self.keep_period}")
+        if self.best_metric is not None and self.best_fn is not None:
+            raise ValueError("give best_metric or best_fn, not both")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.best_n is not None and self.best_n < 1:
+            raise ValueError(f"best_n must be None or >= 1, got {self.best_n}")
+        if self.save_interval_steps is not None and self.save_interval_steps < 1:
+            raise ValueError(
+                f"save_interval_steps must be None or >= 1, got {self.save_interval_steps}")
+        if any(s < 0 for s in self.save_on_steps):
+            raise ValueError(f"save_on_steps must be non-negative, got {self.save_on_steps}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.probe_timeout_s < 0:
+            raise ValueError(f"probe_timeout_s must be >= 0, got {self.probe_timeout_s}")
+        if self.save_policy is not None and not all(
+                callable(getattr(self.save_policy, m, None)) for m in ("should_save", "observe")):
+            raise TypeError(
+                f"save_policy must have should_save(step, metrics=) and observe(stats) "
+                f"methods (e.g. distckpt.checkpoint.policy.YoungDalyPolicy), got {self.save_policy!r}")
+        for name in ("save_concurrent_gb", "restore_concurrent_gb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+
+    def handler_kwargs(self) -> dict[str, Any]:
+        """ocp.PyTreeCheckpointHandler keyword arguments for the array item."""
+        return tuning.pytree_handler_kwargs(
+            compression=self.compression, use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3,
+            replica_parallel=self.replica_parallel,
+            save_concurrent_gb=self.save_concurrent_gb,
+            restore_concurrent_gb=self.restore_concurrent_gb)
+
+    def score_fn(self) -> Callable[[Mapping[str, Any]], float] | None:
+        if self.best_fn is not None:
+            return self.best_fn
+        if self.best_metric is not None:
+            metric = self.best_metric
+
+            def score(metrics: Mapping[str, Any]) -> float:
+                if metric not in metrics:
+                    raise KeyError(f"best_metric {metric!r} missing from metrics {sorted(metrics)}")
+                return float(metrics[metric])
+
+            return score
+        return None
+
+
+@dataclasses.dataclass
+class SaveStats:
+    """Timings of one save, in seconds."""
+
+    step: int
+    stall_s: float
+    """How long save() blocked the caller."""
+    commit_s: float | None = None
+    """From the start of save() until the step was committed (None while in flight)."""
+    started: float = dataclasses.field(default=0.0, repr=False)
+    """time.perf_counter() when save() began."""
+    digest_s: float = 0.0
+    """Of the stall: enqueueing the content checksums (compiling them on a first save)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What restore() returns."""
+
+    step: int
+    items: dict[str, Any]
+    """The target items holding the restored values (NNX objects are updated in place)."""
+    metadata: dict[str, Any]
+    metrics: dict[str, Any] | None
+    process_state: Any
+    provenance: dict[str, Any]
+    untouched: tuple[str, ...] = ()
+    """Target leaves a partial restore did not find in the step (left as they were)."""
+    seconds: float = 0.0
+    """Wall time of the restore, verification included."""
+    verify_seconds: float = 0.0
+    """Of which: checksumming the restored arrays and comparing."""
+    verified: bool = False
+    """Whether every restored array matched its saved digest."""
+    skipped: tuple[tuple[int, str], ...] = ()
+    """(step, reason) of newer steps the fallback passed over."""
