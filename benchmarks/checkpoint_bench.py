@@ -1,11 +1,11 @@
-"""Run `distckpt bench` and put its table into the README's Benchmarks section.
+"""Run `distckpt bench` and put its table into docs/benchmarks.md.
 
-    python benchmarks/checkpoint_bench.py --json bench.json --readme README.md [bench flags]
-    python benchmarks/checkpoint_bench.py --from-json bench.json --readme README.md
+    python benchmarks/checkpoint_bench.py --json bench.json --readme docs/benchmarks.md [bench flags]
+    python benchmarks/checkpoint_bench.py --from-json bench.json --readme docs/benchmarks.md
 
-The README section is the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``
+The section is the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``
 (``--section big``: ``<!-- bench:big:begin -->`` ... ``<!-- bench:big:end -->``); everything
-else in the README is left as it is. With ``--from-json`` nothing is run: the
+else in the file is left as it is. With ``--from-json`` nothing is run: the
 section is rendered again from a saved report (e.g. after editing the renderer). Every other
 flag goes to ``distckpt bench`` (see ``distckpt bench --help``).
 """
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from distckpt.tools import cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", help="README to update between the bench markers")
+    parser.add_argument("--readme", help="Markdown file to update between the bench markers (docs/benchmarks.md)")
     parser.add_argument("--section", default="",
                         help="named section: markers <!-- bench:NAME:begin/end --> (default: "
                         "<!-- bench:begin/end -->)")

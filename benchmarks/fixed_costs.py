@@ -7,7 +7,7 @@ Saves a state of 8 random float32 arrays (``--mib`` in total, sharded over every
 ``--saves`` times with plain Orbax (``CheckpointManager``, ``StandardSave``) and with
 distckpt's ``CheckpointService``, alternating, each save followed by its wait; then times
 ``--rounds`` barriers, all_gathers and Orbax's ``sync_global_processes``. Process 0 prints
-medians (the first two saves of each are warm-up). The README's "What the targets say"
+medians (the first two saves of each are warm-up). docs/benchmarks.md's "What the targets say"
 quotes it: what a save costs before any byte is written.
 """
 

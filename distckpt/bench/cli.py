@@ -118,7 +118,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--chart", metavar="PATH",
                    help="write the ratio chart as PNG (default: beside --json; needs "
                    "matplotlib, the 'bench' extra)")
-    p.add_argument("--markdown", metavar="PATH", help="write the README section (Markdown)")
+    p.add_argument("--markdown", metavar="PATH", help="write the docs/benchmarks.md section (Markdown)")
     p.add_argument("--timeout", type=float, default=d.timeout_s,
                    help="limit per job in seconds (default %(default)s)")
     p.add_argument("--progress", action="store_true",

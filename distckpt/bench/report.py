@@ -1,4 +1,4 @@
-"""Render a `distckpt bench` report: terminal tables, Markdown for the README, a PNG chart.
+"""Render a `distckpt bench` report: terminal tables, Markdown for docs/benchmarks.md, a PNG chart.
 
 The chart needs matplotlib (``pip install 'distckpt[bench]'``); without it
 :func:`write_chart` says so and returns False, and everything else still works.
@@ -273,7 +273,7 @@ def replace_section(text: str, body: str, section: str = "") -> str:
     begin, end = markers(section)
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"no {begin} ... {end} markers in the README")
+        raise ValueError(f"no {begin} ... {end} markers in that file")
     return pattern.sub(lambda _m: f"{begin}\n{body}\n{end}", text, count=1)
 
 

@@ -1,6 +1,6 @@
 """How distckpt configures Orbax and TensorStore for speed, from measurements.
 
-Every choice here was measured with ``distckpt bench`` (see the README's table and
+Every choice here was measured with ``distckpt bench`` (see the table in docs/benchmarks.md and
 ``benchmarks/checkpoint_bench.py``) on 2-4 simulated hosts; each keeps checkpoints
 reshardable (plain OCDBT + zarr, readable by stock Orbax onto any mesh).
 
