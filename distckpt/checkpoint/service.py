@@ -52,9 +52,9 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
 from distckpt import compat, storage
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, restoring
 from distckpt.checkpoint.options import CheckpointOptions, Restored, SaveStats
-from distckpt.checkpoint.reader import StepReader, compare, local_partials
+from distckpt.checkpoint.reader import StepReader
 from distckpt.checkpoint.retention import preservation_policy
 from distckpt.checkpoint.target import check_target
 from distckpt.errors import (
@@ -64,7 +64,6 @@ from distckpt.errors import (
     SaveFailedError,
     StepExistsError,
     StepOrderError,
-    StepProblem,
     StepUnusableError,
     StorageNotSharedError,
     TargetMismatchError,
@@ -845,36 +844,6 @@ class CheckpointService:
             raise CheckpointError("this CheckpointService is closed")
 
     # ------------------------------------------------------------------ restore
-    def _candidates(self, step: int | Literal["latest", "best"] | None) -> list[int]:
-        """Steps to try, in order (newest first for None/'latest'), agreed by all processes."""
-        if isinstance(step, int) and not isinstance(step, bool):
-            want: int | None = step
-        elif step in (None, "latest", "best"):
-            want = None
-        else:
-            raise ValueError(f"step must be an int, 'latest', 'best' or None; got {step!r}")
-
-        def decide() -> dict[str, Any]:
-            steps = self.all_steps()
-            if want is not None:
-                return {"steps": [want] if want in steps else [], "all": steps}
-            if step == "best":
-                best = self.best_step()
-                return {"steps": [] if best is None else [best], "all": steps}
-            return {"steps": sorted(steps, reverse=True), "all": steps}
-
-        chosen = self._decide(f"restore:resolve:{step}", decide)
-        if not chosen["steps"]:
-            if want is not None:
-                raise NoCheckpointError(
-                    f"step {want} is not a committed checkpoint in {self.directory}; "
-                    f"committed steps: {chosen['all']}")
-            raise NoCheckpointError(
-                f"no committed checkpoint in {self.directory}"
-                + (" with metrics to rank by" if step == "best" else "")
-                + "; start from scratch or point at another directory")
-        return chosen["steps"]
-
     def restore(
         self,
         target: Mapping[str, Any],
@@ -893,117 +862,5 @@ class CheckpointService:
         when the service is writable). An explicit step or 'best' never falls back.
         """
         self._ensure_open()
-        t0 = time.perf_counter()
-        verify = self.options.verify if verify is None else verify
-        fallback = step is None or step == "latest"
-        candidates = self._candidates(step)
-        leaves = nnx_state.flatten_items(target)
-        skipped: list[tuple[int, str]] = []
-        for s in candidates:
-            try:
-                restored = self._restore_step(s, target, leaves, partial=partial,
-                                              remap=process_state_remap, verify=verify)
-            except StepUnusableError as e:
-                if not fallback:
-                    raise
-                skipped.append((s, e.reason))
-                self._set_aside(s, e)
-                continue
-            restored.skipped = tuple(skipped)
-            restored.seconds = time.perf_counter() - t0
-            return restored
-        raise NoCheckpointError(
-            f"no usable checkpoint in {self.directory}: every committed step failed "
-            f"({'; '.join(f'step {s}: {r}' for s, r in skipped)}). The bad steps are "
-            + ("kept as they were (read-only)." if self.options.read_only else
-               f"in {self.directory / commit.QUARANTINE_DIR}.")
-            + " Start from scratch, or restore one of them explicitly with partial=True.")
-
-    def _set_aside(self, step: int, error: StepUnusableError) -> None:
-        logger.error("[process=%d] step %d is not usable, falling back to an older step: %s",
-                     jax.process_index(), step, error.reason)
-        if self.options.read_only:
-            return
-
-        def move() -> str:
-            moved = commit.quarantine(self.directory, step, error.kind)
-            return "nowhere (it was gone)" if moved is None else str(moved)
-
-        moved = self._decide(f"restore:quarantine:{step}", move)
-        logger.warning("[process=%d] quarantined step %d at %s", jax.process_index(), step,
-                       moved)
-        self.reload()
-
-    def _restore_step(self, step: int, target: Mapping[str, Any],
-                      leaves: list[nnx_state.Leaf], *, partial: bool,
-                      remap: per_process.ProcessStateRemap | None,
-                      verify: bool) -> Restored:
-        """Restore one step on every process; raise StepUnusableError on all if any failed."""
-        local: dict[str, Any] = {}
-        result = None
-        try:
-            reader = StepReader(self.directory, step)
-            reader.check_files()
-            record = reader.provenance
-        except StepUnusableError as e:
-            local = {"error": e.reason, "kind": e.kind.value}
-        else:
-            # A target that does not fit is the caller's problem, not the step's: raise now
-            # (every process reads the same provenance, so all raise alike).
-            wanted, untouched = check_target(record["leaves"], leaves, step, partial=partial)
-            try:
-                result, values, named = self._read_arrays(reader, wanted, record, remap)
-                if verify:
-                    t_v = time.perf_counter()
-                    local = {"partials": local_partials(named)}
-                    result.verify_seconds = time.perf_counter() - t_v
-                result.untouched = tuple(untouched)
-            except StepUnusableError as e:
-                local = {"error": e.reason, "kind": e.kind.value}
-        gathered = coordinator.all_gather(f"restore:step={step}:outcome", local,
-                                          self.options.timeout_s)
-        errors = [(i, g) for i, g in enumerate(gathered) if "error" in g]
-        if errors:
-            kinds = {StepProblem(g["kind"]) for _, g in errors}
-            kind = StepProblem.CORRUPT if StepProblem.CORRUPT in kinds else sorted(kinds)[0]
-            reason = "; ".join(f"process {i}: {g['error']}" for i, g in errors[:4])
-            raise StepUnusableError(step, reason, kind=kind)
-        assert result is not None
-        if verify:
-            t_v = time.perf_counter()
-            problems = compare(step, reader.checksums, [g["partials"] for g in gathered],
-                               [leaf.name for leaf in wanted])
-            result.verify_seconds += time.perf_counter() - t_v
-            if problems:
-                raise StepUnusableError(
-                    step, f"{len(problems)} array(s) differ from what was saved: "
-                    + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""),
-                    kind=StepProblem.CORRUPT)
-            result.verified = True
-        # Only now, with every process's read verified, touch the caller's objects.
-        result.items = nnx_state.write_back(target, values)
-        return result
-
-    def _read_arrays(self, reader: StepReader, wanted: list[nnx_state.Leaf],
-                     record: dict[str, Any], remap: per_process.ProcessStateRemap | None
-                     ) -> tuple[Restored, dict[str, Any], list[tuple[str, jax.Array]]]:
-        tree = nnx_state.restore_target(wanted)
-        out = reader.restore_arrays(
-            tree, partial=True, concurrent_gb=self.options.restore_concurrent_gb)
-        raw = [(leaf.name, nnx_state.lookup(out, tuple(str(k) for k in leaf.path)))
-               for leaf in wanted]
-        saved_json = reader.user_json()
-        records = reader.process_records()
-        try:
-            mine = per_process.select(records, record["process_count"], remap)
-        except ValueError as e:
-            if len(records) != record["process_count"]:
-                raise StepUnusableError(reader.step, str(e), kind=StepProblem.INCOMPLETE) from e
-            raise
-        values = {name: nnx_state.rebuild_value(leaf, value)
-                  for leaf, (name, value) in zip(wanted, raw, strict=True)}
-        restored = Restored(step=reader.step, items={},
-                            metadata=dict(saved_json.get("user") or {}),
-                            metrics=saved_json.get("metrics") or None, process_state=mine,
-                            provenance=record)
-        return restored, values, raw
+        return restoring.restore(self, target, step, partial=partial,
+                                 remap=process_state_remap, verify=verify)
