@@ -203,4 +203,7 @@ def finalize_thread_ended(manager: ocp.CheckpointManager) -> bool:
     ref = getattr(manager, "_finalize_thread", None)
     if ref is None:
         return False
-    return bool(ref.map(lambda t: t is not None and not t.is_alive()))
+    # No thread at all also counts: Orbax marks a save in progress before its own
+    # synchronous checks (e.g. StepAlreadyExistsError), and a save that raised there never
+    # starts a finalize thread nor clears the mark, so nothing is in flight.
+    return bool(ref.map(lambda t: t is None or not t.is_alive()))

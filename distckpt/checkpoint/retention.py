@@ -17,7 +17,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from distckpt.checkpoint.options import CheckpointOptions
 
-__all__ = ["preservation_policy"]
+__all__ = ["preservation_policy", "score_of"]
 
 
 @dataclasses.dataclass
@@ -49,8 +49,9 @@ class _BestSteps(pp.PreservationPolicy):
 
     def should_preserve(self, checkpoints, *, context):
         sign = 1.0 if self.mode == "min" else -1.0
-        found = [(c.step, self.metrics_of(c.step, c.metrics)) for c in checkpoints]
-        ranked = sorted((sign * self.score(m), -step) for step, m in found if m is not None)
+        found = [(c.step, score_of(self.score, self.metrics_of(c.step, c.metrics)))
+                 for c in checkpoints]
+        ranked = sorted((sign * v, -step) for step, v in found if v is not None)
         best = {-neg_step for _, neg_step in ranked[:self.n]}
         return [c.step in best for c in checkpoints]
 
@@ -63,6 +64,19 @@ class _KeepMarked(pp.PreservationPolicy):
 
     def should_preserve(self, checkpoints, *, context):
         return [c.step in self.steps for c in checkpoints]
+
+
+def score_of(score: Callable[[Mapping[str, Any]], float],
+             metrics: Mapping[str, Any] | None) -> float | None:
+    """A step's score, or None when it has no metrics or not the ranking one (a step
+    saved by a service that ranked by another metric, or by none): such a step is never
+    among the best."""
+    if metrics is None:
+        return None
+    try:
+        return score(metrics)
+    except KeyError:
+        return None
 
 
 def preservation_policy(options: CheckpointOptions, keep_forever: set[int],

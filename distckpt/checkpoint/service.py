@@ -55,7 +55,7 @@ from distckpt import compat, storage
 from distckpt.checkpoint import commit, restoring
 from distckpt.checkpoint.options import CheckpointOptions, Restored, SaveStats
 from distckpt.checkpoint.reader import StepReader
-from distckpt.checkpoint.retention import preservation_policy
+from distckpt.checkpoint.retention import preservation_policy, score_of
 from distckpt.checkpoint.target import check_target
 from distckpt.errors import (
     CheckpointError,
@@ -558,8 +558,9 @@ class CheckpointService:
             except StepUnusableError as e:
                 logger.warning("[process=%d] best_step: skipping %s", jax.process_index(), e)
                 continue
-            if m is not None:
-                scored.append((score(m), s))
+            value = score_of(score, m)
+            if value is not None:
+                scored.append((value, s))
         if not scored:
             return None
         pick = min if self.options.best_mode == "min" else max
