@@ -194,6 +194,11 @@ def set_checkpoint_deleter(manager: ocp.CheckpointManager, deleter: Any) -> None
     manager._checkpoint_deleter = deleter
 
 
+def checkpoint_deleter(manager: ocp.CheckpointManager) -> Any:
+    """The object `manager` deletes old steps with (see set_checkpoint_deleter)."""
+    return getattr(manager, "_checkpoint_deleter", None)
+
+
 def finalize_thread_ended(manager: ocp.CheckpointManager) -> bool:
     """Whether `manager`'s background finalize thread exists and has ended.
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import distckpt
-from distckpt import storage
+from distckpt import compat, storage
 from distckpt.checkpoint import commit
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import StepUnusableError
@@ -116,7 +116,7 @@ def test_save_restore_retention_and_overwrite_on_s3(s3_env, s3_url, s3_server):
     items = trained()
     saved = {}
     with distckpt.CheckpointService(s3_url, distckpt.CheckpointOptions(max_to_keep=2)) as ckpt:
-        assert isinstance(ckpt._manager._checkpoint_deleter, commit.ObjectStoreDeleter)
+        assert isinstance(compat.checkpoint_deleter(ckpt._saver.manager), commit.ObjectStoreDeleter)
         for step in (1, 2, 3):
             assert ckpt.save(step, items, metrics={"loss": 1.0 / step},
                              metadata={"step": step})

@@ -241,7 +241,7 @@ def test_only_steps_with_a_commit_record_count_and_leftovers_are_moved_aside(tmp
 def test_out_of_space_is_found_by_errno_through_the_chain():
     import errno
 
-    from distckpt.checkpoint.service import _out_of_space
+    from distckpt.checkpoint.failures import out_of_space as _out_of_space
 
     full = OSError(errno.ENOSPC, "disk full, said differently")
     try:

@@ -78,7 +78,7 @@ def candidates(svc: CheckpointService, step: int | Literal["latest", "best"] | N
             return {"steps": [] if best is None else [best], "all": steps}
         return {"steps": sorted(steps, reverse=True), "all": steps}
 
-    chosen = svc._decide(f"restore:resolve:{step}", decide)
+    chosen = svc.primary.decide(f"restore:resolve:{step}", decide)
     if not chosen["steps"]:
         if want is not None:
             raise NoCheckpointError(
@@ -134,7 +134,7 @@ def _set_aside(svc: CheckpointService, step: int, error: StepUnusableError) -> N
         moved = commit.quarantine(svc.directory, step, error.kind)
         return "nowhere (it was gone)" if moved is None else str(moved)
 
-    moved = svc._decide(f"restore:quarantine:{step}", move)
+    moved = svc.primary.decide(f"restore:quarantine:{step}", move)
     logger.warning("[process=%d] quarantined step %d at %s", jax.process_index(), step, moved)
     svc.reload()
 

@@ -10,14 +10,26 @@ applies the policy after each commit; the step directory's commit protocol
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import jax
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from distckpt.checkpoint import commit
 from distckpt.checkpoint.options import CheckpointOptions
+from distckpt.checkpoint.reader import StepReader
+from distckpt.errors import CheckpointError, StepUnusableError
+from distckpt.state import jsonio
 
-__all__ = ["preservation_policy", "score_of"]
+logger = logging.getLogger(__name__)
+
+KEEP_FILE = "distckpt_keep_forever.json"
+
+__all__ = ["KEEP_FILE", "StepMetrics", "best_step", "check_rankable", "preservation_policy",
+           "read_keep_forever", "score_of", "write_keep_forever"]
 
 
 @dataclasses.dataclass
@@ -95,3 +107,81 @@ def preservation_policy(options: CheckpointOptions, keep_forever: set[int],
         policies.append(_BestSteps(score=score, mode=options.best_mode, n=options.best_n,
                                    metrics_of=metrics_of))
     return pp.AnyPreservationPolicy(policies)
+
+
+class StepMetrics:
+    """Metrics of steps for retention: Orbax's (the step being saved), else the ones saved
+    with the step (read once; a committed step's metrics never change)."""
+
+    def __init__(self, directory: epath.Path):
+        self.directory = directory
+        self._seen: dict[int, Mapping[str, Any] | None] = {}
+
+    def of(self, step: int, known: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        if known is not None:
+            return known
+        if step not in self._seen:
+            try:
+                self._seen[step] = StepReader(self.directory, step).metrics()
+            except CheckpointError:  # not committed (yet) or unreadable: no metrics
+                return None
+        return self._seen[step]
+
+    def forget(self, step: int) -> None:
+        """`step` is being saved again (an overwrite): its metrics change."""
+        self._seen.pop(step, None)
+
+
+def check_rankable(options: CheckpointOptions, step: int,
+                   metrics: Mapping[str, float] | None) -> None:
+    """Metrics given with best-N retention must rank the step (checked before anything
+    is written: Orbax would fail the save in the background instead)."""
+    score = options.score_fn()
+    if score is None or metrics is None:
+        return
+    try:
+        score(metrics)
+    except KeyError as e:
+        raise ValueError(
+            f"metrics {sorted(metrics)} of step {step} lack best_metric "
+            f"{options.best_metric!r}, which ranks steps for best-N retention; "
+            "include it in metrics=, or pass no metrics to save the step unranked. "
+            "Nothing was written.") from e
+
+
+def best_step(directory: epath.Path, options: CheckpointOptions) -> int | None:
+    """The best committed step by best_metric/best_fn (None if no step has metrics);
+    ties go to the higher step."""
+    score = options.score_fn()
+    if score is None:
+        raise ValueError("best_step() needs CheckpointOptions(best_metric=...) or best_fn=")
+    scored = []
+    for s in commit.committed_steps(directory):
+        try:
+            m = StepReader(directory, s).metrics()
+        except StepUnusableError as e:
+            logger.warning("[process=%d] best_step: skipping %s", jax.process_index(), e)
+            continue
+        value = score_of(score, m)
+        if value is not None:
+            scored.append((value, s))
+    if not scored:
+        return None
+    pick = min if options.best_mode == "min" else max
+    return pick(scored, key=lambda t: (t[0], -t[1] if options.best_mode == "min" else t[1]))[1]
+
+
+def read_keep_forever(directory: epath.Path) -> list[int]:
+    """The steps marked with keep_forever() in `directory` (primary host)."""
+    path = directory / KEEP_FILE
+    if not path.exists():
+        return []
+    try:
+        return sorted(int(s) for s in jsonio.read_limited(path)["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); fix or remove it") from e
+
+
+def write_keep_forever(directory: epath.Path, steps: set[int]) -> None:
+    """Record the keep_forever() marks durably (primary host)."""
+    commit.write_durable(directory / KEEP_FILE, {"steps": sorted(steps)})
