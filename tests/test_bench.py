@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from distckpt import storage
+from distckpt.bench import figures as bench_figures
 from distckpt.bench import harness as bench
 from distckpt.bench import report as bench_report
 from distckpt.bench import s3 as bench_s3
-from distckpt.bench.harness import BenchConfig, aggregate, parse_contender, targets
+from distckpt.bench.figures import aggregate, targets
+from distckpt.bench.harness import BenchConfig
+from distckpt.bench.names import parse_contender
 
 ROOT = Path(__file__).parent.parent
 TINY_MODEL = "d_model=16,n_layers=1,d_ff=32,vocab=32,n_heads=2,n_kv_heads=1,head_dim=8"
@@ -56,7 +59,7 @@ def _process(pid: int, stall: float, shard: int = 100) -> dict:
 def test_aggregate_takes_the_slowest_process_and_the_median_of_timed_reps():
     names = ["raw", "orbax", "distckpt"]
     topo = aggregate([_process(1, stall=0.2), _process(0, stall=0.1)], names)
-    bench.add_ratios(topo, names)
+    bench_figures.add_ratios(topo, names)
     d, o, r = (topo["contenders"][n] for n in ("distckpt", "orbax", "raw"))
     assert topo["processes"] == 2 and topo["memcpy_s"] == 0.02  # slowest process
     assert d["stall_s"] == pytest.approx(0.4) and d["commit_s"] == pytest.approx(0.8)
@@ -77,16 +80,16 @@ def test_aggregate_takes_the_slowest_process_and_the_median_of_timed_reps():
     assert ratios["train_inflation"] == pytest.approx(0.03)
     assert "cross_restore_s" not in r or r["cross_restore_s"] is None
 
-    report = {"references": bench.reference_names(names), "topologies": {"2x1": topo}}
+    report = {"references": bench_figures.reference_names(names), "topologies": {"2x1": topo}}
     rows = {row["ratio"]: row for row in targets(report)}
-    assert set(rows) == {t["ratio"] for t in bench.TARGETS}
+    assert set(rows) == {t["ratio"] for t in bench_figures.TARGETS}
     assert rows["save_vs_orbax"]["met"] and rows["save_vs_orbax"]["margin"] == \
         pytest.approx(2.0 / 1.5 - 1)
     assert not rows["save_vs_raw"]["met"]
     assert rows["train_inflation"]["met"] and not rows["stall_vs_memcpy"]["met"]
     assert bench_report.margin_text(rows["save_vs_raw"]) == "1.60x short"
     assert bench_report.margin_text(rows["train_inflation"]) == "+2 points"
-    policy = bench.policy_summary({**report, "topologies": {"2x1": topo}}, mtbf_s=3600.0)
+    policy = bench_figures.policy_summary({**report, "topologies": {"2x1": topo}}, mtbf_s=3600.0)
     assert policy["cost_s"] == pytest.approx(0.8)
     assert policy["interval_s"] == pytest.approx(math.sqrt(2 * 0.8 * 3600.0))
     assert policy["interval_steps"] == round(policy["interval_s"] / 1.0)
@@ -135,8 +138,8 @@ def test_s3_defaults_and_object_packing():
     assert BenchConfig().contenders == ("raw", "orbax", "distckpt")
     assert BenchConfig(directory="s3://bucket/p").contenders == ("raw", "distckpt")
     assert BenchConfig(directory="s3://bucket/p", contenders=("orbax",)).contenders == ("orbax",)
-    assert [t["ratio"] for t in bench.targets_for("s3")[:2]] == ["save_vs_raw",
-                                                                 "restore_vs_raw"]
+    assert [t["ratio"] for t in bench_figures.targets_for("s3")[:2]] == ["save_vs_raw",
+                                                                         "restore_vs_raw"]
     views = [memoryview(bytes(range(n))) for n in (5, 0, 7, 3)]
     objects = [bytes(b) for b in bench_s3.pack(views, size=4)]
     assert [len(o) for o in objects] == [4, 4, 4, 3] == \

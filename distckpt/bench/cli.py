@@ -133,7 +133,7 @@ LOCAL_DIR = f"{bench_s3.LOCAL_BUCKET}/bench"
 
 
 def bench_defaults(scheme: str) -> tuple[str, ...]:
-    from distckpt.bench.harness import LOCAL_CONTENDERS, S3_CONTENDERS
+    from distckpt.bench.names import LOCAL_CONTENDERS, S3_CONTENDERS
 
     return S3_CONTENDERS if scheme == "s3" else LOCAL_CONTENDERS
 

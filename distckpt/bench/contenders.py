@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from distckpt.bench.harness import parse_contender
+from distckpt.bench.names import parse_contender
 from distckpt.multihost import coordinator
 
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from distckpt.bench.harness import MiB, storage_scheme, targets_for
+from distckpt.bench.figures import MiB, storage_scheme, targets_for
 
 README_BEGIN = "<!-- bench:begin -->"
 README_END = "<!-- bench:end -->"
