@@ -1,6 +1,7 @@
 """The pod-slice restore drill: save on one slice shape, restore onto another, prove it.
 
-``distckpt drill`` runs two real multi-process jobs through the local launcher:
+``distckpt drill`` runs two real multi-process jobs through the local launcher (each
+process runs :mod:`distckpt.tools.drill_worker`):
 
 1. **save** on the *from* slice (default 4 hosts x 2 devices, mesh
    ``data=2,fsdp=4``): train the reference transformer for ``steps`` updates,
@@ -56,7 +57,6 @@ difference. Exit status 0 only when verified.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import json
@@ -73,7 +73,9 @@ from distckpt.state.mesh import MeshSpec
 
 SAME_TOPOLOGY_RTOL = 0.0
 CROSS_TOPOLOGY_RTOL = 1e-5
-_PROGRESS = re.compile(r"DRILL (\w+) (.*)$")
+WORKER_MODULE = "distckpt.tools.drill_worker"
+"""Each phase's processes run ``python -m WORKER_MODULE save|restore SPEC.json``."""
+_PROGRESS = re.compile(r"DRILL (\w+) (.*)$")  # drill_worker._emit's progress lines
 
 
 class Fault(enum.StrEnum):
@@ -188,150 +190,6 @@ class DrillConfig:
     @property
     def last_save(self) -> int:
         return self.steps - self.steps % self.save_every
-
-
-# --------------------------------------------------------------------------- workers
-def _train_config(spec: dict[str, Any]):
-    from distckpt.tools.model import ModelConfig
-    from distckpt.tools.train import TrainConfig
-
-    return TrainConfig(model=ModelConfig(**spec["model"]), batch=spec["batch"])
-
-
-def _leaf_arrays(state) -> dict[str, Any]:
-    from distckpt.state import nnx_state
-
-    return {leaf.name: leaf.value for leaf in nnx_state.flatten_items(state)}
-
-
-def _emit(kind: str, **fields) -> None:
-    print(f"DRILL {kind} {json.dumps(fields)}", flush=True)
-
-
-def _write_result(path: str, value: dict[str, Any]) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
-
-
-def worker_save(spec: dict[str, Any]) -> None:
-    import signal
-
-    import jax
-
-    from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
-    from distckpt.multihost import coordinator
-    from distckpt.multihost.preemption import PreemptionGuard
-    from distckpt.state import digest
-    from distckpt.state.mesh import make_mesh
-    from distckpt.state.process_state import FaultPoint
-    from distckpt.tools import train
-
-    coordinator.initialize()
-    cfg = _train_config(spec)
-    mesh = make_mesh(spec["mesh"])
-    state = train.new_state(cfg, mesh)
-    step_fn = train.make_train_step(mesh)
-    losses: dict[int, float] = {}
-    digests: dict[int, dict[str, str]] = {}
-    kill_step = spec.get("kill_step")
-
-    def fault_hook(point: FaultPoint, step: int) -> None:
-        # Every host dies inside the background commit of `kill_step` (a power loss).
-        if point is FaultPoint.PROCESS_STATE_WRITE and step == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    options = CheckpointOptions(max_to_keep=None, save_interval_steps=spec["save_every"],
-                                fault_hook=fault_hook if kill_step is not None else None)
-    result: dict[str, Any] = {"losses": losses, "digests": digests, "save_stats": [],
-                              "preempted_at": None, "process_count": jax.process_count(),
-                              "devices": jax.device_count()}
-    with PreemptionGuard("drill") as guard, CheckpointService(spec["ckpt_dir"], options) as ckpt:
-        last = spec["steps"] + (1 if spec["steps"] % spec["save_every"] == 0 else 0)
-        for step in range(1, last + 1):
-            tokens = train.tokens_for_step(step, cfg, mesh)
-            losses[step] = float(step_fn(state["model"], state["optimizer"], tokens))
-            if step > spec["steps"]:  # the reference update past the last save; not saved
-                break
-            preempted = guard.reached_sync_point(step, final=step == spec["steps"])
-            saved = ckpt.save(step, state, metrics={"loss": losses[step]},
-                              process_state={"next_step": step + 1}, force=preempted)
-            if saved:
-                digests[step] = digest.digests(_leaf_arrays(state), f"drill:save:step={step}")
-            if preempted:
-                ckpt.wait()
-                result["preempted_at"] = step
-            result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
-            if coordinator.is_primary():
-                # Written as the run goes, so a killed run still says what it did.
-                _write_result(spec["out"], result)
-                _emit("progress", phase="save", step=step, loss=losses[step], saved=saved)
-            if step == spec.get("preempt_after"):
-                _await_notice(guard)
-            if preempted:
-                # One more update, for the restore side's loss comparison (not saved).
-                losses[step + 1] = float(step_fn(state["model"], state["optimizer"],
-                                                 train.tokens_for_step(step + 1, cfg, mesh)))
-                break
-        ckpt.wait()
-        result["save_stats"] = [dataclasses.asdict(s) for s in ckpt.save_stats]
-    if coordinator.is_primary():
-        _write_result(spec["out"], result)
-
-
-def _await_notice(guard, limit_s: float = 120.0) -> None:
-    """--fault preempt: the drill signals one host after this step's progress line; every
-    host waits here until the notice has reached it, so the signal lands before the run
-    can end however loaded the machine is (the agreed step is then the next one)."""
-    deadline = time.monotonic() + limit_s
-    while guard.notice is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def worker_restore(spec: dict[str, Any]) -> None:
-    import jax
-    import numpy as np
-
-    from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
-    from distckpt.multihost import coordinator
-    from distckpt.state import digest
-    from distckpt.state.mesh import make_mesh
-    from distckpt.tools import train
-
-    coordinator.initialize()
-    saved = json.loads(Path(spec["saved"]).read_text())
-    cfg = _train_config(spec)
-    mesh = make_mesh(spec["mesh"])
-    target = train.target(cfg, mesh)
-    want_shardings = {k: v.sharding for k, v in _leaf_arrays(target).items()}
-    _emit("progress", phase="restore", stage="restoring")
-    with CheckpointService(spec["ckpt_dir"], CheckpointOptions(read_only=True)) as ckpt:
-        t0 = time.perf_counter()
-        restored = ckpt.restore(target, process_state_remap=train.remap_data_position)
-        jax.block_until_ready(jax.tree.leaves(restored.items))
-        restore_seconds = time.perf_counter() - t0
-    arrays = _leaf_arrays(restored.items)
-    _emit("progress", phase="restore", stage="verifying", step=restored.step)
-    got = digest.digests(arrays, f"drill:restore:step={restored.step}")
-    expected = saved["digests"].get(str(restored.step), {})
-    content_mismatch = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-    sharding_mismatch = sorted(
-        k for k, a in arrays.items()
-        if not a.sharding.is_equivalent_to(want_shardings[k], a.ndim))
-    step = restored.step + 1
-    loss = float(train.make_train_step(mesh)(restored.items["model"], restored.items["optimizer"],
-                                             train.tokens_for_step(step, cfg, mesh)))
-    total_bytes = int(sum(np.dtype(a.dtype).itemsize * a.size if not
-                          jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-                          else jax.random.key_data(a).nbytes for a in arrays.values()))
-    if coordinator.is_primary():
-        Path(spec["out"]).write_text(json.dumps({
-            "restored_step": restored.step, "restore_seconds": restore_seconds,
-            "restore_seconds_inside": restored.seconds, "content_mismatch": content_mismatch,
-            "sharding_mismatch": sharding_mismatch, "next_loss": loss, "next_step": step,
-            "leaves": len(arrays), "bytes": total_bytes, "process_count": jax.process_count(),
-            "process_state": restored.process_state, "verified_by_service": restored.verified,
-            "skipped": [list(x) for x in restored.skipped]}))
 
 
 # --------------------------------------------------------------------------- driver
@@ -450,7 +308,7 @@ def _run_phase(name: str, slice_: SliceSpec, spec: dict[str, Any], workdir: Path
     spec_path.write_text(json.dumps(spec))
     log_path = workdir / f"{name}.log"
     with open(log_path, "w") as log:
-        result = launch([sys.executable, "-m", "distckpt.tools.drill", name, str(spec_path)],
+        result = launch([sys.executable, "-m", WORKER_MODULE, name, str(spec_path)],
                         slice_.hosts, slice_.devices, out=log, timeout_s=timeout_s,
                         line_callback=on_line, forward_signals=True, on_start=on_start)
     return result.returncode, log_path
@@ -615,23 +473,3 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
     report.verified = not problems
     report.failure = "; ".join(problems) or None
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: ``python -m distckpt.tools.drill save|restore SPEC.json``."""
-    parser = argparse.ArgumentParser(prog="python -m distckpt.tools.drill",
-                                     description="internal: one phase of distckpt drill")
-    parser.add_argument("phase", choices=["save", "restore"])
-    parser.add_argument("spec")
-    args = parser.parse_args(argv)
-    import logging
-
-    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"), force=True,
-                        format="%(levelname)s %(name)s: %(message)s")
-    spec = json.loads(Path(args.spec).read_text())
-    (worker_save if args.phase == "save" else worker_restore)(spec)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
