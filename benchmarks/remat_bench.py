@@ -60,17 +60,15 @@ def main() -> int:
     import numpy as np
     from flax import nnx
 
+    from distckpt.remat.budget import format_bytes
+    from distckpt.remat.estimate import estimate_plan
+    from distckpt.remat.graph import LayerSpec
     from distckpt.remat.measure import (
         activation_sharding,
         measure_plans,
         stack_step,
     )
     from distckpt.remat.plan import PRESETS, RematPlan, ScannedBlocks
-    from distckpt.remat.planner import (
-        LayerSpec,
-        estimate_plan,
-        format_bytes,
-    )
     from distckpt.state.mesh import init_sharded, make_mesh
 
     spec = LayerSpec(batch=args.batch, seq=args.seq, d_model=args.d_model, n_heads=args.heads,
@@ -159,13 +157,10 @@ def main() -> int:
 
 def _sweep(spec, mesh_spec) -> list[dict]:
     """The planner's choice for 10 budgets, geometric from 90% of 'full' to 105% of 'none'."""
+    from distckpt.remat.budget import format_bytes
+    from distckpt.remat.choose import RematBudgetError, plan_remat
+    from distckpt.remat.estimate import estimate_plan
     from distckpt.remat.plan import RematPlan
-    from distckpt.remat.planner import (
-        RematBudgetError,
-        estimate_plan,
-        format_bytes,
-        plan_remat,
-    )
 
     none = estimate_plan(RematPlan.preset("none"), spec, mesh_spec)
     full = estimate_plan(RematPlan.preset("full"), spec, mesh_spec)

@@ -25,6 +25,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from distckpt.remat.budget import (
+    derive_budget,
+    format_bytes,
+    param_bytes_per_device,
+    parse_bytes,
+)
+from distckpt.remat.choose import RematBudgetError, plan_remat
+from distckpt.remat.estimate import estimate_plan
+from distckpt.remat.graph import Hardware, LayerSpec
 from distckpt.remat.measure import (
     FAST_COMPILE_OPTIONS,
     activation_sharding,
@@ -38,17 +47,6 @@ from distckpt.remat.plan import (
     RematPlan,
     RematTransformer,
     ScannedBlocks,
-)
-from distckpt.remat.planner import (
-    Hardware,
-    LayerSpec,
-    RematBudgetError,
-    derive_budget,
-    estimate_plan,
-    format_bytes,
-    param_bytes_per_device,
-    parse_bytes,
-    plan_remat,
 )
 from distckpt.state.mesh import DEFAULT_RULES, make_mesh, state_shardings
 from distckpt.tools.model import ModelConfig, Transformer, next_token_loss

@@ -176,7 +176,7 @@ def bench_directory(args: argparse.Namespace) -> str | None:
 
 def config_from_args(args: argparse.Namespace):
     from distckpt.bench.harness import BenchConfig
-    from distckpt.remat.planner import parse_bytes
+    from distckpt.remat.budget import parse_bytes
 
     return BenchConfig(
         size_bytes=parse_bytes(args.size),

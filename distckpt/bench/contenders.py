@@ -247,7 +247,7 @@ class PlainOrbax:
                  max_to_keep: int = 3):
         import orbax.checkpoint as ocp
 
-        from distckpt.remat.planner import parse_bytes
+        from distckpt.remat.budget import parse_bytes
 
         unknown = sorted(set(options) - set(self.KEYS))
         if unknown:

@@ -1,6 +1,6 @@
 """``distckpt remat-plan``: choose a remat plan for a layer shape, mesh and memory budget.
 
-Thin on purpose: parse flags, call :mod:`distckpt.remat.planner`, print. Importing this
+Thin on purpose: parse flags, call :mod:`distckpt.remat.choose`, print. Importing this
 module does not import jax (the main CLI builds its parser eagerly).
 
     distckpt remat-plan --mesh data=2,fsdp=2,tensor=2 --budget 2GiB --d-model 1024 \\
@@ -91,19 +91,17 @@ def main(args: argparse.Namespace) -> int:
 
         request_host_devices(mesh.size)
 
-    from distckpt.remat.measure import measure_plans
-    from distckpt.remat.plan import RematPlan
-    from distckpt.remat.planner import (
-        Hardware,
-        LayerSpec,
+    from distckpt.remat.budget import (
         derive_budget,
         device_memory_bytes,
-        estimate_plan,
-        evaluate_plan,
         format_bytes,
         parse_bytes,
-        plan_remat,
     )
+    from distckpt.remat.choose import evaluate_plan, plan_remat
+    from distckpt.remat.estimate import estimate_plan
+    from distckpt.remat.graph import Hardware, LayerSpec
+    from distckpt.remat.measure import measure_plans
+    from distckpt.remat.plan import RematPlan
 
     try:
         spec = LayerSpec(batch=args.batch, seq=args.seq, d_model=args.d_model,

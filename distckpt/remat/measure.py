@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from distckpt.remat.graph import LayerSpec, _mesh_spec
 from distckpt.remat.plan import RematPlan
-from distckpt.remat.planner import LayerSpec, _mesh_spec
 from distckpt.state.mesh import DEFAULT_RULES, MeshSpec, Rules
 
 
