@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from etils import epath
 
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, committed
 from distckpt.tools.launcher import free_port, host_env, launch
 
 pytestmark = pytest.mark.multiprocess
@@ -264,7 +264,7 @@ def run_chain(root: Path, kills: list[Kill], tag: str) -> list[str]:
             f"never landed:\n{run.output[-4000:]}"
         if kill.how == "hook":
             assert (log / f"fired.{job}").exists(), f"{tag}: hook never fired\n{run.output[-4000:]}"
-        scanned = commit.committed_steps(epath.Path(directory))  # before anything else touches it
+        scanned = committed.committed_steps(epath.Path(directory))  # before anything else touches it
         trash = directory / commit.TRASH_DIR
         in_trash = sorted(os.listdir(trash)) if trash.exists() else []
         listed_before = check["listed"]
@@ -414,7 +414,7 @@ def test_commit_is_durable_every_file_fsynced_before_the_commit_record(tmp_path)
     assert r.returncode == 0 and r.stdout.count("SAVED [1]") == 2, r.stdout[-4000:] + r.stderr
     calls = [c for c in parse_strace(trace.read_text()) if not c.result.startswith("-1")]
     root = os.path.realpath(directory)
-    step, record = f"{root}/1", f"{root}/1/{commit.COMMIT_FILE}"
+    step, record = f"{root}/1", f"{root}/1/{committed.COMMIT_FILE}"
     fsyncs = [(c.index, c.fd_path()) for c in calls if c.name in ("fsync", "fdatasync")]
     renames = [(c.index, *(os.path.realpath(p) for p in c.paths()[:2])) for c in calls
                if c.name.startswith("rename")]
@@ -434,7 +434,7 @@ def test_commit_is_durable_every_file_fsynced_before_the_commit_record(tmp_path)
     files, dirs = [], []
     for dirpath, _, names in os.walk(step):
         dirs.append(dirpath)
-        files += [os.path.join(dirpath, n) for n in names if n != commit.COMMIT_FILE]
+        files += [os.path.join(dirpath, n) for n in names if n != committed.COMMIT_FILE]
     assert len(files) > 10 and any("ocdbt.process_1" in f for f in files), files
     unsynced = [p for p in files + dirs if not fsynced_between(p, renamed, recorded)]
     assert not unsynced, f"not fsynced before the commit record: {unsynced}"
@@ -528,7 +528,7 @@ def test_peer_death_mid_save_stops_every_survivor(tmp_path, victim):
               f"(heartbeat timeout {HEARTBEAT_S}s)")
     assert "COMMITTED 1" in hosts.output()
     assert "UNEXPECTED" not in hosts.output()
-    assert commit.committed_steps(epath.Path(directory)) == [1], os.listdir(directory)
+    assert committed.committed_steps(epath.Path(directory)) == [1], os.listdir(directory)
 
 
 # ---------------------------------------------------------------------- disk full

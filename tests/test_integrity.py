@@ -19,11 +19,11 @@ from etils import epath
 from flax import nnx
 
 import distckpt
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, committed
 from distckpt.errors import FormatVersionError, StepProblem, StepUnusableError
 from tests.mp_worker import factory
 
-WIDTH = 600  # 600x600 float32 kernels: data files above commit.SMALL_FILE_BYTES (no CRC)
+WIDTH = 600  # 600x600 float32 kernels: data files above committed.SMALL_FILE_BYTES (no CRC)
 
 
 def snapshot(root) -> dict[str, str]:
@@ -47,7 +47,7 @@ def biggest_data_file(step_dir) -> str:
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
              for f in fs if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
     path = max(files, key=os.path.getsize)
-    assert os.path.getsize(path) > commit.SMALL_FILE_BYTES, "test needs a big data file"
+    assert os.path.getsize(path) > committed.SMALL_FILE_BYTES, "test needs a big data file"
     return path
 
 
@@ -144,7 +144,7 @@ def test_small_file_edits_and_truncation_are_caught(four_steps, tmp_path):
     # The file checks are typed results: no caller reads their text.
     steps = {s: epath.Path(d / str(s)) for s in (2, 3)}
     found = {p.rel: p.problem for s, path in steps.items()
-             for p in commit.check_files(path, commit.read_record(path, s))}
+             for p in committed.check_files(path, committed.read_record(path, s))}
     assert found["metadata/metadata.json"] is StepProblem.CORRUPT
     assert found[os.path.relpath(big, d / "2")] is StepProblem.INCOMPLETE
     assert e3.value.kind is StepProblem.CORRUPT and e2.value.kind is StepProblem.INCOMPLETE
@@ -177,10 +177,10 @@ def test_bad_inputs_get_clear_errors_and_change_nothing(four_steps, tmp_path):
     record["format_version"] = 99
     p.write_text(json.dumps(record))
     # A newer writer would write a consistent commit record: update sizes and CRCs.
-    rec_path = newer / "4" / commit.COMMIT_FILE
+    rec_path = newer / "4" / committed.COMMIT_FILE
     rec = json.loads(rec_path.read_text())
     rec["files"]["provenance/provenance.json"] = p.stat().st_size
-    rec["crc32"]["provenance/provenance.json"] = commit._crc32(p)
+    rec["crc32"]["provenance/provenance.json"] = committed._crc32(p)
     rec_path.write_text(json.dumps(rec))
     cases["newer format"] = newer
 
@@ -262,11 +262,11 @@ def test_fallback_agrees_across_processes_and_quarantines(four_steps, tmp_path, 
 def test_paths_in_a_commit_record_cannot_leave_the_step(four_steps, tmp_path):
     d = copy_of(four_steps, tmp_path / "d")
     (tmp_path / "secret").write_text("x")
-    rec_path = d / "4" / commit.COMMIT_FILE
+    rec_path = d / "4" / committed.COMMIT_FILE
     rec = json.loads(rec_path.read_text())
     rec["files"]["../../secret"] = 1
     rec_path.write_text(json.dumps(rec))
-    scanned = commit.scan(d)
-    assert isinstance(scanned[4], commit.CommitRecordError)
+    scanned = committed.scan(d)
+    assert isinstance(scanned[4], committed.CommitRecordError)
     assert "outside the step" in str(scanned[4])
-    assert commit.committed_steps(d) == [1, 2, 3]
+    assert committed.committed_steps(d) == [1, 2, 3]

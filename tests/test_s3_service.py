@@ -26,10 +26,11 @@ import pytest
 
 import distckpt
 from distckpt import compat, storage
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, committed
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import StepUnusableError
 from distckpt.state import nnx_state
+from distckpt.testing.kvfiles import small_files
 from distckpt.tools.inspection import inspect_directory
 from distckpt.tools.launcher import free_port, launch
 from tests.mp_worker import factory, fingerprint, train_step
@@ -67,11 +68,11 @@ def target(mesh_spec: str = "fsdp=8"):
 
 
 def keys(url: str, prefix: str = "") -> list[str]:
-    return storage.small_files(url).list(prefix)
+    return small_files(url).list(prefix)
 
 
 def listed(url: str) -> list[int]:
-    return commit.committed_steps(storage.open_directory(url)[1])
+    return committed.committed_steps(storage.open_directory(url)[1])
 
 
 READ_ONLY = distckpt.CheckpointOptions(read_only=True)
@@ -83,7 +84,7 @@ def assert_no_secret(server, *texts: str) -> None:
 
 
 def assert_objects_hold_no_secret(server, url: str) -> None:
-    files = storage.small_files(url)
+    files = small_files(url)
     for key in files.list():
         assert server.secret_access_key.encode() not in files.read_bytes(key), key
 
@@ -101,7 +102,7 @@ def biggest_data_object(url: str, step: int) -> str:
 
 
 def flip_object(url: str, key: str) -> None:
-    files = storage.small_files(url)
+    files = small_files(url)
     data = bytearray(files.read_bytes(key))
     for i in range(0, len(data), max(1, len(data) // 8)):
         data[i] ^= 0x10
@@ -136,9 +137,9 @@ def test_save_restore_retention_and_overwrite_on_s3(s3_env, s3_url, s3_server):
     assert not [k for k in everything if not k.startswith(("2/", "3/"))], everything
     assert not [k for k in everything if ".orbax-checkpoint-tmp" in k]
     # The commit record lists every other object of the step, with its size.
-    record = storage.small_files(s3_url).read_json(f"3/{commit.COMMIT_FILE}")
+    record = small_files(s3_url).read_json(f"3/{committed.COMMIT_FILE}")
     sizes = storage.list_files(storage.open_directory(s3_url)[1] / "3")
-    assert record["files"] == {k: v for k, v in sizes.items() if k != commit.COMMIT_FILE}
+    assert record["files"] == {k: v for k, v in sizes.items() if k != committed.COMMIT_FILE}
     assert "commit_success.txt" in record["files"]  # Orbax's marker, written before ours
     with distckpt.CheckpointService(s3_url, READ_ONLY) as ckpt:
         restored = ckpt.restore(target("fsdp=8"))
@@ -168,12 +169,12 @@ def test_steps_copied_between_local_disk_and_s3_stay_valid(s3_env, s3_url, s3_se
     local = tmp_path / "local"
     with distckpt.CheckpointService(local) as ckpt:
         ckpt.save(1, items)
-    to_s3 = storage.small_files(f"{s3_url}/from-local")
-    without_record = storage.small_files(f"{s3_url}/no-record")
+    to_s3 = small_files(f"{s3_url}/from-local")
+    without_record = small_files(f"{s3_url}/no-record")
     for rel in storage.list_files(local / "1"):
         data = (local / "1" / rel).read_bytes()
         to_s3.write_bytes(f"1/{rel}", data)
-        if rel != commit.COMMIT_FILE:
+        if rel != committed.COMMIT_FILE:
             without_record.write_bytes(f"1/{rel}", data)
     assert listed(f"{s3_url}/no-record") == []
     with distckpt.CheckpointService(f"{s3_url}/from-local", READ_ONLY) as ckpt:
@@ -184,7 +185,7 @@ def test_steps_copied_between_local_disk_and_s3_stay_valid(s3_env, s3_url, s3_se
     with distckpt.CheckpointService(f"{s3_url}/from-s3") as ckpt:
         ckpt.save(2, items)
     back = tmp_path / "back"
-    from_s3 = storage.small_files(f"{s3_url}/from-s3")
+    from_s3 = small_files(f"{s3_url}/from-s3")
     for key in from_s3.list():
         path = back / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,9 +218,9 @@ def test_retention_deletes_are_safe_for_readers(s3_env, s3_url):
     assert commit.quarantine(root, 3, "incomplete") is None  # a writer moves nothing then
     assert keys(s3_url, commit.QUARANTINE_DIR + "/") == []
     # A crash after the record of step 2 was deleted and before its other objects were.
-    storage.small_files(s3_url).write_json(f"{commit.TRASH_DIR}/2.20260101T000000Z.deleting",
+    small_files(s3_url).write_json(f"{commit.TRASH_DIR}/2.20260101T000000Z.deleting",
                                            {"step": 2})
-    storage.small_files(s3_url).delete(f"2/{commit.COMMIT_FILE}")
+    small_files(s3_url).delete(f"2/{committed.COMMIT_FILE}")
     assert listed(s3_url) == [1] and keys(s3_url, "2/")
     with distckpt.CheckpointService(s3_url, READ_ONLY) as ckpt:
         restored = ckpt.restore(target())
@@ -267,7 +268,7 @@ def test_corrupt_step_on_s3_verify_inspect_fallback_quarantine(s3_env, s3_url, s
     moved = keys(s3_url, commit.QUARANTINE_DIR + "/")
     assert {k.split("/")[1].split(".")[0] for k in moved} == {"2"}
     assert any(k.endswith(bad.removeprefix("2/")) for k in moved)
-    assert any(k.endswith("/" + commit.COMMIT_FILE) for k in moved)
+    assert any(k.endswith("/" + committed.COMMIT_FILE) for k in moved)
     report = inspect_directory(s3_url)
     assert len(report["quarantined"]) == 1 and report["problems"] == []
 
@@ -283,7 +284,7 @@ def test_kill_during_save_leaves_no_listed_step_and_resave_works(s3_env, s3_url,
     assert json.loads(out.read_text())["steps"] == [1]
     assert listed(s3_url) == [1]
     left = keys(s3_url, "2/")
-    assert "2/state/manifest.ocdbt" in left and f"2/{commit.COMMIT_FILE}" not in left
+    assert "2/state/manifest.ocdbt" in left and f"2/{committed.COMMIT_FILE}" not in left
     with distckpt.CheckpointService(s3_url, READ_ONLY) as ckpt:
         assert ckpt.restore(target()).step == 1
     items = trained()
@@ -442,8 +443,8 @@ def test_storage_probe_on_s3_refuses_hosts_that_do_not_share_storage(
     config: dict = {"attempts": []}
     if layout == "different-buckets":
         other = f"{s3_server.bucket}-other"
-        storage.small_files(f"s3://{other}/{prefix}").write_bytes("create-bucket", b"")
-        storage.small_files(f"s3://{other}/{prefix}").delete("create-bucket")
+        small_files(f"s3://{other}/{prefix}").write_bytes("create-bucket", b"")
+        small_files(f"s3://{other}/{prefix}").delete("create-bucket")
         refused = [f"{s3_url}/run", f"s3://{other}/{prefix}/run"]
         config["attempts"] = [{"name": "refused", "urls": refused},
                               {"name": "shared", "urls": [f"{s3_url}/shared"] * 2,
@@ -508,7 +509,7 @@ def test_best_n_keep_forever_and_keep_period_retention_on_s3(s3_env, s3_url):
         ckpt.wait()
         # newest 2 (5, 6), best (2), every 4th (4), marked (1)
         assert ckpt.all_steps() == [1, 2, 4, 5, 6] and ckpt.best_step() == 2
-    assert storage.small_files(s3_url).read_json("distckpt_keep_forever.json") == \
+    assert small_files(s3_url).read_json("distckpt_keep_forever.json") == \
         {"steps": [1]}
     assert keys(s3_url, "3/") == [] and listed(s3_url) == [1, 2, 4, 5, 6]
     with distckpt.CheckpointService(s3_url, opts) as ckpt:  # a new session

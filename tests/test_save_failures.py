@@ -12,7 +12,7 @@ import pytest
 
 import distckpt
 from distckpt import storage
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, committed
 from tests.mp_worker import factory
 
 
@@ -81,7 +81,7 @@ def test_overwrite_keeps_the_old_step_until_the_new_one_commits(tmp_path, async_
     def fault(point: str, step: int) -> None:
         if point == "commit:renamed" and armed:
             held = tmp_path / commit.REPLACING_DIR / "1"
-            seen.append(held.exists() and (held / commit.COMMIT_FILE).exists())
+            seen.append(held.exists() and (held / committed.COMMIT_FILE).exists())
             armed.clear()
             raise OSError("injected failure before the new record")
 
@@ -148,7 +148,7 @@ def test_overwrite_on_s3_keeps_the_old_step_until_the_new_one_commits(s3_env, s3
         ckpt.save(1, items, metadata={"run": "new"}, overwrite=True)
         with pytest.raises(distckpt.SaveFailedError, match="injected failure"):
             ckpt.wait()
-        assert f"1/{commit.COMMIT_FILE}" in held_when_failing[0]  # held, committed
+        assert f"1/{committed.COMMIT_FILE}" in held_when_failing[0]  # held, committed
         assert ckpt.all_steps() == [1] and ckpt.metadata(1) == {"run": "old"}
         assert ckpt.restore(distckpt.abstract_target(factory(), mesh), step=1).verified
         ckpt.save(1, items, metadata={"run": "new"}, overwrite=True)

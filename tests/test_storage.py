@@ -26,6 +26,7 @@ from distckpt import storage
 from distckpt.storage import Location, S3Credentials, StorageConfigError
 from distckpt.storage import orbax_adapter as orbax_s3
 from distckpt.testing import orbax_roundtrip
+from distckpt.testing.kvfiles import SmallFiles, small_files
 from distckpt.tools import s3server
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -264,7 +265,7 @@ def test_adapter_refuses_an_orbax_it_does_not_know():
 
 
 # --------------------------------------------------------------------------- small files
-def _exercise_small_files(files: storage.SmallFiles) -> None:
+def _exercise_small_files(files: SmallFiles) -> None:
     assert files.read_bytes("3/distckpt_commit.json") is None
     assert not files.exists("3/distckpt_commit.json")
     with pytest.raises(FileNotFoundError):
@@ -278,7 +279,7 @@ def _exercise_small_files(files: storage.SmallFiles) -> None:
     assert files.read_bytes("30/other") == b""
     assert files.list() == ["3/distckpt_commit.json", "3/state/blob", "30/other"]
     assert files.list("3/") == ["3/distckpt_commit.json", "3/state/blob"]
-    small = storage.SmallFiles(files.location, limit=50)
+    small = SmallFiles(files.location, limit=50)
     with pytest.raises(ValueError, match="larger than 50 bytes"):
         small.read_bytes("3/state/blob")
     assert small.read_json("3/distckpt_commit.json")["step"] == 3
@@ -293,12 +294,12 @@ def _exercise_small_files(files: storage.SmallFiles) -> None:
 
 @pytest.mark.fast
 def test_small_files_on_local_disk(tmp_path):
-    _exercise_small_files(storage.small_files(str(tmp_path / "ckpt")))
+    _exercise_small_files(small_files(str(tmp_path / "ckpt")))
     assert not any((tmp_path / "ckpt").rglob("*.json"))
 
 
 def test_small_files_on_s3(s3_env, s3_url):
-    _exercise_small_files(storage.small_files(s3_url))
+    _exercise_small_files(small_files(s3_url))
 
 
 def test_small_files_with_explicit_credentials(s3_server, s3_url, monkeypatch):
@@ -307,13 +308,13 @@ def test_small_files_with_explicit_credentials(s3_server, s3_url, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     creds = S3Credentials(s3_server.access_key_id, s3_server.secret_access_key)
     loc = Location.parse(s3_url, endpoint=s3_server.endpoint, credentials=creds)
-    files = storage.SmallFiles(loc)
+    files = SmallFiles(loc)
     files.write_json("k.json", [1, 2])
     assert files.read_json("k.json") == [1, 2]
     wrong = Location.parse(s3_url, endpoint=s3_server.endpoint,
                            credentials=S3Credentials(s3_server.access_key_id, SECRET))
     with pytest.raises(OSError) as e:
-        storage.SmallFiles(wrong).read_bytes("k.json")
+        SmallFiles(wrong).read_bytes("k.json")
     assert SECRET not in str(e.value) and s3_server.secret_access_key not in str(e.value)
 
 
@@ -325,11 +326,11 @@ def test_epath_on_s3_after_prepare(s3_env, s3_url):
     assert (root / "7").is_dir() and (root / "7" / "metadata.json").exists()
     assert [p.name for p in root.iterdir()] == ["7"]
     assert json.loads((root / "7" / "metadata.json").read_text()) == {"a": 1}
-    assert storage.small_files(s3_url).read_json("7/metadata.json") == {"a": 1}
+    assert small_files(s3_url).read_json("7/metadata.json") == {"a": 1}
     (root / "7").rmtree()
     # No object is left. (SeaweedFS may still list the emptied "7/" as a folder, which AWS
     # S3 never does: listings must look for a commit record, not for a directory.)
-    assert storage.small_files(s3_url).list() == []
+    assert small_files(s3_url).list() == []
 
 
 def test_one_s3_configuration_per_process():
@@ -367,7 +368,7 @@ def test_orbax_roundtrip_on_s3_in_process(s3_env, s3_url):
         got = out["state"][group][leaf]
         assert np.asarray(got).tobytes() == orbax_roundtrip.expected(name).tobytes(), name
         assert got.sharding.is_equivalent_to(abstract[group][leaf].sharding, got.ndim)
-    keys = storage.small_files(s3_url).list("5/")
+    keys = small_files(s3_url).list("5/")
     assert "5/commit_success.txt" in keys and "5/state/manifest.ocdbt" in keys
     assert not any(".orbax-checkpoint-tmp" in k for k in keys)  # written in place
 
@@ -378,7 +379,7 @@ def test_orbax_roundtrip_on_s3_across_processes(s3_env, s3_url, tmp_path):
     saved = orbax_roundtrip.run("save", s3_url, 2, 2, mesh="data=2,fsdp=2", step=3,
                                 workdir=tmp_path, timeout_s=400)
     assert saved["process_count"] == 2 and saved["steps"] == [3]
-    keys = storage.small_files(s3_url).list("3/state/")
+    keys = small_files(s3_url).list("3/state/")
     assert any(k.startswith("3/state/ocdbt.process_0/") for k in keys)
     assert any(k.startswith("3/state/ocdbt.process_1/") for k in keys)
     for hosts, devices, mesh in ((2, 2, "fsdp=4"), (1, 2, "fsdp=2")):

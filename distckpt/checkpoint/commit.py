@@ -1,11 +1,7 @@
-"""What counts as a committed step, and how a commit is made durable.
+"""How a commit is made durable, how a step is replaced, quarantined and deleted.
 
-A step directory ``<dir>/<step>/`` is committed if and only if it holds distckpt's
-**commit record** ``distckpt_commit.json``, written last by the primary host, and
-the record is consistent: it parses, names this step, and the step directory is a
-real directory (not a symlink). Orbax's own listing (any directory named like a
-step) is not used: a junk ``7/``, a symlink ``9 -> 0``, a step whose record was
-deleted and a planted temporary directory are all ignored.
+What counts as a committed step (the commit record and its manifest):
+:mod:`distckpt.checkpoint.committed`.
 
 Durability (local and network filesystems): the primary finalizes a step in this
 order, inside Orbax's commit thread:
@@ -32,13 +28,6 @@ the metadata update and the record write (milliseconds); a reader listing steps 
 (or after a crash in it, until a writer starts) does not see the step. A synchronous
 save (``async_save=False``) holds the old step aside for the whole save instead, as on
 object storage below: Orbax's synchronous save deletes the step directory as it starts.
-
-The record also carries the step's **manifest**: the content digest of every
-array (:mod:`distckpt.state.digest`, combined from every process's partial sums), the
-size of every file and a CRC-32 of every small file (JSON metadata, manifests), so
-a reader can tell a truncated, missing or edited file before reading any array
-data, and verify array contents after. (Measured: a flipped byte in OCDBT array
-data restores silently with plain Orbax; only OCDBT's b-tree nodes carry CRCs.)
 
 Steps that fail verification are *quarantined*, never deleted: moved to
 ``<dir>/distckpt-quarantine/<step>.<UTC time>.<reason>``. Only a writer does this;
@@ -81,16 +70,13 @@ same rules are kept another way:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import json
 import logging
 import os
 import re
 import threading
-import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from etils import epath
@@ -98,37 +84,29 @@ from orbax.checkpoint.path import atomicity
 from orbax.checkpoint.path import step as step_lib
 
 from distckpt import storage
-from distckpt.errors import StepProblem
-from distckpt.state import jsonio
+from distckpt.checkpoint.committed import (
+    COMMIT_FILE,
+    CommitRecordError,
+    committed_steps,
+    fsync_path,
+    fsync_tree,
+    is_local,
+    is_step_name,
+    read_record,
+    step_dir,
+    write_durable,
+)
 
 logger = logging.getLogger(__name__)
 
-COMMIT_FILE = "distckpt_commit.json"
 QUARANTINE_DIR = "distckpt-quarantine"
 TRASH_DIR = "distckpt-trash"
-REPLACING_DIR = "distckpt-replacing"
-"""A committed step being replaced (``overwrite=True``) waits here, unlisted, until the new
-one is committed; see the module docstring."""
 """Retention renames a step here first (atomic), then it is deleted: a crash mid-delete
 never leaves a half-deleted step that is still listed. On object storage it holds only
 tombstones of steps being deleted (see the module docstring)."""
-FORMAT = "distckpt-commit"
-FORMAT_VERSION = 1
-_STEP_NAME = re.compile(r"^(0|[1-9][0-9]*)$")
-
-
-class CommitRecordError(ValueError):
-    """A step directory has no usable commit record (the reason is the message)."""
-
-
-class NoSuchStepError(CommitRecordError):
-    """Nothing is stored at the step's path: deleted (retention, quarantine) since it was
-    listed, or an object store's emptied "folder" (SeaweedFS, and GCS buckets with a
-    hierarchical namespace, keep listing a prefix whose objects were all deleted)."""
-
-
-def is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
+REPLACING_DIR = "distckpt-replacing"
+"""A committed step being replaced (``overwrite=True``) waits here, unlisted, until the new
+one is committed; see the module docstring."""
 
 
 def _normalized(path: epath.PathLike) -> str:
@@ -136,250 +114,6 @@ def _normalized(path: epath.PathLike) -> str:
     slash on object storage (os.path.abspath would mangle ``s3://``)."""
     text = os.fspath(path)
     return text.rstrip("/") if "://" in text else os.path.abspath(text)
-
-
-# ---------------------------------------------------------------------- fsync
-def fsync_path(path: epath.Path) -> None:
-    """fsync one file or directory (local filesystems; a no-op on object storage)."""
-    if not is_local(path):
-        return
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: epath.Path) -> int:
-    """fsync every file and directory under `root`, then `root`; returns the count."""
-    if not is_local(root):
-        return 0
-    count = 0
-    for dirpath, _, filenames in os.walk(os.fspath(root)):
-        for name in filenames:
-            fsync_path(epath.Path(dirpath) / name)
-            count += 1
-        fsync_path(epath.Path(dirpath))
-        count += 1
-    return count
-
-
-def write_durable(path: epath.Path, value: Any) -> None:
-    """Write JSON to `path` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    data = json.dumps(value, indent=1, sort_keys=True)
-    if is_local(path):
-        fd = os.open(os.fspath(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(os.fspath(tmp), os.fspath(path))
-        fsync_path(path.parent)
-    else:  # object storage: a single PUT is atomic
-        path.write_text(data)
-
-
-# ---------------------------------------------------------------------- records
-def step_dir(directory: epath.Path, step: int) -> epath.Path:
-    return directory / str(step)
-
-
-def read_record(path: epath.Path, step: int | None = None) -> dict[str, Any]:
-    """The commit record of the step directory `path`, or CommitRecordError saying why not."""
-    path = epath.Path(path)
-    if step is None:
-        if not _STEP_NAME.match(path.name):
-            raise CommitRecordError(f"{path.name!r} is not a step number")
-        step = int(path.name)
-    if not is_local(path):
-        return _check_record(_read_object_record(path), step)
-    if os.path.islink(os.fspath(path)):
-        raise CommitRecordError("the step directory is a symlink")
-    if not path.exists():
-        raise NoSuchStepError("no such step directory")
-    if not path.is_dir():
-        raise CommitRecordError("not a directory")
-    record_path = path / COMMIT_FILE
-    if not record_path.exists():
-        raise CommitRecordError(f"no commit record ({COMMIT_FILE}): the save never "
-                                "finished, or this is not a distckpt step")
-    try:
-        record = jsonio.read_limited(record_path)
-    except (OSError, ValueError) as e:
-        raise CommitRecordError(f"unreadable commit record: {type(e).__name__}: {e}") from e
-    return _check_record(record, step)
-
-
-def _read_object_record(path: epath.Path) -> Any:
-    """The parsed record of an object-store step (no directories there: no symlink or
-    is-a-directory checks, and two requests instead of five)."""
-    try:
-        return jsonio.read_limited(path / COMMIT_FILE)
-    except FileNotFoundError:
-        # Not path.exists(): an emptied "folder" may still exist on some stores.
-        if not storage.list_files(path):
-            raise NoSuchStepError("no such step directory (no object under it: deleted, "
-                                  "or never written)") from None
-        raise CommitRecordError(f"no commit record ({COMMIT_FILE}): the save never "
-                                "finished, or this is not a distckpt step") from None
-    except (OSError, ValueError) as e:
-        raise CommitRecordError(f"unreadable commit record: {type(e).__name__}: {e}") from e
-
-
-def _check_record(record: Any, step: int) -> dict[str, Any]:
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CommitRecordError("the commit record is not a distckpt commit record")
-    version = record.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CommitRecordError(
-            f"written by a newer distckpt (commit format {version!r} > {FORMAT_VERSION}); "
-            "upgrade distckpt to read it")
-    if record.get("step") != step:
-        raise CommitRecordError(f"the commit record names step {record.get('step')!r}, "
-                                f"not {step} (a copied or renamed step?)")
-    for key in ("checksums", "files"):
-        if not isinstance(record.get(key), dict):
-            raise CommitRecordError(f"the commit record has no {key!r} table")
-    for rel in list(record["files"]) + list(record.get("crc32") or {}):
-        if not _safe_relative(rel):
-            raise CommitRecordError(f"the commit record names a file outside the step: {rel!r}")
-    return record
-
-
-def _safe_relative(rel: Any) -> bool:
-    """A relative path inside the step: no absolute paths, no '..', no empty parts."""
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel:
-        return False
-    parts = rel.replace("\\", "/").split("/")
-    return all(p not in ("", ".", "..") for p in parts)
-
-
-def is_step_name(name: str) -> bool:
-    return bool(_STEP_NAME.match(name))
-
-
-def step_names(directory: epath.Path) -> Iterator[tuple[int, epath.Path]]:
-    """(step, path) for every entry of `directory` named like a step (committed or not)."""
-    directory = epath.Path(directory)
-    try:
-        entries = list(directory.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for path in entries:
-        if _STEP_NAME.match(path.name):
-            yield int(path.name), path
-
-
-def scan(directory: epath.Path) -> dict[int, dict[str, Any] | CommitRecordError]:
-    """Every step-named entry: its commit record, or the error saying why it is not one.
-
-    Entries with nothing stored under them (gone since the listing, or an object store's
-    emptied "folder") are left out: they are not steps, committed or not."""
-    out: dict[int, dict[str, Any] | CommitRecordError] = {}
-    for step, path in step_names(directory):
-        try:
-            out[step] = read_record(path, step)
-        except NoSuchStepError:
-            continue  # deleted since the listing, or an emptied object-store "folder"
-        except CommitRecordError as e:
-            out[step] = e
-    return dict(sorted(out.items()))
-
-
-def committed_steps(directory: epath.Path) -> list[int]:
-    return [s for s, r in scan(directory).items() if isinstance(r, dict)]
-
-
-def newest_committed(directory: epath.Path) -> int | None:
-    """The highest committed step (one listing, then records from the top down)."""
-    for step, path in sorted(step_names(directory), reverse=True):
-        try:
-            read_record(path, step)
-        except CommitRecordError:
-            continue
-        return step
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class FileProblem:
-    """One file that differs from the commit record."""
-
-    rel: str
-    """The file's path relative to the step directory."""
-    problem: StepProblem
-    """INCOMPLETE (missing or resized) or CORRUPT (small file's CRC-32 changed)."""
-    detail: str
-    """What differs, for people: 'missing', '10 bytes, 12 when committed ...'."""
-
-    def __str__(self) -> str:
-        return f"{self.rel}: {self.detail}"
-
-
-def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[FileProblem]:
-    """Problems with the files the record lists (missing, resized, small file changed)."""
-    problems = []
-    crcs = record.get("crc32") or {}
-    # Object storage: one listing for every size instead of a request per file.
-    listed = None if is_local(path) else storage.list_files(path)
-    for rel, size in sorted(record["files"].items()):
-        f = path / rel
-        try:
-            if listed is None:
-                actual = f.stat().length
-            elif rel in listed:
-                actual = listed[rel]
-            else:
-                raise FileNotFoundError(rel)
-            # Read inside the try: retention may delete the file after the listing.
-            changed = actual == size and rel in crcs and _crc32(f) != crcs[rel]
-        except FileNotFoundError:
-            problems.append(FileProblem(rel, StepProblem.INCOMPLETE, "missing"))
-            continue
-        if actual != size:
-            problems.append(FileProblem(
-                rel, StepProblem.INCOMPLETE,
-                f"{actual} bytes, {size} when committed (truncated or rewritten)"))
-        elif changed:
-            problems.append(FileProblem(
-                rel, StepProblem.CORRUPT, "contents changed since the commit (CRC-32 mismatch)"))
-    return problems
-
-
-SMALL_FILE_BYTES = 1 << 20
-"""Files up to this size (JSON, manifests) get a CRC-32 in the commit record; array data
-is covered by the content digests instead."""
-
-
-def _crc32(path: epath.Path) -> int:
-    return zlib.crc32(path.read_bytes())
-
-
-def file_sizes(path: epath.Path) -> dict[str, int]:
-    """Relative path -> size of every file under `path` (the record itself excluded)."""
-    out = {}
-    if is_local(path):
-        root = os.fspath(path)
-        for dirpath, _, filenames in os.walk(root):
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, root)
-                if rel != COMMIT_FILE:
-                    out[rel] = os.stat(full).st_size
-        return out
-    # Object storage: one listing (etils' rglob/walk do not work on s3fs).
-    return {rel: size for rel, size in storage.list_files(path).items() if rel != COMMIT_FILE}
-
-
-def build_record(step: int, path: epath.Path, checksums: Mapping[str, str],
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    files = file_sizes(path)
-    crcs = {rel: _crc32(path / rel) for rel, size in files.items() if size <= SMALL_FILE_BYTES}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
-            "committed_at": time.time(), "checksums": dict(checksums), "files": files,
-            "crc32": crcs, **(extra or {})}
 
 
 # ---------------------------------------------------------------------- quarantine
@@ -493,7 +227,7 @@ def _held_steps(directory: epath.Path) -> list[int]:
             return []
     else:
         names = {rel.split("/", 1)[0] for rel in storage.list_files(root)}
-    return sorted(int(n) for n in names if _STEP_NAME.match(n))
+    return sorted(int(n) for n in names if is_step_name(n))
 
 
 def recover_replaced(directory: epath.Path) -> list[str]:
@@ -646,7 +380,7 @@ def purge_trash(directory: epath.Path) -> int:
         tombstones = sorted(storage.list_files(trash))
         for name in tombstones:
             step = name.split(".", 1)[0]
-            if "/" not in name and _STEP_NAME.match(step):
+            if "/" not in name and is_step_name(step):
                 _delete_objects(step_dir(directory, int(step)))
             storage.remove_files(trash, [name])
         return len(tombstones)
@@ -676,7 +410,7 @@ def commit_path_class(directory: epath.Path, finalizer: Finalizer,
     root = _normalized(directory)
 
     def is_step(final: epath.Path) -> bool:
-        return _normalized(final.parent) == root and bool(_STEP_NAME.match(final.name))
+        return _normalized(final.parent) == root and bool(is_step_name(final.name))
 
     class DurableRenameTemporaryPath(atomicity.AtomicRenameTemporaryPath):
         async def finalize(self):
@@ -753,7 +487,7 @@ def _free_trash_names(directory: epath.Path) -> None:
         return
     trash = os.fspath(directory / TRASH_DIR)
     try:
-        bare = [n for n in os.listdir(trash) if _STEP_NAME.match(n)]
+        bare = [n for n in os.listdir(trash) if is_step_name(n)]
     except FileNotFoundError:
         return
     if not bare:

@@ -56,7 +56,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from etils import epath
 
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import committed
 from distckpt.multihost import coordinator
 from distckpt.state import jsonio
 
@@ -171,7 +171,7 @@ class RestartLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         value = {"format": _RESTART_FORMAT, "version": _RESTART_VERSION,
                  "runs": runs[-_MAX_RUNS:]}
-        commit.write_durable(self.path, value)  # temp file, fsync, overwriting rename
+        committed.write_durable(self.path, value)  # temp file, fsync, overwriting rename
 
     # -- collective API
     def record_start(self, resumed_step: int | None = None) -> int:

@@ -1,7 +1,7 @@
 """Read one committed step, whatever topology saved it; never writes anything.
 
 A :class:`StepReader` opens ``<dir>/<step>`` by its commit record
-(:mod:`distckpt.checkpoint.commit`) and reads the step's items directly with Orbax's
+(:mod:`distckpt.checkpoint.committed`) and reads the step's items directly with Orbax's
 handlers, not through a ``CheckpointManager``: a reader must not create, clean up
 or lock anything (a plain-Orbax reader with temporary-directory cleanup deleted a
 live save), and must not pass through Orbax's restore barriers, whose names come
@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from distckpt import storage
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import committed
 from distckpt.errors import FormatVersionError, StepProblem, StepUnusableError
 from distckpt.state import digest, jsonio, provenance
 from distckpt.state import process_state as per_process
@@ -44,10 +44,10 @@ class StepReader:
     def __init__(self, directory: epath.PathLike | storage.Location, step: int):
         _, self.directory = storage.open_directory(directory)
         self.step = step
-        self.path = commit.step_dir(self.directory, step)
+        self.path = committed.step_dir(self.directory, step)
         try:
-            self.record = commit.read_record(self.path, step)
-        except commit.CommitRecordError as e:
+            self.record = committed.read_record(self.path, step)
+        except committed.CommitRecordError as e:
             raise StepUnusableError(step, f"not committed: {e}",
                                     kind=StepProblem.INCOMPLETE) from e
         self._provenance: dict[str, Any] | None = None
@@ -55,7 +55,7 @@ class StepReader:
     # ------------------------------------------------------------------ small files
     def check_files(self) -> None:
         """Raise StepUnusableError if a file the commit record lists is missing or resized."""
-        problems = commit.check_files(self.path, self.record)
+        problems = committed.check_files(self.path, self.record)
         if problems:
             changed = all(p.problem is StepProblem.CORRUPT for p in problems)
             what = StepProblem.CORRUPT if changed else StepProblem.INCOMPLETE

@@ -18,7 +18,7 @@ import jax
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import committed
 from distckpt.checkpoint.options import CheckpointOptions
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import CheckpointError, StepUnusableError
@@ -156,7 +156,7 @@ def best_step(directory: epath.Path, options: CheckpointOptions) -> int | None:
     if score is None:
         raise ValueError("best_step() needs CheckpointOptions(best_metric=...) or best_fn=")
     scored = []
-    for s in commit.committed_steps(directory):
+    for s in committed.committed_steps(directory):
         try:
             m = StepReader(directory, s).metrics()
         except StepUnusableError as e:
@@ -184,4 +184,4 @@ def read_keep_forever(directory: epath.Path) -> list[int]:
 
 def write_keep_forever(directory: epath.Path, steps: set[int]) -> None:
     """Record the keep_forever() marks durably (primary host)."""
-    commit.write_durable(directory / KEEP_FILE, {"steps": sorted(steps)})
+    committed.write_durable(directory / KEEP_FILE, {"steps": sorted(steps)})

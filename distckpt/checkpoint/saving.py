@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from distckpt import compat
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, committed
 from distckpt.checkpoint.failures import SaveFailures, out_of_space
 from distckpt.checkpoint.opening import Opened
 from distckpt.checkpoint.options import CheckpointOptions, SaveStats
@@ -222,15 +222,15 @@ class Saver:
         """Primary: {'where': a StepSlot, 'newest': the newest committed step}; moves an
         uncommitted leftover aside. Decides the order first: nothing is touched for a
         step that will be refused."""
-        newest = commit.newest_committed(self.directory)
+        newest = committed.newest_committed(self.directory)
         if newest is not None and step < newest and not self.options.allow_older_steps:
             return {"where": StepSlot.OLDER, "newest": newest}
-        path = commit.step_dir(self.directory, step)
+        path = committed.step_dir(self.directory, step)
         if not (path.exists() or (self._is_local and os.path.islink(os.fspath(path)))):
             return {"where": StepSlot.FREE, "newest": newest}
         try:
-            commit.read_record(path, step)
-        except commit.CommitRecordError as e:
+            committed.read_record(path, step)
+        except committed.CommitRecordError as e:
             moved = commit.quarantine(self.directory, step, "uncommitted")
             if moved is not None:  # None: an object store's empty "folder", nothing to move
                 logger.warning("[process=%d] %s was not a committed step (%s); moved it to "
@@ -253,7 +253,7 @@ class Saver:
             checksums = per_process.read_checksums(path / "process_state", jax.process_count())
             stats = self.stats[-1] if self.stats and self.stats[-1].step == step else None
             commit_s = None if stats is None else time.perf_counter() - stats.started
-            record = commit.build_record(step, path, checksums, {
+            record = committed.build_record(step, path, checksums, {
                 "process_count": jax.process_count(), "commit_s": commit_s})
         except BaseException as e:
             self.failures.report(e, step)
@@ -307,9 +307,9 @@ class Saver:
         if stats is None or stats.step != step or stats.commit_s is not None:
             return
         try:  # non-primary processes learn the commit time from the record
-            stats.commit_s = commit.read_record(commit.step_dir(self.directory, step),
+            stats.commit_s = committed.read_record(committed.step_dir(self.directory, step),
                                                 step).get("commit_s")
-        except commit.CommitRecordError:
+        except committed.CommitRecordError:
             pass
 
     def agree(self, where: str, background: BaseException | None,

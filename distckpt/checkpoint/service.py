@@ -10,7 +10,7 @@ A step is a directory ``<dir>/<step>/`` with four items and a commit record:
 ``distckpt_commit.json``  written last, by the primary, after every file is fsynced:
                    the step's manifest (content digest of every array, size of every
                    file). A step is committed iff this record is present and
-                   consistent (:mod:`distckpt.checkpoint.commit`).
+                   consistent (:mod:`distckpt.checkpoint.committed`).
 
 Saving is asynchronous: :meth:`CheckpointService.save` returns once the arrays are
 staged and their digests are enqueued on the devices; training continues and the
@@ -44,7 +44,7 @@ from typing import Any, Literal
 from etils import epath
 
 from distckpt import storage
-from distckpt.checkpoint import commit, restoring, retention
+from distckpt.checkpoint import committed, restoring, retention
 from distckpt.checkpoint.opening import open_shared
 from distckpt.checkpoint.options import CheckpointOptions, Restored, SaveStats
 from distckpt.checkpoint.primary import Primary
@@ -122,11 +122,11 @@ class CheckpointService:
     def all_steps(self) -> list[int]:
         """Committed steps as this process sees them, oldest first.
 
-        A step counts only with a consistent commit record (:mod:`distckpt.checkpoint.commit`):
+        A step counts only with a consistent commit record (:mod:`distckpt.checkpoint.committed`):
         a junk ``7/``, a symlinked step, a step whose record is missing and temporary
         directories are never listed.
         """
-        return commit.committed_steps(self.directory)
+        return committed.committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()

@@ -2,7 +2,7 @@
 
 A checkpoint directory may hold files nobody vetted; reading one must not exhaust memory,
 so every JSON read goes through :func:`read_limited`. Writes that must be atomic and
-durable go through :func:`distckpt.checkpoint.commit.write_durable`.
+durable go through :func:`distckpt.checkpoint.committed.write_durable`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 from etils import epath
 
 from distckpt import storage
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, committed
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import CheckpointError, StepUnusableError
 
@@ -26,7 +26,7 @@ def _entries(path: epath.Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"temporary": [], "other": []}
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
         name = entry.name
-        if commit.is_step_name(name):
+        if committed.is_step_name(name):
             continue
         if _TMP_MARKER in name:
             out["temporary"].append(name)
@@ -86,14 +86,14 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
         return report
     if not path.exists():
         report["problems"].append(f"{directory} does not exist; check the path"
-                                  + ("" if commit.is_local(path) else
+                                  + ("" if committed.is_local(path) else
                                      " (an object store prefix with no objects)"))
         return report
     if not path.is_dir():
         report["problems"].append(f"{directory} is a file, not a checkpoint directory")
         return report
     report["found"] = True  # a directory (local), or a prefix with objects (object store)
-    scanned = commit.scan(path)
+    scanned = committed.scan(path)
     for s, rec in scanned.items():
         report["steps"].append({"step": s, "committed": isinstance(rec, dict),
                                 **({} if isinstance(rec, dict) else {"reason": str(rec)})})
@@ -102,21 +102,21 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
     quarantine = path / commit.QUARANTINE_DIR
     report["quarantined"] = sorted(p.name for p in quarantine.iterdir()) \
         if quarantine.exists() else []
-    committed = [s for s, rec in scanned.items() if isinstance(rec, dict)]
+    done = [s for s, rec in scanned.items() if isinstance(rec, dict)]
     if not scanned:
         report["problems"].append(
             "no step directories: this is " + ("an empty directory" if not extra["other"]
                                                and not extra["temporary"] else
                                                "not a distckpt checkpoint directory")
             + "; point at the directory you gave CheckpointService or distckpt drill --dir")
-    elif not committed:
+    elif not done:
         report["problems"].append("no committed step: every step-named entry lacks a valid "
                                   "commit record (see each step's reason)")
-    if step is None and committed:
-        step = committed[-1]
+    if step is None and done:
+        step = done[-1]
     if step is not None:
         if step not in scanned:
-            report["problems"].append(f"no step {step}; committed steps: {committed}")
+            report["problems"].append(f"no step {step}; committed steps: {done}")
         else:
             detail = describe_step(path, step)
             report["detail"] = detail

@@ -21,7 +21,7 @@ from etils import epath
 from jax.sharding import SingleDeviceSharding
 
 from distckpt import storage
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import committed
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import CheckpointError, StepUnusableError
 from distckpt.state import digest, nnx_state
@@ -117,14 +117,14 @@ def verify_directory(directory: epath.PathLike, step: int | None = None, *,
         raise CheckpointError(f"{path} does not exist; check the path")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint directory")
-    scanned = commit.scan(path)
-    committed = [s for s, r in scanned.items() if isinstance(r, dict)]
+    scanned = committed.scan(path)
+    done = [s for s, r in scanned.items() if isinstance(r, dict)]
     if step is not None:
         if step not in scanned:
-            raise CheckpointError(f"no step {step} in {path}; committed steps: {committed}")
+            raise CheckpointError(f"no step {step} in {path}; committed steps: {done}")
         steps = [step]
     else:
-        steps = committed
+        steps = done
     if not steps:
         raise CheckpointError(
             f"no committed step in {path}"
