@@ -1,4 +1,4 @@
-"""Orbax on s3:// end to end: real processes, a real S3 server, bit-exact restores (issue 6).
+"""Orbax on s3:// end to end: real processes, a real S3 server, bit-exact restores.
 
     python benchmarks/s3_orbax_prototype.py [--scale N] [--url s3://bucket/prefix] [--json PATH]
 

@@ -1,4 +1,4 @@
-"""Crash consistency and loud failures (issue 3, sections 3, 3b and 5), with real processes.
+"""Crash consistency and loud failures, with real processes.
 
 * SIGKILL harness: a 2-process x 2-device job saves a small NNX state every step
   (async, max_to_keep=2, so retention deletes steps) and is killed with SIGKILL, one
@@ -498,7 +498,7 @@ class Processes:
 def test_peer_death_mid_save_stops_every_survivor(tmp_path, victim):
     directory, log = tmp_path / "ckpt", tmp_path / "log"
     log.mkdir()
-    bound = HEARTBEAT_S + 30  # issue 3b: heartbeat timeout + 30 s
+    bound = HEARTBEAT_S + 30  # heartbeat timeout + 30 s
     hosts = Processes([sys.executable, WORKER, "peer", "--dir", str(directory), "--log",
                        str(log), "--victim", str(victim)], tmp_path)
     killed = log / "killed"

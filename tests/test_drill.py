@@ -69,7 +69,7 @@ def test_drill_bad_arguments_fail_fast_and_write_nothing(tmp_path):
     pytest.param("corrupt", marks=pytest.mark.slow),
     pytest.param("preempt", marks=pytest.mark.slow)])
 def test_drill_with_faults_recovers_verified(tmp_path, fault):
-    """Issue 3 section 7: each fault, injected for real; the report says what was lost."""
+    """Each fault, injected for real; the report says what was lost."""
     res, report = _drill(tmp_path, "--fault", fault, "--from", "2x2", "--to", "1x2",
                          "--save-every", "2")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""Issue 3 sections 1, 2 and 6: content checksums, fallback with quarantine, bad input.
+"""Content checksums, fallback with quarantine, bad input.
 
 Damage is done to real files on disk (flipped bytes, truncation, garbage JSON);
 nothing in Orbax, TensorStore or the filesystem is mocked.

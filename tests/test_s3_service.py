@@ -1,4 +1,4 @@
-"""Issue 6: CheckpointService, inspect, verify and the drill on ``s3://``, on a real S3 server.
+"""CheckpointService, inspect, verify and the drill on ``s3://``, on a real S3 server.
 
 Every test talks to the session's SeaweedFS server (tests/s3_fixture.py) with credentials
 from the environment (one test: from explicit options only); nothing in Orbax,

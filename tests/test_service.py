@@ -204,7 +204,7 @@ def test_mesh_spec_and_rules_errors():
 
 @pytest.mark.fast
 def test_only_steps_with_a_commit_record_count_and_leftovers_are_moved_aside(tmp_path):
-    """Issue 3b: junk, a symlinked step, a deleted record and a planted temp dir."""
+    """Junk, a symlinked step, a deleted record and a planted temp dir."""
     mesh = distckpt.make_mesh("fsdp=8")
     items = distckpt.init_sharded(factory(), mesh)
     with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(max_to_keep=None)) \

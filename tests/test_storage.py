@@ -1,4 +1,4 @@
-"""Checkpoint locations, object-storage specs, small files and Orbax on s3:// (issue 6).
+"""Checkpoint locations, object-storage specs, small files and Orbax on s3://.
 
 Everything that talks to S3 talks to a real SeaweedFS server (tests/s3_fixture.py); Orbax,
 TensorStore, s3fs and the distributed layer are the real ones.

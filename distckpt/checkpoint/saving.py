@@ -174,6 +174,7 @@ class Saver:
         # A step being replaced stays on disk until its replacement commits; Orbax must
         # not count it as taken (it refuses to save a step it lists).
         self._name_format.hidden = frozenset({step}) if where is StepSlot.OVERWRITE else frozenset()
+        self._fault(per_process.FaultPoint.SAVE_DECIDED, step)
         self.manager.reload()
         record = provenance.build(step, leaves, has_process_state=process_state is not None)
         saveable = nnx_state.to_saveable(leaves)
@@ -202,7 +203,10 @@ class Saver:
             self.failures.report(e)
             if where is StepSlot.OVERWRITE and self.primary.is_me():
                 self._put_back_held()
-            if not self.options.async_save:  # raised here; not again by the next call
+            # Raised here, and not again by the next call when no peer can be waiting on
+            # this save (a synchronous save, or a single process). Peers of an async save
+            # learn it at the next save(), wait() or close(), where every process raises.
+            if not self.options.async_save or jax.process_count() == 1:
                 self.failures.forget()
                 self._last_step = None
             raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; "

@@ -98,7 +98,10 @@ class CheckpointService:
 
     A failed background save is raised once, as SaveFailedError, by the next save(),
     wait() or close() on every process (that save() does not save its own step); after
-    it the service saves new steps again.
+    it the service saves new steps again. A save() that fails before it returns raises
+    CheckpointError there; when other processes may already be writing that step (an
+    async save with several processes), the next call also raises SaveFailedError on
+    every process, so that all of them stop at the same call.
     """
 
     def __init__(self, directory: str | epath.PathLike | storage.Location,

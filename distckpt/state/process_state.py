@@ -40,6 +40,9 @@ class FaultPoint(enum.StrEnum):
     """The named points of a save where a fault hook runs. A ``str``: hooks that compare
     with plain strings (``point == "process_state:write"``) keep working."""
 
+    SAVE_DECIDED = "save:decided"
+    """save(), on every process, after the primary decided the step may be written and
+    before Orbax starts (where a concurrent writer's step could appear)."""
     SAVE_STAGED = "save:staged"
     """save(), on every process, after Orbax staged the arrays."""
     PROCESS_STATE_WRITE = "process_state:write"

@@ -1,6 +1,6 @@
 """Plain Orbax save/restore of a sharded array tree at any location, by real processes.
 
-This is the object-storage prototype's proof (issue 6): N processes (each calls
+This is the object-storage prototype's proof: N processes (each calls
 ``jax.distributed.initialize`` through the launcher) save a tree of sharded
 ``jax.Array``\\ s with Orbax's ``CheckpointManager`` + ``PyTreeCheckpointHandler`` (OCDBT)
 to a location such as ``s3://bucket/prefix``, and the same or another topology restores
