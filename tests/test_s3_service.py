@@ -475,7 +475,8 @@ def test_storage_probe_on_s3_refuses_hosts_that_do_not_share_storage(
         if layout == "unreachable-endpoint":  # every host hears why host 1 saw nothing
             assert "process 1 could not look: EndpointConnectionError" in msg, msg
             assert config["endpoints"][1] in msg, msg
-        assert first["seconds"] < 40, first  # probe_timeout_s=2, plus agreement
+        # Prompt: a refusal after the coordination timeout (60 s) would have been a
+        # timeout error, not StorageNotSharedError; no wall-clock bound is asserted.
         if "shared" in got:
             assert got["shared"]["error_type"] is None and got["shared"]["steps"] == [1]
     assert_no_secret(s3_server, buf.getvalue())
