@@ -1,8 +1,9 @@
 """Read one committed step, whatever topology saved it; never writes anything.
 
 A :class:`StepReader` opens ``<dir>/<step>`` by its commit record
-(:mod:`distckpt.checkpoint.committed`) and reads the step's items directly with Orbax's
-handlers, not through a ``CheckpointManager``: a reader must not create, clean up
+(:mod:`distckpt.checkpoint.committed`) and reads the step's items directly (arrays
+streamed by :mod:`distckpt.checkpoint.streaming`, the rest with Orbax's handlers), not
+through a ``CheckpointManager``: a reader must not create, clean up
 or lock anything (a plain-Orbax reader with temporary-directory cleanup deleted a
 live save), and must not pass through Orbax's restore barriers, whose names come
 from per-process counters. Agreement between processes is the caller's job.
