@@ -214,7 +214,7 @@ def test_retention_deletes_are_safe_for_readers(s3_env, s3_url):
     assert e.value.kind == "incomplete"
     tree = nnx_state.restore_target(nnx_state.flatten_items(target()))
     with pytest.raises(StepUnusableError, match="array data is unreadable"):
-        reader.restore_arrays(tree, partial=True)
+        reader.restore_arrays(tree)
     assert commit.quarantine(root, 3, "incomplete") is None  # a writer moves nothing then
     assert keys(s3_url, commit.QUARANTINE_DIR + "/") == []
     # A crash after the record of step 2 was deleted and before its other objects were.

@@ -1,8 +1,9 @@
 """Read one committed step, whatever topology saved it; never writes anything.
 
 A :class:`StepReader` opens ``<dir>/<step>`` by its commit record
-(:mod:`distckpt.checkpoint.committed`) and reads the step's items directly with Orbax's
-handlers, not through a ``CheckpointManager``: a reader must not create, clean up
+(:mod:`distckpt.checkpoint.committed`) and reads the step's items directly (arrays
+streamed by :mod:`distckpt.checkpoint.streaming`, the rest with Orbax's handlers), not
+through a ``CheckpointManager``: a reader must not create, clean up
 or lock anything (a plain-Orbax reader with temporary-directory cleanup deleted a
 live save), and must not pass through Orbax's restore barriers, whose names come
 from per-process counters. Agreement between processes is the caller's job.
@@ -22,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from distckpt import storage
-from distckpt.checkpoint import committed
+from distckpt.checkpoint import committed, streaming
 from distckpt.errors import FormatVersionError, StepProblem, StepUnusableError
 from distckpt.state import digest, jsonio, provenance
 from distckpt.state import process_state as per_process
@@ -120,23 +121,31 @@ class StepReader:
         return dict(self.record["checksums"])
 
     # ------------------------------------------------------------------ arrays
-    def restore_arrays(self, tree: Mapping[str, Any], *, partial: bool = False,
-                       concurrent_gb: float | None = None) -> Any:
-        """Restore the nested tree of ShapeDtypeStructs (with shardings) from the state item.
-
-        `concurrent_gb` caps the bytes being read at once (None: Orbax's default)."""
-        handler = ocp.PyTreeCheckpointHandler(
-            **({} if concurrent_gb is None else {"restore_concurrent_gb": concurrent_gb}))
+    def read_arrays(self, requests: Sequence[streaming.Request], *, verify: bool,
+                    memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20
+                    ) -> tuple[dict[str, jax.Array], dict[str, digest.Partial] | None]:
+        """The requested arrays in their targets' shardings, streamed through a host
+        budget of `memory_bytes` beyond the shards (:mod:`distckpt.checkpoint.streaming`);
+        with `verify`, also this process's partial digest of each (by name)."""
         try:
-            return handler.restore(self.path / STATE_ITEM, args=ocp.args.PyTreeRestore(
-                item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
-                partial_restore=partial))
+            return streaming.read(self.path / STATE_ITEM, requests,
+                                  memory_bytes=memory_bytes, verify=verify)
         except Exception as e:  # TensorStore/Orbax errors: wrap with the step and a hint
             raise StepUnusableError(
                 self.step, f"[process={jax.process_index()}] array data is unreadable "
                 f"({_short(e)})", kind=StepProblem.UNREADABLE) from e
-        finally:
-            handler.close()
+
+    def restore_arrays(self, tree: Mapping[str, Any], *,
+                       memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20) -> Any:
+        """Restore the nested tree of ShapeDtypeStructs (with shardings) from the state item."""
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        requests = []
+        for path, target in flat:
+            keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            requests.append(streaming.Request("/".join(keys), keys, target))
+        values, _ = self.read_arrays(requests, verify=False, memory_bytes=memory_bytes)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree),
+                                            [values[r.name] for r in requests])
 
     def array_metadata(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
         """name -> (path, shape, dtype) of every array as stored (key leaves as key data)."""
@@ -153,12 +162,6 @@ class StepReader:
             keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             out["/".join(keys)] = (keys, tuple(meta.shape), str(meta.dtype))
         return out
-
-
-def local_partials(named: Sequence[tuple[str, jax.Array]]) -> dict[str, str]:
-    """This process's partial digests of restored arrays (hex), by name."""
-    partials = digest.dispatch([a for _, a in named]).result()
-    return {name: digest.to_hex(p) for (name, _), p in zip(named, partials, strict=True)}
 
 
 def compare(step: int, expected: Mapping[str, str], gathered: Sequence[Mapping[str, str]],

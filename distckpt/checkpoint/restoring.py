@@ -4,8 +4,9 @@
    best one, or every committed step newest first) and every process gets the same list.
 2. Each candidate is read on every process (:func:`_read_step`): the step's files are
    checked, the target is matched strictly (:mod:`distckpt.checkpoint.target`), arrays
-   are read through Orbax in the target's shardings and each host digests the shards it
-   holds. The processes all-gather their outcome, so every process raises the same
+   are streamed into the target's shardings through a bounded host budget
+   (:mod:`distckpt.checkpoint.streaming`), each host digesting the pieces it reads as
+   they arrive. The processes all-gather their outcome, so every process raises the same
    :class:`StepUnusableError` or every process goes on; the digests are then compared
    with the commit record.
 3. With no explicit step, an unusable step is set aside (quarantined when the service is
@@ -24,13 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 
-from distckpt.checkpoint import commit
+from distckpt.checkpoint import commit, streaming
 from distckpt.checkpoint.options import Restored
-from distckpt.checkpoint.reader import StepReader, compare, local_partials
+from distckpt.checkpoint.reader import StepReader, compare
 from distckpt.checkpoint.target import check_target
 from distckpt.errors import NoCheckpointError, StepProblem, StepUnusableError
 from distckpt.multihost import coordinator
-from distckpt.state import nnx_state
+from distckpt.state import digest, nnx_state
 from distckpt.state import process_state as per_process
 
 if TYPE_CHECKING:
@@ -156,12 +157,11 @@ def _read_step(svc: CheckpointService, step: int, leaves: list[nnx_state.Leaf], 
         # (every process reads the same provenance, so all raise alike).
         wanted, untouched = check_target(record["leaves"], leaves, step, partial=partial)
         try:
-            read = _read_arrays(svc, reader, wanted, record, remap)
+            read = _read_arrays(svc, reader, wanted, record, remap, verify=verify)
             read["untouched"] = tuple(untouched)
+            partials = read.pop("partials")
             if verify:
-                t_v = time.perf_counter()
-                local = {"partials": local_partials(read.pop("named"))}
-                read["verify_seconds"] = time.perf_counter() - t_v
+                local = {"partials": {n: digest.to_hex(p) for n, p in partials.items()}}
         except StepUnusableError as e:
             local = {"error": e.reason, "kind": e.kind.value}
     gathered = coordinator.all_gather(f"restore:step={step}:outcome", local,
@@ -173,8 +173,7 @@ def _read_step(svc: CheckpointService, step: int, leaves: list[nnx_state.Leaf], 
         reason = "; ".join(f"process {i}: {g['error']}" for i, g in errors[:4])
         raise StepUnusableError(step, reason, kind=kind)
     assert read is not None
-    read.pop("named", None)
-    verify_seconds = read.pop("verify_seconds", 0.0)
+    verify_seconds = 0.0
     if verify:
         t_v = time.perf_counter()
         problems = compare(step, reader.checksums, [g["partials"] for g in gathered],
@@ -189,15 +188,15 @@ def _read_step(svc: CheckpointService, step: int, leaves: list[nnx_state.Leaf], 
 
 
 def _read_arrays(svc: CheckpointService, reader: StepReader, wanted: list[nnx_state.Leaf],
-                 record: dict[str, Any], remap: per_process.ProcessStateRemap | None
-                 ) -> dict[str, Any]:
-    """This process's part of a step: values in the target's shardings, the (name, array)
-    pairs to digest, the user metadata, metrics and this process's state."""
-    tree = nnx_state.restore_target(wanted)
-    out = reader.restore_arrays(
-        tree, partial=True, concurrent_gb=svc.options.restore_concurrent_gb)
-    raw = [(leaf.name, nnx_state.lookup(out, tuple(str(k) for k in leaf.path)))
-           for leaf in wanted]
+                 record: dict[str, Any], remap: per_process.ProcessStateRemap | None, *,
+                 verify: bool) -> dict[str, Any]:
+    """This process's part of a step: values in the target's shardings, this process's
+    partial digests (digested as the data streamed in; None without `verify`), the user
+    metadata, metrics and this process's state."""
+    requests = [streaming.Request(leaf.name, tuple(str(k) for k in leaf.path),
+                                  nnx_state.target_of(leaf)) for leaf in wanted]
+    raw, partials = reader.read_arrays(
+        requests, verify=verify, memory_bytes=svc.options.restore_memory_mb << 20)
     saved_json = reader.user_json()
     records = reader.process_records()
     try:
@@ -206,9 +205,8 @@ def _read_arrays(svc: CheckpointService, reader: StepReader, wanted: list[nnx_st
         if len(records) != record["process_count"]:
             raise StepUnusableError(reader.step, str(e), kind=StepProblem.INCOMPLETE) from e
         raise
-    values = {name: nnx_state.rebuild_value(leaf, value)
-              for leaf, (name, value) in zip(wanted, raw, strict=True)}
-    return {"values": values, "named": raw,
+    values = {leaf.name: nnx_state.rebuild_value(leaf, raw[leaf.name]) for leaf in wanted}
+    return {"values": values, "partials": partials,
             "metadata": dict(saved_json.get("user") or {}),
             "metrics": saved_json.get("metrics") or None, "process_state": mine,
             "provenance": record}

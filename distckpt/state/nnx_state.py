@@ -154,21 +154,23 @@ def key_data_target(value: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
 
 def restore_target(leaves: list[Leaf]) -> dict[str, Any]:
     """The nested tree of ShapeDtypeStructs (with shardings) Orbax restores into."""
-    pairs = []
-    for leaf in leaves:
-        value = leaf.value
-        if isinstance(value, jax.Array):
-            value = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
-        if getattr(value, "sharding", None) is None:
-            raise ValueError(
-                f"restore target leaf {leaf.name!r} has no sharding; build the target with "
-                "distckpt.abstract_target(factory, mesh, rules) so every leaf carries one, "
-                "or give it one: jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
-            )
-        if leaf.is_key:
-            value = key_data_target(value)
-        pairs.append((_disk_path(leaf), value))
-    return nest(pairs)
+    return nest([(_disk_path(leaf), target_of(leaf)) for leaf in leaves])
+
+
+def target_of(leaf: Leaf) -> jax.ShapeDtypeStruct:
+    """What a leaf is restored as: shape, dtype and sharding (a typed key as key data)."""
+    value = leaf.value
+    if isinstance(value, jax.Array):
+        value = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
+    if getattr(value, "sharding", None) is None:
+        raise ValueError(
+            f"restore target leaf {leaf.name!r} has no sharding; build the target with "
+            "distckpt.abstract_target(factory, mesh, rules) so every leaf carries one, "
+            "or give it one: jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
+        )
+    if leaf.is_key:
+        value = key_data_target(value)
+    return value
 
 
 def lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:

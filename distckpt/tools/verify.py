@@ -76,7 +76,7 @@ def verify_step(directory: epath.PathLike, step: int, *,
         tree = nnx_state.nest([(stored[n][0], jax.ShapeDtypeStruct(
             stored[n][1], np.dtype(stored[n][2]), sharding=sharding)) for n in batch])
         try:
-            out = reader.restore_arrays(tree, partial=True)
+            out = reader.restore_arrays(tree)
         except StepUnusableError as e:
             verdict.problems.append(f"reading {len(batch)} array(s) from {batch[0]} on: "
                                     f"{e.reason}")
