@@ -1,4 +1,4 @@
-"""Issue 13 item 1: the bounded-memory, streamed restore (distckpt/checkpoint/streaming.py).
+"""The bounded-memory, streamed restore (distckpt/checkpoint/streaming.py).
 
 The property test saves random arrays (0-d to 3-d, sizes not divisible by the piece size,
 float32, bfloat16, int8, bool, uint32, complex64 and typed keys) with CheckpointService
@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import distckpt
-from distckpt.checkpoint import streaming
+from distckpt.checkpoint import committed, streaming
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import StepProblem, StepUnusableError
 from distckpt.state import digest
@@ -155,6 +156,47 @@ def test_service_restore_streams_and_verifies(tmp_path):
     assert out.items["s"]["x"].sharding == target["s"]["x"].sharding
     assert np.array_equal(jax.random.key_data(out.items["s"]["k"]),
                           jax.random.key_data(jax.random.key(5)))
+
+
+@pytest.mark.fast
+def test_a_missing_chunk_makes_the_step_unusable_not_a_crash(tmp_path):
+    """A chunk missing from the array data (deleted here from the OCDBT database; zarr
+    also leaves out chunks equal to the fill value when a writer asks it to, which Orbax
+    0.12.8 does not) is read the way Orbax reads it: an error, so the step is unusable
+    (UNREADABLE), whether the array was all zeros or not."""
+    import tensorstore as ts
+
+    x = jnp.zeros((64, 64), jnp.float32)
+    y = jnp.arange(64, dtype=jnp.float32) + 1
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        ckpt.save(1, {"p": {"z": x, "y": y}})
+        ckpt.wait()
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path}/1/state"}).result()
+    keys = [k.decode() for k in kv.list().result()]
+    for prefix in ("p.z/", "p.y/"):  # delete every chunk of both arrays
+        for key in keys:
+            if key.startswith(prefix) and not key.endswith(".zarray"):
+                kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+    # Deleting rewrote the OCDBT manifest: record the files as they are now, so that only
+    # the arrays' digests can tell.
+    record_path = tmp_path / "1" / committed.COMMIT_FILE
+    record = json.loads(record_path.read_text())
+    record["files"] = committed.file_sizes(tmp_path / "1")
+    record["crc32"] = {rel: zlib.crc32((tmp_path / "1" / rel).read_bytes())
+                       for rel, size in record["files"].items()
+                       if size <= committed.SMALL_FILE_BYTES}
+    record_path.write_text(json.dumps(record))
+    target = {"p": {name: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                               sharding=jax.sharding.SingleDeviceSharding(
+                                                   jax.devices()[0]))
+                    for name, a in (("z", x), ("y", y))}}
+    opts = distckpt.CheckpointOptions(read_only=True)
+    with distckpt.CheckpointService(tmp_path, opts) as ckpt:
+        for name in ("z", "y"):
+            with pytest.raises(StepUnusableError) as e:
+                ckpt.restore({"p": {name: target["p"][name]}}, step=1, partial=True)
+            assert e.value.kind is StepProblem.UNREADABLE, e.value
+            assert "missing" in str(e.value), e.value
 
 
 @pytest.mark.fast
