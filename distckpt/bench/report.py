@@ -89,6 +89,7 @@ FIGURES = (
     ("disk reads on restore (shared page cache)",
      lambda f: _mib(f.get("restore_disk_read_bytes"))),
     ("save() stall, distinct shapes: 1st / 2nd", lambda f: _first_second(f, "stall_s")),
+    ("to committed, distinct shapes: 1st / 2nd", lambda f: _first_second(f, "commit_s")),
     ("restore, distinct shapes: 1st / 2nd", lambda f: _first_second(f, "restore_s")),
 )
 
@@ -154,7 +155,8 @@ def topology_caption(label: str, topo: dict[str, Any]) -> str:
     if topo.get("distinct_shapes"):
         shapes = topo["distinct_shapes"]
         line += (f"; distinct shapes = {shapes['leaves']} leaves of distinct shapes "
-                 f"({_mib(shapes['bytes'])}), each contender's 1st and 2nd save/restore")
+                 f"({_mib(shapes['bytes'])}, new shapes for each contender), its 1st and 2nd "
+                 "save/restore")
     return line
 
 

@@ -46,6 +46,7 @@ saving every step with each contender.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -437,21 +438,29 @@ class Job:
             self.train_phase(root)
         return self.record
 
+    def abstract_items(self, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+        """{'state': the abstract state of `shapes` on this job's mesh}."""
+        return {"state": abstract_state(shapes, self.mesh)}
+
     def shapes_phase(self, root: Any, cold: bool) -> None:
         """A state of many small leaves of distinct shapes, saved twice and restored twice
-        per contender in a fresh directory: the first save()'s stall (and restore) pays
-        whatever is built per shape (on an accelerator, compiling the digest kernels), the
-        second shows the steady state."""
-        shapes = [tuple(s) for s in self.spec.get("distinct_shapes") or []]
-        if not shapes:
+        per contender in a fresh directory: the first save()'s stall (and commit, and
+        restore) pays whatever is built per shape (compiling the digest kernels, on an
+        accelerator and on CPU), the second shows the steady state. Each contender gets
+        shapes of its own (columns shifted by its index x the leaf count)."""
+        base = [tuple(s) for s in self.spec.get("distinct_shapes") or []]
+        if not base:
             return
-        items = {"state": random_state(shapes, self.mesh, seed=self.spec["seed"] + 1)}
-        jax.block_until_ready(host_arrays(items))
-        ctx = Context(make_target=lambda: {"state": abstract_state(shapes, self.mesh)},
-                      item_names=("state",), timeout_s=self.timeout_s)
-        out: dict[str, Any] = {"leaves": len(shapes),
-                               "bytes": int(sum(a.nbytes for a in host_arrays(items)))}
-        for name in self.spec["contenders"]:
+        out: dict[str, Any] = {"leaves": len(base)}
+        for k, name in enumerate(self.spec["contenders"]):
+            # Shapes no earlier contender used: what one compiled for a shape (e.g. Orbax's
+            # device-to-host copies) must not make another's first save look warm.
+            shapes = [(rows, cols + k * len(base)) for rows, cols in base]
+            items = {"state": random_state(shapes, self.mesh, seed=self.spec["seed"] + 1)}
+            jax.block_until_ready(host_arrays(items))
+            out.setdefault("bytes", int(sum(a.nbytes for a in host_arrays(items))))
+            ctx = Context(make_target=functools.partial(self.abstract_items, shapes),
+                          item_names=("state",), timeout_s=self.timeout_s)
             self.emit(phase="shapes", contender=name)
             c = make_contender(name, root / "shapes" / slug(name), ctx)
             row: dict[str, Any] = {}
