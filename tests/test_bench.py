@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from distckpt import storage
 from distckpt.bench import figures as bench_figures
 from distckpt.bench import harness as bench
 from distckpt.bench import report as bench_report
@@ -23,6 +22,7 @@ from distckpt.bench import s3 as bench_s3
 from distckpt.bench.figures import aggregate, targets
 from distckpt.bench.harness import BenchConfig
 from distckpt.bench.names import parse_contender
+from distckpt.testing.kvfiles import small_files
 
 ROOT = Path(__file__).parent.parent
 TINY_MODEL = "d_model=16,n_layers=1,d_ff=32,vocab=32,n_heads=2,n_kv_heads=1,head_dim=8"
@@ -348,13 +348,13 @@ def test_bench_replicated_state_reports_bytes_read_vs_unique_bytes(tmp_path):
 
 # --------------------------------------------------------------------------- s3://
 def _objects(url: str) -> list[str]:
-    return [k for k in storage.small_files(url).list() if not k.endswith("/")]
+    return [k for k in small_files(url).list() if not k.endswith("/")]
 
 
 def test_bench_refuses_a_non_empty_s3_prefix(s3_env, s3_url, capsys):
     from distckpt.tools import cli
 
-    storage.small_files(s3_url).write_bytes("old/checkpoint", b"keep me")
+    small_files(s3_url).write_bytes("old/checkpoint", b"keep me")
     assert cli.main(["bench", "--dir", s3_url, "--size", "64KiB", "--hosts", "1"]) == 1
     out = capsys.readouterr().out
     assert "is not empty" in " ".join(out.split()) and "old/checkpoint" in out
