@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from distckpt import storage
 from distckpt.bench import figures as bench_figures
 from distckpt.bench import harness as bench
 from distckpt.bench import report as bench_report
@@ -23,6 +22,7 @@ from distckpt.bench import s3 as bench_s3
 from distckpt.bench.figures import aggregate, targets
 from distckpt.bench.harness import BenchConfig
 from distckpt.bench.names import parse_contender
+from distckpt.testing.kvfiles import small_files
 
 ROOT = Path(__file__).parent.parent
 TINY_MODEL = "d_model=16,n_layers=1,d_ff=32,vocab=32,n_heads=2,n_kv_heads=1,head_dim=8"
@@ -42,12 +42,18 @@ def _process(pid: int, stall: float, shard: int = 100) -> dict:
                 "raw_read_files_s": stall / 2, "files_bytes": 2**30, "files": 3,
                 "save_rss_base": 1000, "save_rss_peak": 1000 + 50 * k + pid,
                 "restore_rss_base": 0, "restore_rss_peak": shard,
+                "restore_read_bytes": 2**30 + pid, "restore_disk_read_bytes": 2**29,
                 **({"cross_restore_s": stall * k * 1.1, "cross_restore_rss_base": 0,
                     "cross_restore_rss_peak": shard} if name != "raw" else {})})
     return {"process": pid, "label": "2x1", "reps": reps, "shard_bytes": shard,
             "unique_shard_bytes": shard, "total_bytes": 2**30, "leaves": 2,
             "shapes": [[4, 4]], "memcpy_s": 0.01 * (pid + 1), "memcpy_alloc_s": 0.02,
             "phase_s": {},
+            "distinct_shapes": {"leaves": 3, "bytes": 96,
+                                **{name: {"first_stall_s": 1.0 + pid, "second_stall_s": 0.1,
+                                          "first_commit_s": 2.0, "second_commit_s": 0.2,
+                                          "first_restore_s": 0.5, "second_restore_s": 0.05}
+                                   for name in ("raw", "orbax", "distckpt")}},
             "rss_growth": {"raw": [0, 10, 10, 10], "orbax": [0, 10, 10 + 2**20, 10 + 2**21],
                            "distckpt": [0, 10, 10, 10]},
             "train": {"seconds_per_step": {"none": [1.0, 1.0], "raw": [1.5, 1.5],
@@ -80,9 +86,29 @@ def test_aggregate_takes_the_slowest_process_and_the_median_of_timed_reps():
     assert ratios["train_inflation"] == pytest.approx(0.03)
     assert "cross_restore_s" not in r or r["cross_restore_s"] is None
 
+    # Bytes read on restore: summed over processes; unique bytes: the step's files.
+    assert d["restore_read_bytes"] == 2 * 2**30 + 1 and d["unique_bytes"] == 2**30
+    assert d["restore_disk_read_bytes"] == 2**30
+    assert ratios["restore_read_vs_unique"] == pytest.approx(2.0, rel=1e-6)
+    # Distinct shapes: the slowest process's first and second save.
+    assert topo["distinct_shapes"] == {"leaves": 3, "bytes": 96}
+    assert d["shapes_first_stall_s"] == 2.0 and d["shapes_second_stall_s"] == 0.1
+    assert ratios["shapes_first_stall_vs_second"] == pytest.approx(20.0)
+    cells = dict(zip([h for h, _ in bench_report.FIGURES],
+                     dict(bench_report.columns({"config": {}}, topo))["distckpt"], strict=True))
+    assert cells["bytes read on restore / unique bytes"] == "2048 MiB / 1024 MiB (2.00x)"
+    assert cells["save() stall, distinct shapes: 1st / 2nd"] == "2.00 s / 100 ms"
+    assert "3 leaves of distinct shapes" in bench_report.topology_caption(
+        "2x1", {**topo, "hosts": 2, "devices_per_host": 1, "mesh": "fsdp=2"})
+
     report = {"references": bench_figures.reference_names(names), "topologies": {"2x1": topo}}
     rows = {row["ratio"]: row for row in targets(report)}
-    assert set(rows) == {t["ratio"] for t in bench_figures.TARGETS}
+    # The replicated-state target is checked only where the state is replicated.
+    assert set(rows) == {t["ratio"] for t in bench_figures.TARGETS if not t.get("replicated")}
+    replicated = {"2x1": {**topo, "data_parallel": 2}}
+    row = next(r for r in targets({**report, "topologies": replicated})
+               if r["ratio"] == "restore_read_vs_unique")
+    assert not row["met"] and row["threshold"] == 1.01
     assert rows["save_vs_orbax"]["met"] and rows["save_vs_orbax"]["margin"] == \
         pytest.approx(2.0 / 1.5 - 1)
     assert not rows["save_vs_raw"]["met"]
@@ -110,6 +136,20 @@ def test_contenders_and_config_are_validated():
     c = BenchConfig(hosts=(2, 4), data_parallel=2)
     assert c.mesh(4) == "data=2,fsdp=4" and c.label(4) == "4x2"
     assert bench.job_hosts(c) == [(4, False), (2, True)]
+    assert c.distinct_shape_list(4)[:2] == [(4, 8), (4, 9)] and \
+        len(set(c.distinct_shape_list(4))) == c.distinct_shapes == 300
+    for bad in (dict(platform="bogus"), dict(single_process=True),  # hosts (4, 2)
+                dict(platform="gpu", hosts=(2,)), dict(distinct_shapes=-1),
+                dict(data_parallel=0)):
+        with pytest.raises(ValueError):
+            BenchConfig(**bad)
+    one = BenchConfig(hosts=(1,), single_process=True, data_parallel=2)
+    assert one.platform == "cpu" and bench.with_local_devices(one) is one
+    # An accelerator's device count is checked once known (with_local_devices).
+    gpu = BenchConfig(platform="gpu", hosts=(1,), data_parallel=3)
+    assert gpu.single_process
+    with pytest.raises(ValueError, match="does not divide"):
+        bench.dataclasses.replace(gpu, devices_per_host=8, device_kind="H200")
 
 
 @pytest.mark.fast
@@ -160,7 +200,7 @@ def test_bench_end_to_end_on_a_tiny_state(tmp_path):
     cmd = [sys.executable, "-m", "distckpt.tools.cli", "bench", "--size", "256KiB",
            "--hosts", "2,1", "--reps", "2", "--warmup", "0", "--leaves", "2",
            "--rss-saves", "3", "--train-rounds", "1", "--train-steps", "1",
-           "--train-model", TINY_MODEL, "--train-batch", "4", "--mtbf", "1h",
+           "--train-model", TINY_MODEL, "--train-batch", "4", "--mtbf", "1h", "--shapes", "0",
            "--dir", str(tmp_path / "run"), "--json", str(out), "--markdown", str(md)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -238,15 +278,83 @@ def test_bench_end_to_end_on_a_tiny_state(tmp_path):
     assert updated.endswith("<!-- bench:end -->\nrest\n")
 
 
+def _bench(tmp_path, *flags: str) -> tuple[dict, str]:
+    """Run `distckpt bench` on a tiny state with `flags`; (the JSON report, Markdown)."""
+    out, md = tmp_path / "out.json", tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "distckpt.tools.cli", "bench", "--size", "256KiB",
+           "--reps", "1", "--warmup", "0", "--leaves", "2", "--rss-saves", "0",
+           "--train-rounds", "0", "--shapes", "6", "--dir", str(tmp_path / "run"),
+           "--json", str(out), "--markdown", str(md), *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return json.loads(out.read_text()), md.read_text()
+
+
+def _assert_shapes_and_reads(topo: dict) -> None:
+    assert topo["distinct_shapes"]["leaves"] == 6
+    for name in ("raw", "orbax", "distckpt"):
+        fig = topo["contenders"][name]
+        for which in ("first", "second"):
+            for key in ("stall_s", "commit_s", "restore_s"):
+                assert fig[f"shapes_{which}_{key}"] > 0, (name, which, key)
+        assert fig["unique_bytes"] > 0 and fig["restore_read_bytes"] > 0, name
+        assert fig["restore_disk_read_bytes"] is not None, name
+        assert fig["ratios"]["restore_read_vs_unique"] == pytest.approx(
+            fig["restore_read_bytes"] / fig["unique_bytes"])
+
+
+@pytest.mark.multiprocess
+def test_bench_single_process_path_of_an_accelerator_run_on_cpu(tmp_path):
+    """--platform cpu --single-process: the worker path of --platform gpu/tpu (one process,
+    the mesh over this machine's devices of the platform), end to end on 2 CPU devices."""
+    report, md = _bench(tmp_path, "--single-process", "--devices-per-host", "2")
+    assert report["platform"] == {"name": "cpu", "single_process": True, "devices": 2,
+                                  "kind": None}
+    assert report["config"]["hosts"] == [1]
+    assert list(report["topologies"]) == ["1x2"]
+    topo = report["topologies"]["1x2"]
+    assert topo["processes"] == 1 and topo["platform"] == "cpu"
+    assert topo["total_bytes"] == 2 * 32 * 1024 * 4
+    for name in ("raw", "orbax", "distckpt"):
+        for key in FIGURES:
+            assert topo["contenders"][name][key] is not None, (name, key)
+    _assert_shapes_and_reads(topo)
+    assert "| save() stall, distinct shapes: 1st / 2nd |" in md
+
+
+@pytest.mark.multiprocess
+def test_bench_replicated_state_reports_bytes_read_vs_unique_bytes(tmp_path):
+    """--data-parallel 2 on 2 hosts: each host holds a whole replica; the bytes read on
+    restore (summed over the processes), the unique bytes and the replicated target."""
+    report, md = _bench(tmp_path, "--hosts", "2", "--data-parallel", "2")
+    topo = report["topologies"]["2x2"]
+    assert topo["mesh"] == "data=2,fsdp=2" and topo["data_parallel"] == 2
+    _assert_shapes_and_reads(topo)
+    raw = topo["contenders"]["raw"]
+    assert raw["unique_bytes"] == topo["total_bytes"]  # its files: the unique shard bytes
+    assert raw["restore_read_bytes"] >= raw["unique_bytes"]
+    for name in ("orbax", "distckpt"):
+        fig = topo["contenders"][name]
+        # Every replica reads today (2x); a read-once restore may skip metadata no host
+        # needs (plain Orbax in one process reads 0.99x of its files), hence the margin.
+        assert fig["restore_read_bytes"] >= 0.95 * fig["unique_bytes"], name
+    rows = [r for r in report["targets"] if r["ratio"] == "restore_read_vs_unique"]
+    assert [r["topology"] for r in rows] == ["2x2"]
+    assert rows[0]["value"] == topo["contenders"]["distckpt"]["ratios"][
+        "restore_read_vs_unique"]
+    assert "| bytes read on restore / unique bytes |" in md
+    assert "| replicated state: bytes read from storage on restore / unique bytes | 2x2 |" in md
+
+
 # --------------------------------------------------------------------------- s3://
 def _objects(url: str) -> list[str]:
-    return [k for k in storage.small_files(url).list() if not k.endswith("/")]
+    return [k for k in small_files(url).list() if not k.endswith("/")]
 
 
 def test_bench_refuses_a_non_empty_s3_prefix(s3_env, s3_url, capsys):
     from distckpt.tools import cli
 
-    storage.small_files(s3_url).write_bytes("old/checkpoint", b"keep me")
+    small_files(s3_url).write_bytes("old/checkpoint", b"keep me")
     assert cli.main(["bench", "--dir", s3_url, "--size", "64KiB", "--hosts", "1"]) == 1
     out = capsys.readouterr().out
     assert "is not empty" in " ".join(out.split()) and "old/checkpoint" in out
@@ -260,7 +368,7 @@ def test_bench_on_s3_against_raw_put_get(s3_env, s3_url, tmp_path):
     out, md = tmp_path / "out.json", tmp_path / "bench.md"
     cmd = [sys.executable, "-m", "distckpt.tools.cli", "bench", "--dir", s3_url, "--size", "256KiB",
            "--hosts", "2", "--reps", "1", "--warmup", "0", "--leaves", "2", "--rss-saves",
-           "0", "--train-rounds", "0", "--contenders", "raw", "orbax", "distckpt",
+           "0", "--train-rounds", "0", "--shapes", "0", "--contenders", "raw", "orbax", "distckpt",
            "--json", str(out), "--markdown", str(md), "--chart", str(tmp_path / "c.png")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

@@ -188,9 +188,33 @@ def test_remat_plan_rejects_a_non_positive_budget(place, args, needle):
     assert_untouched(place)
 
 
+# --------------------------------------------------------------------------- bench
+def _has_gpu() -> bool:
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--platform", "bogus"], "--platform must be one of cpu, gpu, tpu, got 'bogus'"),
+    pytest.param(["--platform", "gpu"], "no gpu devices found: ",
+                 marks=pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU")),
+    (["--data-parallel", "3"], "data_parallel=3 does not divide the 8 devices of 4 hosts"),
+    (["--single-process", "--data-parallel", "3"],
+     "data_parallel=3 does not divide the 2 devices of 1 hosts"),
+    (["--single-process", "--hosts", "2"], "leave --hosts out"),
+    (["--shapes", "-1"], "--shapes must be >= 0"),
+])
+def test_bench_rejects_bad_input_before_writing_anything(place, args, needle):
+    res = run(place, "bench", "--dir", "out", *args)
+    assert res.returncode == 2
+    assert_one_line_error(res, "distckpt bench: error: ", needle)
+    assert_untouched(place)
+
+
 # --------------------------------------------------------------------------- help
 @pytest.mark.parametrize("command", ["drill", "launch", "train", "inspect", "verify",
-                                     "remat-plan"])
+                                     "remat-plan", "bench"])
 def test_help_still_works(place, command):
     res = run(place, command, "--help")
     assert res.returncode == 0 and "usage: distckpt" in res.stdout, res.stderr

@@ -7,6 +7,8 @@ Importing this module does not import jax (the main CLI builds its parser eagerl
     distckpt bench --contenders orbax orbax:ocdbt=0 orbax:zarr3=1 distckpt --rss-saves 0
     distckpt bench --dir s3://bucket/empty-prefix    # AWS_* environment: endpoint, keys
     distckpt bench --s3-server local                 # a private SeaweedFS on 127.0.0.1
+    distckpt bench --platform gpu --size 1GiB        # one process over the local GPUs
+    distckpt bench --data-parallel 2                 # replicated: bytes read vs unique
 """
 
 from __future__ import annotations
@@ -66,8 +68,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "and, when that fails, reported as failing with its error.")
     p.add_argument("--size", default=f"{d.size_bytes // 2**20}MiB",
                    help="state size over all hosts, e.g. 256MiB, 1GiB (default %(default)s)")
+    p.add_argument("--platform", default=d.platform, metavar="{cpu,gpu,tpu}",
+                   help="cpu: simulated hosts (processes) on CPU devices; gpu or tpu: one "
+                   "process over this machine's GPUs or TPUs (all of them; --hosts and "
+                   "--devices-per-host do not apply), the same contenders and figures "
+                   "(default %(default)s)")
+    p.add_argument("--single-process", action="store_true",
+                   help="with --platform cpu: one process over --devices-per-host CPU "
+                   "devices, the code path of an accelerator run (gpu and tpu imply it)")
+    p.add_argument("--shapes", type=int, default=d.distinct_shapes,
+                   help="leaves of distinct small shapes whose first and second save() "
+                   "stall and restore are measured (what is built per shape, e.g. digest "
+                   "kernels compiled on an accelerator); 0 to skip (default %(default)s)")
     p.add_argument("--hosts", default=",".join(map(str, d.hosts)),
-                   help="simulated host counts, one job each (default %(default)s)")
+                   help="simulated host counts, one job each (default %(default)s; one "
+                   "process with --single-process or --platform gpu/tpu)")
     p.add_argument("--devices-per-host", type=int, default=d.devices_per_host,
                    help="CPU devices per host (default %(default)s)")
     p.add_argument("--data-parallel", type=int, default=d.data_parallel,
@@ -178,9 +193,14 @@ def config_from_args(args: argparse.Namespace):
     from distckpt.bench.harness import BenchConfig
     from distckpt.remat.budget import parse_bytes
 
+    hosts = tuple(int(h) for h in args.hosts.split(",") if h.strip())
+    one_process = args.single_process or args.platform in ("gpu", "tpu")
+    if one_process and args.hosts == ",".join(map(str, BenchConfig().hosts)):
+        hosts = (1,)  # --hosts left at its default: the one process
     return BenchConfig(
-        size_bytes=parse_bytes(args.size),
-        hosts=tuple(int(h) for h in args.hosts.split(",") if h.strip()),
+        size_bytes=parse_bytes(args.size), platform=args.platform,
+        single_process=args.single_process, distinct_shapes=args.shapes,
+        hosts=hosts,
         devices_per_host=args.devices_per_host, data_parallel=args.data_parallel,
         leaves=args.leaves, contenders=tuple(args.contenders) if args.contenders else None,
         reps=args.reps,
@@ -202,19 +222,27 @@ def main(args: argparse.Namespace) -> int:
         from distckpt.tools.model import ModelConfig
 
         ModelConfig(**dict(config.train_model))
+        from distckpt.bench.harness import with_local_devices
+
+        config = with_local_devices(config)  # gpu/tpu: every local device, or refuse
     except (ValueError, TypeError) as e:
         print(f"distckpt bench: error: {e}", file=sys.stderr)
         return 2
     console = Console(highlight=False)
     command = command_line(args)
-    console.print(f"[bold]distckpt bench[/bold]: {args.size} state on "
-                  f"{', '.join(config.label(h) for h in sorted(config.hosts, reverse=True))} "
-                  f"hosts x devices; contenders {' '.join(config.contenders)}; "
+    where = (f"one process over {config.devices_per_host} {config.platform} devices"
+             + (f" ({config.device_kind})" if config.device_kind else "")
+             if config.single_process else
+             f"{', '.join(config.label(h) for h in sorted(config.hosts, reverse=True))} "
+             "hosts x devices")
+    console.print(f"[bold]distckpt bench[/bold]: {args.size} state on {where}; "
+                  f"contenders {' '.join(config.contenders or ())}; "
                   f"{config.warmup} warm-up + {config.reps} timed repetitions"
                   + (f"; checkpoints at {config.directory}" if config.on_s3 else ""))
     with contextlib.ExitStack() as stack:
         server = None
         if args.s3_server == "local":
+            assert config.directory is not None  # bench_directory: s3:// on the server
             server = _start_private_server(console, stack, config.directory)
             if server is None:
                 return 1

@@ -43,7 +43,11 @@ TARGETS: tuple[dict[str, Any], ...] = (
      "op": "<=", "threshold": 1.0},
     {"name": "training step-time inflation, saving every step", "ratio": "train_inflation",
      "op": "<=", "threshold": 0.05},
+    {"name": "replicated state: bytes read from storage on restore / unique bytes",
+     "ratio": "restore_read_vs_unique", "op": "<=", "threshold": 1.01, "replicated": True},
 )
+"""A target with ``replicated`` is checked only on topologies whose state is replicated
+(``--data-parallel`` > 1)."""
 
 
 # Issue 6 (object storage) gives no thresholds of its own: issue 5's, with raw being PUT/GET.
@@ -104,6 +108,8 @@ def aggregate(records: list[dict[str, Any]], contenders: list[str]) -> dict[str,
         "memcpy_s": max(r["memcpy_s"] for r in records),
         "memcpy_alloc_s": max(r["memcpy_alloc_s"] for r in records),
         "phase_s": records[0].get("phase_s", {}),
+        "distinct_shapes": {k: first["distinct_shapes"][k] for k in ("leaves", "bytes")}
+        if first.get("distinct_shapes") else None,
         "contenders": {},
     }
     shard_of = {r["process"]: r["shard_bytes"] for r in records}
@@ -122,6 +128,10 @@ def aggregate(records: list[dict[str, Any]], contenders: list[str]) -> dict[str,
             vals = [row.get(key) for row in rows]
             return None if any(v is None for v in vals) else max(vals)
 
+        def total_of(rows, key):
+            vals = [row.get(key) for row in rows]
+            return None if any(v is None for v in vals) else sum(vals)
+
         def rss_ratio(rows, base, peak):
             if any(row.get(peak) is None for row in rows):
                 return None
@@ -138,6 +148,8 @@ def aggregate(records: list[dict[str, Any]], contenders: list[str]) -> dict[str,
                 rss_ratio(rows, "restore_rss_base", "restore_rss_peak"))
             series.setdefault("cross_restore_rss", []).append(
                 rss_ratio(rows, "cross_restore_rss_base", "cross_restore_rss_peak"))
+            for key in ("restore_read_bytes", "restore_disk_read_bytes"):
+                series.setdefault(key, []).append(total_of(rows, key))
             series.setdefault("files_bytes", []).append(rows[0]["files_bytes"])
             series.setdefault("files", []).append(rows[0]["files"])
         fig: dict[str, Any] = {key: _median(vals) for key, vals in series.items()}
@@ -147,6 +159,11 @@ def aggregate(records: list[dict[str, Any]], contenders: list[str]) -> dict[str,
         fig["raw_read_files_gibps"] = _div((fig.get("files_bytes") or 0) / GiB,
                                            fig.get("raw_read_files_s"))
         fig["cross_restore_gibps"] = _div(total / GiB, fig.get("cross_restore_s"))
+        fig["unique_bytes"] = fig.get("files_bytes")
+        shapes = [r.get("distinct_shapes", {}).get(name) for r in records]
+        if all(shapes):
+            for key in shapes[0]:
+                fig[f"shapes_{key}"] = max(s[key] for s in shapes)
         growth = [r["rss_growth"].get(name) for r in records]
         if all(g for g in growth):
             fig["rss_growth_bytes_per_save"] = max(rss_slope(g) for g in growth)
@@ -200,6 +217,12 @@ def add_ratios(topo: dict[str, Any], contenders: list[str]) -> None:
             "rss_growth_mib_per_save": (None if fig.get("rss_growth_bytes_per_save") is None
                                         else fig["rss_growth_bytes_per_save"] / MiB),
             "train_inflation": fig.get("train_inflation"),
+            "restore_read_vs_unique": _div(fig.get("restore_read_bytes"),
+                                           fig.get("unique_bytes")),
+            "restore_disk_read_vs_unique": _div(fig.get("restore_disk_read_bytes"),
+                                                fig.get("unique_bytes")),
+            "shapes_first_stall_vs_second": _div(fig.get("shapes_first_stall_s"),
+                                                 fig.get("shapes_second_stall_s")),
         }
         fig["ratios"] = ratios
 
@@ -223,7 +246,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ratios = topo["contenders"][name]["ratios"]
         for t in targets_for(storage_scheme(report)):
             value = ratios.get(t["ratio"])
-            if value is None:
+            if value is None or (t.get("replicated") and topo.get("data_parallel", 1) <= 1):
                 continue
             thr = t["threshold"]
             met = value >= thr if t["op"] == ">=" else value <= thr

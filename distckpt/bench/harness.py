@@ -72,6 +72,8 @@ from distckpt.bench.machine import filesystem_of, machine
 from distckpt.bench.names import default_contenders, parse_contender
 
 SCHEMA = "distckpt-bench/1"
+PLATFORMS = ("cpu", "gpu", "tpu")
+"""--platform: simulated CPU hosts, or one process over the local GPUs or TPUs."""
 _EVENT = re.compile(r"BENCH (\{.*\})$")
 
 
@@ -128,8 +130,31 @@ class BenchConfig:
     """Seeds the random state."""
     timeout_s: float = 900.0
     """Limit for each job."""
+    platform: str = "cpu"
+    """'cpu' (simulated hosts on CPU devices), 'gpu' or 'tpu' (one process over this
+    machine's accelerators: :func:`local_devices`, :meth:`with_local_devices`)."""
+    single_process: bool = False
+    """One process over this machine's devices of `platform` (implied by gpu and tpu; with
+    cpu, `devices_per_host` CPU devices): the path an accelerator run takes."""
+    distinct_shapes: int = 300
+    """Leaves of distinct small shapes whose first and second save() stall (and restore)
+    are measured separately, on the jobs that measure the extras (0 skips it)."""
+    device_kind: str | None = None
+    """What the devices are (e.g. 'NVIDIA H200'), from :func:`local_devices`."""
 
     def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"--platform must be one of {', '.join(PLATFORMS)}, got "
+                             f"{self.platform!r}")
+        if self.platform != "cpu":
+            object.__setattr__(self, "single_process", True)
+        if self.single_process and tuple(self.hosts) != (1,):
+            raise ValueError(f"--hosts {','.join(map(str, self.hosts))}: a one-process run "
+                             f"(--platform {self.platform}"
+                             + ("" if self.platform != "cpu" else " --single-process")
+                             + ") has one host over the local devices; leave --hosts out")
+        if self.distinct_shapes < 0:
+            raise ValueError(f"--shapes must be >= 0, got {self.distinct_shapes}")
         if self.contenders is None:
             object.__setattr__(self, "contenders", default_contenders(self.directory))
         if self.size_bytes < 1 or self.leaves < 1:
@@ -137,7 +162,10 @@ class BenchConfig:
         if not self.hosts or any(h < 1 for h in self.hosts) or self.devices_per_host < 1:
             raise ValueError(f"need hosts >= 1 and devices per host >= 1, got {self.hosts}, "
                              f"{self.devices_per_host}")
-        for h in self.hosts:
+        if self.data_parallel < 1:
+            raise ValueError(f"--data-parallel must be >= 1, got {self.data_parallel}")
+        # An accelerator's device count is known once asked (with_local_devices).
+        for h in self.hosts if self.platform == "cpu" or self.device_kind else ():
             if (h * self.devices_per_host) % self.data_parallel:
                 raise ValueError(f"data_parallel={self.data_parallel} does not divide the "
                                  f"{h * self.devices_per_host} devices of {h} hosts")
@@ -174,6 +202,12 @@ class BenchConfig:
     def label(self, hosts: int) -> str:
         return f"{hosts}x{self.devices_per_host}"
 
+    def distinct_shape_list(self, hosts: int) -> list[tuple[int, int]]:
+        """`distinct_shapes` small float32 matrices, no two of the same shape: rows one per
+        fsdp shard, columns 8, 9, 10, ... (a first save compiles anything per shape)."""
+        rows = hosts * self.devices_per_host // self.data_parallel
+        return [(rows, 8 + i) for i in range(self.distinct_shapes)]
+
     def shapes(self) -> list[tuple[int, int]]:
         """The state's float32 [rows, 1024] matrices, the same on every topology: rows are
         a multiple of every job's fsdp size so that each restores the others' saves."""
@@ -189,6 +223,42 @@ class BenchConfig:
         out["hosts"] = list(self.hosts)
         out["contenders"] = list(self.contenders or ())
         return out
+
+
+# --------------------------------------------------------------------------- devices
+def local_devices(platform: str, timeout_s: float = 300.0) -> tuple[int, str]:
+    """(how many, what kind) of this machine's `platform` devices, asked of a fresh process
+    (:func:`distckpt.bench.worker.device_summary`), so that this one never initializes an
+    accelerator (nor holds its memory while the job runs). Raises ValueError
+    ``no gpu devices found: ...`` (the reason on the same line) when there are none."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    try:
+        res = subprocess.run([sys.executable, "-m", "distckpt.bench.worker", "--devices",
+                              platform], capture_output=True, text=True, env=env,
+                             timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"no {platform} devices found: asking jax for them took over "
+                         f"{timeout_s:g} s") from None
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        tail = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        raise ValueError(f"no {platform} devices found: {tail}")
+    found = json.loads(lines[-1])
+    if found.get("error") or not found.get("count"):
+        raise ValueError(f"no {platform} devices found: "
+                         f"{found.get('error') or 'jax lists none'}")
+    return int(found["count"]), str(found.get("kind") or platform)
+
+
+def with_local_devices(config: BenchConfig) -> BenchConfig:
+    """`config` on an accelerator: one host with every local device of its platform (the
+    data-parallel size checked against them). A cpu config is returned as it is."""
+    if config.platform == "cpu":
+        return config
+    count, kind = local_devices(config.platform)
+    return dataclasses.replace(config, hosts=(1,), devices_per_host=count, device_kind=kind)
 
 
 # --------------------------------------------------------------------------- driver
@@ -243,7 +313,8 @@ def job_units(config: BenchConfig, extras: bool = True) -> int:
     if not extras:
         return reps
     train = (config.train_rounds + 1) * (n + 1) if config.train_rounds else 0
-    return reps + config.rss_saves * n + train
+    shapes = n if config.distinct_shapes else 0
+    return reps + shapes + config.rss_saves * n + train
 
 
 def job_hosts(config: BenchConfig) -> list[tuple[int, bool]]:
@@ -289,6 +360,15 @@ def _notes(config: BenchConfig, failed: dict[str, str]) -> list[str]:
                      "'raw GET of its objects' GETs a contender's step objects, split over "
                      "the processes; nothing is evicted from a page cache before reads "
                      "(they go over HTTP to the server, whatever it caches)")
+    if not config.on_s3:
+        notes.append(
+            "bytes read on restore: what the processes read through read calls (Linux "
+            "/proc/self/io rchar), summed over processes, i.e. what hosts with their own "
+            "page caches would fetch from shared storage; 'disk reads' is what this "
+            "machine's disk served (read_bytes): the simulated hosts share one page cache, "
+            "so a file read by several of them is read from disk once"
+            + ("" if config.cold else ", and with --warm nothing is evicted, so it is "
+               "mostly 0") + "; unique bytes are the bytes of the step's files")
     for name, error in failed.items():
         notes.append(f"`{name}` fails on {config.directory}: {error} (one-process probe "
                      "save; not run in the jobs)")
@@ -301,6 +381,8 @@ def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None]
     fails, ValueError if the directory or prefix is not empty."""
     from distckpt.tools.launcher import launch
 
+    if config.platform != "cpu" and config.device_kind is None:
+        config = with_local_devices(config)
     workdir, base, storage = prepare_storage(config)
     started = time.time()
     failed: dict[str, str] = {}
@@ -314,6 +396,8 @@ def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None]
         "filesystem": filesystem_of(workdir), "storage": storage, "directory": base,
         "logs": str(workdir), "load_average_start": list(os.getloadavg()),
         "references": reference_names(contenders), "failed": failed,
+        "platform": {"name": config.platform, "single_process": config.single_process,
+                     "devices": config.devices_per_host, "kind": config.device_kind},
         "notes": _notes(config, failed), "topologies": {},
     }
     previous_root: str | None = None
@@ -332,6 +416,8 @@ def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None]
             "cold": config.cold and not config.on_s3, "seed": config.seed, "root": root,
             "out_dir": str(out_dir), "timeout_s": config.timeout_s,
             "cross_root": previous_root,
+            "platform": config.platform, "single_process": config.single_process,
+            "distinct_shapes": config.distinct_shape_list(hosts) if extras else [],
             "train": {"rounds": config.train_rounds if extras else 0,
                       "steps": config.train_steps,
                       "model": dict(config.train_model), "batch": config.train_batch,
@@ -359,7 +445,9 @@ def run_bench(config: BenchConfig, *, progress: Callable[[dict[str, Any]], None]
                                f"\n{_tail(log_path)}")
         topo = aggregate([json.loads(p.read_text()) for p in records], contenders)
         topo.update(hosts=hosts, devices_per_host=config.devices_per_host,
-                    mesh=config.mesh(hosts), wall_s=time.perf_counter() - t0,
+                    mesh=config.mesh(hosts), data_parallel=config.data_parallel,
+                    platform=config.platform, device_kind=config.device_kind,
+                    wall_s=time.perf_counter() - t0,
                     cross_from=(previous_root.rsplit("/", 1)[-1] if previous_root else None))
         add_ratios(topo, contenders)
         report["topologies"][label] = topo

@@ -6,7 +6,7 @@ The chart needs matplotlib (``pip install 'distckpt[bench]'``); without it
 A report on ``s3://`` renames the figures that are about files (objects instead), adds the
 line that compares each contender with raw PUT/GET of the same bytes, shows a contender
 that failed (plain Orbax there) as a column saying "fails", and prints the report's notes.
-A local report renders exactly as before.
+A report from ``--platform gpu``/``tpu`` names the platform and devices in each caption.
 """
 
 from __future__ import annotations
@@ -51,6 +51,20 @@ def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"
 
 
+def _read_vs_unique(f: dict[str, Any]) -> str:
+    """'128 MiB / 64 MiB (2.00x)': bytes read on restore (all processes) / unique bytes."""
+    read, unique = f.get("restore_read_bytes"), f.get("unique_bytes")
+    if read is None or unique is None:
+        return "-"
+    ratio = f.get("ratios", {}).get("restore_read_vs_unique")
+    return f"{_mib(read)} / {_mib(unique)}" + (f" ({_x(ratio)})" if ratio is not None else "")
+
+
+def _first_second(f: dict[str, Any], key: str) -> str:
+    first, second = f.get(f"shapes_first_{key}"), f.get(f"shapes_second_{key}")
+    return "-" if first is None else f"{_s(first)} / {_s(second)}"
+
+
 FIGURES = (
     ("save() stall", lambda f: _s(f.get("stall_s"))),
     ("save to committed", lambda f: _s(f.get("commit_s"))),
@@ -71,6 +85,12 @@ FIGURES = (
     ("files on disk", lambda f: (
         "-" if f.get("files_bytes") is None
         else f"{f['files']:.0f} / {_mib(f['files_bytes'])}")),
+    ("bytes read on restore / unique bytes", lambda f: _read_vs_unique(f)),
+    ("disk reads on restore (shared page cache)",
+     lambda f: _mib(f.get("restore_disk_read_bytes"))),
+    ("save() stall, distinct shapes: 1st / 2nd", lambda f: _first_second(f, "stall_s")),
+    ("to committed, distinct shapes: 1st / 2nd", lambda f: _first_second(f, "commit_s")),
+    ("restore, distinct shapes: 1st / 2nd", lambda f: _first_second(f, "restore_s")),
 )
 
 
@@ -117,7 +137,13 @@ def vs_raw_line(report: dict[str, Any], topo: dict[str, Any]) -> str | None:
 
 
 def topology_caption(label: str, topo: dict[str, Any]) -> str:
-    line = (f"{label}: {topo['hosts']} hosts x {topo['devices_per_host']} devices, mesh "
+    platform = topo.get("platform", "cpu")
+    if platform != "cpu":
+        where = (f"{label}: one process over {topo['devices_per_host']} {platform} devices"
+                 f" ({topo.get('device_kind') or '?'})")
+    else:
+        where = f"{label}: {topo['hosts']} hosts x {topo['devices_per_host']} devices"
+    line = (f"{where}, mesh "
             f"{topo['mesh']}; state {_mib(topo['total_bytes'])} in {topo['leaves']} leaves, "
             f"{_mib(topo['shard_bytes_per_process'])} per process; memcpy of those "
             f"{_s(topo['memcpy_s'])} (into fresh buffers {_s(topo['memcpy_alloc_s'])})")
@@ -126,6 +152,11 @@ def topology_caption(label: str, topo: dict[str, Any]) -> str:
                  f"(state {_mib(topo.get('train_state_bytes'))})")
     if topo.get("cross_from"):
         line += f"; other topology = checkpoints saved by {topo['cross_from']}"
+    if topo.get("distinct_shapes"):
+        shapes = topo["distinct_shapes"]
+        line += (f"; distinct shapes = {shapes['leaves']} leaves of distinct shapes "
+                 f"({_mib(shapes['bytes'])}, new shapes for each contender), its 1st and 2nd "
+                 "save/restore")
     return line
 
 
@@ -297,6 +328,8 @@ def write_chart(report: dict[str, Any], path: str) -> bool:
     for t in targets_for(storage_scheme(report)):
         bars = []
         for label, topo in report["topologies"].items():
+            if t.get("replicated") and topo.get("data_parallel", 1) <= 1:
+                continue
             for name, fig in topo["contenders"].items():
                 if name == refs.get("raw"):
                     continue

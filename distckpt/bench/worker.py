@@ -5,6 +5,12 @@ simulated host (each calls ``jax.distributed.initialize``)::
 
     python -m distckpt.bench.worker SPEC.json
     python -m distckpt.bench.worker --probe SPEC.json   # one tiny save per contender
+    python -m distckpt.bench.worker --devices gpu       # {"count": .., "kind": ..}
+
+With ``--platform gpu`` or ``tpu`` (the spec's ``single_process``) the job is one process
+whose mesh covers this machine's devices of that platform; with ``--platform cpu
+--single-process`` the same code runs over the launcher's CPU devices (how the tests cover
+the accelerator path).
 
 Every process writes its own measurements to ``<out_dir>/<label>.p<i>.json``; the driver
 takes, for every timed operation, the slowest process (a multi-host save is done when its
@@ -28,7 +34,11 @@ On ``s3://`` (the spec's root is a URL) step 2 does not apply (the reads go over
 the server; nothing local to evict) and step 4 GETs the step's objects instead
 (:func:`distckpt.bench.s3.read_objects`).
 
-Then ``rss_saves`` consecutive saves per contender (RSS after each commit), and the
+Bytes read during each restore (``/proc/self/io``: ``rchar``, what the process read
+through read calls, and ``read_bytes``, what it caused the disk to serve) are recorded
+with it. Then, on the jobs that measure the extras, the distinct-shapes state: per
+contender a first and a second save (stall, commit) and restore of many small leaves of
+distinct shapes (:meth:`Job.shapes_phase`). Then ``rss_saves`` consecutive saves per contender (RSS after each commit), and the
 reference training loop (:mod:`distckpt.tools.train`) in blocks of steps without saving and
 saving every step with each contender.
 """
@@ -36,6 +46,7 @@ saving every step with each contender.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -134,6 +145,40 @@ class PeakRSS:
             assert self._thread is not None
             self._thread.join()
             self.peak = max(self.peak, rss_bytes())
+
+
+def io_counters() -> dict[str, int]:
+    """This process's Linux I/O counters (/proc/self/io): ``rchar`` (bytes returned by read
+    calls, page-cache hits included) and ``read_bytes`` (bytes this process caused to be
+    fetched from the storage layer); {} where the file is missing."""
+    try:
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return {}
+    return {k: int(fields[k]) for k in ("rchar", "read_bytes") if k in fields}
+
+
+class ReadBytes:
+    """Bytes this process read during a block: ``with ReadBytes() as r: ...``, then
+    ``r.calls`` (through read calls: rchar) and ``r.disk`` (from the storage layer:
+    read_bytes); None where /proc/self/io is missing."""
+
+    def __init__(self):
+        self.calls: int | None = None
+        self.disk: int | None = None
+        self._start: dict[str, int] = {}
+
+    def __enter__(self) -> ReadBytes:
+        self._start = io_counters()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = io_counters()
+        if "rchar" in end and "rchar" in self._start:
+            self.calls = end["rchar"] - self._start["rchar"]
+        if "read_bytes" in end and "read_bytes" in self._start:
+            self.disk = end["read_bytes"] - self._start["read_bytes"]
 
 
 # --------------------------------------------------------------------------- files
@@ -243,7 +288,8 @@ class Job:
         self.label = spec["label"]
         self.timeout_s = float(spec["timeout_s"])
         self.pid = jax.process_index()
-        self.mesh = make_mesh(spec["mesh"])
+        self.devices = job_devices(spec)
+        self.mesh = make_mesh(spec["mesh"], self.devices)
         self.shapes = [tuple(s) for s in spec["shapes"]]
         self.record: dict[str, Any] = {"process": self.pid, "label": self.label, "reps": [],
                                        "rss_growth": {}, "train": {}, "phase_s": {}}
@@ -286,13 +332,17 @@ class Job:
         if cold:
             self.evict_dir(step_dir, f"{name}:restore")
         self.barrier(f"{name}:restore")
-        with PeakRSS() as mem:
+        local = not bench_s3.is_url(step_dir)
+        with PeakRSS() as mem, ReadBytes() as io:
             t0 = time.perf_counter()
             arrays = c.restore(step, reader)
             seconds = time.perf_counter() - t0
         del arrays
         return {"restore_s": seconds, "restore_rss_base": mem.base,
-                "restore_rss_peak": mem.peak}
+                "restore_rss_peak": mem.peak,
+                # From local files only: an s3:// restore reads sockets (not counted alike).
+                "restore_read_bytes": io.calls if local else None,
+                "restore_disk_read_bytes": io.disk if local else None}
 
     def timed_raw_read(self, step_dir: Any, name: str, cold: bool) -> dict[str, Any]:
         if bench_s3.is_url(step_dir):
@@ -378,6 +428,8 @@ class Job:
         for c in contenders.values():
             c.close()
         self.lap("reps")
+        self.shapes_phase(root, cold)
+        self.lap("shapes")
         self.rss_phase(root, items)
         self.lap("rss")
         del module, items, arrays
@@ -385,6 +437,47 @@ class Job:
         if spec["train"]["rounds"] > 0:
             self.train_phase(root)
         return self.record
+
+    def abstract_items(self, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+        """{'state': the abstract state of `shapes` on this job's mesh}."""
+        return {"state": abstract_state(shapes, self.mesh)}
+
+    def shapes_phase(self, root: Any, cold: bool) -> None:
+        """A state of many small leaves of distinct shapes, saved twice and restored twice
+        per contender in a fresh directory: the first save()'s stall (and commit, and
+        restore) pays whatever is built per shape (compiling the digest kernels, on an
+        accelerator and on CPU), the second shows the steady state. Each contender gets
+        shapes of its own (columns shifted by its index x the leaf count)."""
+        base = [tuple(s) for s in self.spec.get("distinct_shapes") or []]
+        if not base:
+            return
+        out: dict[str, Any] = {"leaves": len(base)}
+        for k, name in enumerate(self.spec["contenders"]):
+            # Shapes no earlier contender used: what one compiled for a shape (e.g. Orbax's
+            # device-to-host copies) must not make another's first save look warm.
+            shapes = [(rows, cols + k * len(base)) for rows, cols in base]
+            items = {"state": random_state(shapes, self.mesh, seed=self.spec["seed"] + 1)}
+            jax.block_until_ready(host_arrays(items))
+            out.setdefault("bytes", int(sum(a.nbytes for a in host_arrays(items))))
+            ctx = Context(make_target=functools.partial(self.abstract_items, shapes),
+                          item_names=("state",), timeout_s=self.timeout_s)
+            self.emit(phase="shapes", contender=name)
+            c = make_contender(name, root / "shapes" / slug(name), ctx)
+            row: dict[str, Any] = {}
+            for step, which in ((1, "first"), (2, "second")):
+                got = self.timed_save(c, step, items, f"shapes:{name}:{which}")
+                row[f"{which}_stall_s"] = got["stall_s"]
+                row[f"{which}_commit_s"] = got["commit_s"]
+            for step, which in ((1, "first"), (2, "second")):
+                got = self.timed_restore(c, step, c.step_dir(step), f"shapes:{name}:{which}",
+                                         cold)
+                row[f"{which}_restore_s"] = got["restore_s"]
+            c.close()
+            out[name] = row
+            self.barrier(f"shapes:{name}:cleanup")
+            if coordinator.is_primary():
+                remove_tree(root / "shapes" / slug(name))
+        self.record["distinct_shapes"] = out
 
     def rss_phase(self, root: Any, items: dict[str, Any]) -> None:
         """RSS after each of `rss_saves` consecutive saves (committed), per contender."""
@@ -418,7 +511,7 @@ class Job:
         from distckpt.tools.model import ModelConfig
 
         t = self.spec["train"]
-        mesh = make_mesh(t["mesh"])
+        mesh = make_mesh(t["mesh"], self.devices)
         cfg = train.TrainConfig(model=ModelConfig(**t["model"]), batch=t["batch"],
                                 seq_len=t["seq_len"])
         state = train.new_state(cfg, mesh)
@@ -457,6 +550,31 @@ class Job:
         if coordinator.is_primary():
             remove_tree(root / "train")
         self.lap("train")
+
+
+def use_platform(platform: str) -> None:
+    """Let jax see `platform`'s devices: for gpu and tpu, every backend (the launcher sets
+    JAX_PLATFORMS=cpu for simulated hosts); cpu stays as the environment says."""
+    if platform != "cpu":
+        jax.config.update("jax_platforms", "")
+
+
+def job_devices(spec: dict[str, Any]) -> list[Any] | None:
+    """The devices a job's mesh is laid over: in a one-process run, this machine's devices
+    of the spec's platform; for simulated hosts None (jax.make_mesh over all devices)."""
+    if not spec.get("single_process"):
+        return None
+    return list(jax.devices(spec.get("platform", "cpu")))
+
+
+def device_summary(platform: str) -> dict[str, Any]:
+    """{'count', 'kind'} of this machine's `platform` devices, or {'error': why not}."""
+    use_platform(platform)
+    try:
+        devices = jax.devices(platform)
+    except Exception as e:  # jax says why (no such backend, a driver that failed)
+        return {"error": error_line(e, limit=300)}
+    return {"count": len(devices), "kind": devices[0].device_kind if devices else None}
 
 
 def prepare(root: str) -> None:
@@ -518,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--devices"] and len(argv) == 2:
+        print(json.dumps(device_summary(argv[1])), flush=True)
+        return 0
     probing = argv[:1] == ["--probe"]
     argv = argv[1:] if probing else argv
     if len(argv) != 1:
@@ -527,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     spec = json.loads(Path(argv[0]).read_text())
+    use_platform(spec.get("platform", "cpu"))
     coordinator.initialize()
     if probing:
         Path(spec["out"]).write_text(json.dumps(probe(spec)))
