@@ -250,7 +250,7 @@ MEMORY_WORKER = textwrap.dedent("""
     import json, os, sys
     import jax, jax.numpy as jnp, numpy as np
     import distckpt
-    from distckpt.bench.worker import PeakRSS
+    from distckpt.bench.measure import PeakRSS
     directory, mode = sys.argv[1], sys.argv[2]
     n = 4096  # 4096 x 4096 float32: 64 MiB in one array, one saved chunk
     if mode == "save":

@@ -60,7 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Save and restore one sharded NNX state of random float32 on simulated "
         "hosts (real processes), alternating the contenders (raw write+fsync / read, plain "
         "Orbax CheckpointManager, distckpt); medians of the repetitions after a warm-up. "
-        "Prints the figures, the issue's targets and the Young/Daly save interval. "
+        "Prints the figures, the performance targets and the Young/Daly save interval. "
         "With --dir s3://bucket/prefix (or --s3-server local) raw is PUT/GET of the same "
         "bytes as 4 MiB objects on the same server and the ratios compare distckpt with "
         "it; plain Orbax 0.12.8 cannot save on s3://, so the default contenders there are "

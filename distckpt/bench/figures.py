@@ -4,7 +4,7 @@
 figure is its slowest process's, figures are medians of the timed repetitions);
 :func:`add_ratios` compares each contender with raw and plain Orbax
 (:func:`reference_names`), one memcpy of the shard bytes and its own figures;
-:func:`targets` checks distckpt against the issue's targets (:data:`TARGETS`; on ``s3://``
+:func:`targets` checks distckpt against the performance targets (:data:`TARGETS`; on ``s3://``
 :data:`S3_TARGETS`, where raw is PUT and GET of the same bytes); :func:`policy_summary`
 gives the Young/Daly interval for the measured cost and an MTBF. All of it works on the
 JSON-ready dicts of the report (:mod:`distckpt.bench.harness` builds it,
@@ -21,7 +21,7 @@ from distckpt.bench.names import parse_contender
 GiB = float(2**30)
 MiB = float(2**20)
 
-# Targets of issue 5; "ratio" names a key of a contender's ratios.
+# The performance targets (docs/benchmarks.md); "ratio" names a key of a contender's ratios.
 TARGETS: tuple[dict[str, Any], ...] = (
     {"name": "save throughput vs raw write+fsync", "ratio": "save_vs_raw", "op": ">=",
      "threshold": 0.8},
@@ -50,7 +50,7 @@ TARGETS: tuple[dict[str, Any], ...] = (
 (``--data-parallel`` > 1)."""
 
 
-# Issue 6 (object storage) gives no thresholds of its own: issue 5's, with raw being PUT/GET.
+# Object storage has no thresholds of its own: the same ones, with raw being PUT/GET.
 S3_TARGETS: tuple[dict[str, Any], ...] = (
     {"name": "save throughput vs raw PUT of the same bytes", "ratio": "save_vs_raw",
      "op": ">=", "threshold": 0.8},
@@ -233,7 +233,7 @@ def storage_scheme(report: dict[str, Any]) -> str:
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, checked for distckpt on every topology that measured them.
+    """The performance targets, checked for distckpt on every topology that measured them.
 
     `margin` is how far the ratio is on the good side of the threshold, relative to it
     (0.25: 25% better than needed; negative: missed by that much).

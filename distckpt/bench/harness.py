@@ -19,7 +19,7 @@ evicted first), raw read GiB/s of the same files, restore onto another topology 
 previous, larger job's checkpoints), peak extra RSS over the shard bytes a process holds
 during save and restore, RSS growth over consecutive saves, and the reference training
 loop's step-time inflation when it saves every step (:mod:`distckpt.bench.figures` computes
-them from the processes' records, with the ratios, the issue's targets and the Young/Daly
+them from the processes' records, with the ratios, the performance targets and the Young/Daly
 interval for the measured cost and an MTBF). The report is a JSON-ready dict (schema
 :data:`SCHEMA`); :mod:`distckpt.bench.report` renders it as a table, Markdown and a chart.
 
@@ -29,7 +29,7 @@ credentials from the ``AWS_*`` environment) the same jobs run with these differe
 * ``raw`` PUTs each process's shard bytes as 4 MiB objects through TensorStore's s3
   kvstore and GETs them back (:class:`distckpt.bench.contenders.RawObjects`); committed =
   every PUT acknowledged. The ratios ``save_vs_raw`` and ``restore_vs_raw`` are then
-  distckpt against raw PUT and GET of the same bytes on the same server (issue 6), and
+  distckpt against raw PUT and GET of the same bytes on the same server, and
   :data:`distckpt.bench.figures.S3_TARGETS` names them so.
 * the default contenders are raw and distckpt
   (:func:`distckpt.bench.names.default_contenders`). Plain Orbax

@@ -121,7 +121,7 @@ def columns(report: dict[str, Any], topo: dict[str, Any]) -> list[tuple[str, lis
 
 def vs_raw_line(report: dict[str, Any], topo: dict[str, Any]) -> str | None:
     """On s3://: each contender's save and restore throughput over raw PUT and GET of the
-    same bytes on the same server (issue 6); None elsewhere or without raw."""
+    same bytes on the same server; None elsewhere or without raw."""
     raw = report["references"].get("raw")
     if storage_scheme(report) != "s3" or raw is None:
         return None
