@@ -49,8 +49,19 @@ def _cases(draw):
 
 
 def _kernel_digests(x: jax.Array) -> list[str]:
-    return [digest.to_hex(digest.dispatch([x], defer=defer).result()[0])
-            for defer in (False, True)]
+    """dispatch()'s digests of x, with and without defer, through both paths: the XLA
+    kernel (every shard above the small-block size) and NumPy blocks at their global
+    offsets (every shard below it)."""
+    out = []
+    saved = digest.SMALL_ELEMENTS
+    try:
+        for small in (0, 1 << 62):
+            digest.SMALL_ELEMENTS = small
+            out += [digest.to_hex(digest.dispatch([x], defer=defer).result()[0])
+                    for defer in (False, True)]
+    finally:
+        digest.SMALL_ELEMENTS = saved
+    return out
 
 
 def _check(dtype, shape, mesh_shape, spec, seed) -> None:
@@ -60,7 +71,7 @@ def _check(dtype, shape, mesh_shape, spec, seed) -> None:
     x = jax.device_put(host, NamedSharding(mesh, PartitionSpec(*spec)))
     assert x.dtype == host.dtype and x.shape == host.shape
     want = digest.numpy_digest(host)
-    assert _kernel_digests(x) == [want, want], (dtype, shape, mesh_shape, spec, seed)
+    assert _kernel_digests(x) == [want] * 4, (dtype, shape, mesh_shape, spec, seed)
     if host.size:  # position matters: a moved element changes the digest
         flipped = np.flip(host)
         if flipped.tobytes() != host.tobytes():

@@ -18,7 +18,8 @@ saved the step:
   temporaries (a few piece-sized uint32 arrays; measured: 64 MiB restored with an 8 MiB
   budget grew the peak RSS by 73 MiB, tests/test_streaming.py).
 * Verification folds in as pieces arrive: each piece's digest lanes are computed on its
-  device with its global start (:func:`distckpt.state.digest._shard_lanes`); partial
+  device with its global start (:func:`distckpt.state.digest.block_lanes`: small pieces
+  in NumPy on the host, without a kernel compiled per shape); partial
   digests add, so the shard's partial is the sum. As in :func:`digest.dispatch`, only
   the shards with replica id 0 count.
 
@@ -77,8 +78,27 @@ class Request:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write(buf: jax.Array, piece: jax.Array, starts: jax.Array) -> jax.Array:
-    """`piece` written into `buf` at `starts`, in place (`buf` is donated)."""
+    """`piece` written into `buf` at `starts`, in place (`buf` is donated). A piece of
+    another dtype of the same width is written as its bits (see :func:`_carrier`)."""
+    if piece.dtype != buf.dtype:
+        piece = jax.lax.bitcast_convert_type(piece, buf.dtype)
     return jax.lax.dynamic_update_slice(buf, piece, [starts[d] for d in range(buf.ndim)])
+
+
+def _carrier(dtype: np.dtype) -> np.dtype:
+    """The dtype a multi-piece shard's buffer is assembled in. XLA on CPU computes
+    dynamic_update_slice of bfloat16 and float8 through float32, which turns a
+    signalling NaN's bits into the canonical NaN (measured: 0x7fbf became 0x7fc0); the
+    bits of floats of at most 2 bytes are therefore written as unsigned integers of the
+    same width, and the buffer is reinterpreted at the end (a bitcast, no conversion)."""
+    if dtype.kind not in "iub" and dtype.itemsize in (1, 2):
+        return np.dtype(f"uint{8 * dtype.itemsize}")
+    return dtype
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _reinterpret(buf: jax.Array, dtype: np.dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(buf, dtype)
 
 
 @dataclasses.dataclass
@@ -101,7 +121,7 @@ class _Shard:
     """Whether this process holds the index's replica 0 (its lanes count in the digest)."""
     pieces: list[Box] = dataclasses.field(default_factory=list)
     buffer: jax.Array | None = None
-    lanes: list[jax.Array] = dataclasses.field(default_factory=list)
+    lanes: list[jax.Array | np.ndarray] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -344,11 +364,11 @@ def _land(shard: _Shard, pending: _Read, verify: bool) -> None:
         piece = jax.device_put(host, device)
         if shard.buffer is None:
             shape = tuple(h - a_ for a_, h in zip(*shard.box, strict=True))
-            shard.buffer = jnp.zeros(shape, shard.leaf.dtype, device=device)
+            shard.buffer = jnp.zeros(shape, _carrier(shard.leaf.dtype), device=device)
         rel = np.array([a - b for a, b in zip(lo, shard.box[0], strict=True)], np.int32)
         shard.buffer = _write(shard.buffer, piece, rel)
     if verify and shard.counts and host.size:
-        shard.lanes.append(digest._shard_lanes(piece, starts))
+        shard.lanes.append(digest.block_lanes(host, piece, starts))
     if len(shard.pieces) > 1:
         shard.buffer.block_until_ready()  # the piece's host and device copies go now
 
@@ -358,6 +378,8 @@ def _assemble(leaf: _Leaf, verify: bool) -> tuple[jax.Array, digest.Partial | No
     buffers = []
     for shard in leaf.shards:
         assert shard.buffer is not None
+        if shard.buffer.dtype != leaf.dtype:  # assembled in its carrier dtype
+            shard.buffer = _reinterpret(shard.buffer, leaf.dtype)
         buffers.append(shard.buffer)
         buffers += [jax.device_put(shard.buffer, d) for d in shard.devices[1:]]
     array = jax.make_array_from_single_device_arrays(target.shape, target.sharding, buffers)
