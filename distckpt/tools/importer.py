@@ -23,6 +23,7 @@ number, then save. The source is only read. The destination is created by the sa
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -175,14 +176,21 @@ def _read(source: Source, item: str, allow_pickle: bool,
 
 
 def _read_json_item(path: epath.Path, name: str) -> dict[str, Any]:
-    import json
-
+    """A JsonCheckpointHandler item (e.g. ``metrics``, the seeds' ``metadata``), flattened."""
     out: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}{import_tree.SEP}{k}", v)
+        else:
+            out[prefix] = value
+
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
         if entry.is_file() and not entry.name.startswith(("_", ".")) and \
                 entry.name != "commit_success.txt":
             try:
-                out[f"{name}/{entry.name}"] = json.loads(entry.read_text())
+                flatten(name, json.loads(entry.read_text()))
             except ValueError:
                 continue
     return out
@@ -210,11 +218,10 @@ def _step_of(source: Source, mapped: import_tree.Mapped, step: int | None) -> in
         return step
     if source.step is not None:
         return source.step
-    for key in ("step", "default/step", "state/step"):
-        value = mapped.values.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return 0
+    found = sorted((key.count(import_tree.SEP), key) for key, value in mapped.values.items()
+                   if key.rsplit(import_tree.SEP, 1)[-1] == "step" and isinstance(value, int)
+                   and not isinstance(value, bool) and value >= 0)
+    return int(mapped.values[found[0][1]]) if found else 0
 
 
 def _metrics_of(source: Source, mapped: import_tree.Mapped) -> dict[str, float]:

@@ -35,6 +35,22 @@ def _entries(path: epath.Path) -> dict[str, list[str]]:
     return out
 
 
+def _importable(directory: epath.PathLike) -> str | None:
+    """What a plain Orbax checkpoint or a pickle file is, and the command importing it."""
+    from distckpt.tools import import_source
+
+    try:
+        source = import_source.detect(directory)
+    except import_source.ImportSourceError:
+        return None
+    command = import_source.command_for(str(directory), source.layout)
+    if source.layout is import_source.Layout.PICKLE:
+        return (f"{directory} is a pickle file, not a distckpt checkpoint; unpickling executes "
+                f"code stored in the file, so if you trust it, import it with: {command}")
+    return (f"{directory} is {source.describe()}, not a distckpt checkpoint; import it "
+            f"with: {command}")
+
+
 def describe_step(directory: epath.Path, step: int) -> dict[str, Any]:
     """Everything readable about one step, with a list of problems."""
     info: dict[str, Any] = {"step": step, "committed": False, "problems": []}
@@ -90,7 +106,8 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
                                      " (an object store prefix with no objects)"))
         return report
     if not path.is_dir():
-        report["problems"].append(f"{directory} is a file, not a checkpoint directory")
+        foreign = _importable(directory)
+        report["problems"].append(foreign or f"{directory} is a file, not a checkpoint directory")
         return report
     report["found"] = True  # a directory (local), or a prefix with objects (object store)
     scanned = committed.scan(path)
@@ -103,6 +120,11 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
     report["quarantined"] = sorted(p.name for p in quarantine.iterdir()) \
         if quarantine.exists() else []
     done = [s for s, rec in scanned.items() if isinstance(rec, dict)]
+    foreign = None if done else _importable(directory)
+    if foreign:
+        report["problems"].append(foreign)
+        report["steps"] = []
+        return report
     if not scanned:
         report["problems"].append(
             "no step directories: this is " + ("an empty directory" if not extra["other"]
