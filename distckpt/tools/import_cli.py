@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -44,18 +45,60 @@ def cmd_import(args: argparse.Namespace) -> int:
     from distckpt.tools.importer import import_checkpoint
 
     coordinator.initialize()
+    held = _HeldStderr()
     try:
         report = import_checkpoint(args.src, args.dst, step=args.step, item=args.item,
                                    allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     except (CheckpointError, DecisionFailedError, ValueError, OSError) as e:
         text = str(e).strip().splitlines()
-        return fail(text[0] if text else type(e).__name__)
+        held.drop(f"distckpt import: error: {text[0] if text else type(e).__name__}")
+        return 1
+    except BaseException:
+        held.release()
+        raise
+    held.release()
     if args.json:
         payload = {"process": jax.process_index(), **report.to_json()}
         print(json.dumps(payload, indent=2 if jax.process_count() == 1 else None), flush=True)
     elif coordinator.is_primary():
         _print(report.to_json())
     return 0
+
+
+class _HeldStderr:
+    """Hold what is written to stderr (file descriptor 2) while an import runs.
+
+    When Orbax fails to read a damaged checkpoint, TensorStore's callbacks may still fire
+    after Orbax closed its event loop and print "RuntimeError: Event loop is closed"
+    tracebacks, during the import or as the process exits. A refused import prints one
+    line: `drop` discards what was held and keeps stderr silenced until exit (the line
+    goes to the original stderr); `release` puts stderr back and replays what was held.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._held = tempfile.TemporaryFile()
+        os.dup2(self._held.fileno(), 2)
+
+    def release(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        self._held.seek(0)
+        sys.stderr.buffer.write(self._held.read())
+        sys.stderr.flush()
+        self._held.close()
+
+    def drop(self, line: str) -> None:
+        """Write `line` to the original stderr; discard the rest, now and until exit."""
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        self._held.close()
+        os.write(self._saved, (line + "\n").encode())
 
 
 def _print(r: dict[str, Any]) -> None:

@@ -104,7 +104,7 @@ def _sharding_for(mesh: Mesh) -> Callable[[tuple[int, ...]], NamedSharding]:
 
 def _one_line(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text[:300]}"
+    return f"{type(e).__name__}: {text[:160]}" + ("..." if len(text) > 160 else "")
 
 
 def _read_orbax(path: epath.Path, sharding: Callable[[tuple[int, ...]], NamedSharding]) -> Any:
@@ -113,6 +113,10 @@ def _read_orbax(path: epath.Path, sharding: Callable[[tuple[int, ...]], NamedSha
     try:
         metadata = checkpointer.metadata(path).item_metadata
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
+        if not jax.tree.leaves(tree):  # Orbax logs why and returns nothing
+            raise ImportSourceError(
+                f"{path}: Orbax could not read the arrays' metadata of this item; the "
+                "checkpoint is truncated or damaged (or not an Orbax pytree save)")
 
         def restore_args(meta: Any) -> Any:
             if isinstance(meta, ocp.metadata.ArrayMetadata):
@@ -162,6 +166,8 @@ def _read(source: Source, item: str, allow_pickle: bool,
             continue
         try:
             tree = import_tree.plain(_read_orbax(path, sharding))
+        except ImportSourceError:
+            raise
         except Exception as e:
             raise ImportSourceError(
                 f"{path}: Orbax could not read this item ({_one_line(e)}); the checkpoint is "
