@@ -94,7 +94,7 @@ def _sharding_for(mesh: Mesh) -> Callable[[tuple[int, ...]], NamedSharding]:
         dims = sorted(range(len(shape)), key=lambda d: -shape[d])
         for d in dims:
             if size > 1 and shape[d] % size == 0:
-                spec = [None] * len(shape)
+                spec: list[Any] = [None] * len(shape)
                 spec[d] = axes if len(axes) > 1 else axes[0]
                 return NamedSharding(mesh, PartitionSpec(*spec))
         return NamedSharding(mesh, PartitionSpec())
