@@ -391,3 +391,12 @@ def test_two_process_import_holds_only_shards(tmp_path, run_hosts):
     assert restored.provenance["process_count"] == 2
     assert_bit_exact(restored.items["model"], model)
     assert_bit_exact(restored.items["optimizer"], optimizer)
+
+
+def test_cli_argument_mistakes_are_one_line(tmp_path):
+    res = run(tmp_path, "import", "only-src")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "distckpt import: error: the following arguments are required: DST; see distckpt "
+        "import --help"]
+    assert list(tmp_path.iterdir()) == []
