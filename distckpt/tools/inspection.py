@@ -108,6 +108,7 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
     if not path.is_dir():
         foreign = _importable(directory)
         report["problems"].append(foreign or f"{directory} is a file, not a checkpoint directory")
+        report["importable"] = bool(foreign)
         return report
     report["found"] = True  # a directory (local), or a prefix with objects (object store)
     scanned = committed.scan(path)
@@ -124,6 +125,7 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
     if foreign:
         report["problems"].append(foreign)
         report["steps"] = []
+        report["importable"] = True
         return report
     if not scanned:
         report["problems"].append(
