@@ -10,6 +10,7 @@ changes nothing on disk.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from etils import epath
@@ -39,6 +40,8 @@ def _importable(directory: epath.PathLike) -> str | None:
     """What a plain Orbax checkpoint or a pickle file is, and the command importing it."""
     from distckpt.tools import import_source
 
+    if not isinstance(directory, str | os.PathLike) or "://" in str(os.fspath(directory)):
+        return None  # importing reads local paths only
     try:
         source = import_source.detect(directory)
     except import_source.ImportSourceError:
