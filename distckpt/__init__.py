@@ -32,6 +32,9 @@ from distckpt.state.mesh import abstract_target as abstract_target
 from distckpt.state.mesh import init_sharded as init_sharded
 from distckpt.state.mesh import make_mesh as make_mesh
 from distckpt.state.process_state import drop_process_state as drop_process_state
+from distckpt.tools.importer import ImportReport as ImportReport
+from distckpt.tools.importer import ImportSourceError as ImportSourceError
+from distckpt.tools.importer import import_checkpoint as import_checkpoint
 
 __version__ = "0.1.0"
 
@@ -42,6 +45,8 @@ __all__ = [
     "CheckpointOptions",
     "CheckpointService",
     "FormatVersionError",
+    "ImportReport",
+    "ImportSourceError",
     "MeshSpec",
     "NoCheckpointError",
     "PreemptionGuard",
@@ -59,6 +64,7 @@ __all__ = [
     "all_gather",
     "barrier",
     "drop_process_state",
+    "import_checkpoint",
     "init_sharded",
     "initialize",
     "is_primary",

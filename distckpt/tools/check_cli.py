@@ -44,6 +44,9 @@ def _print_inspect(report: dict[str, Any]) -> None:
     console = _console()
     steps = report["steps"]
     committed = [s["step"] for s in steps if s["committed"]]
+    if report.get("importable"):  # a plain Orbax checkpoint or a pickle file: how to import it
+        console.print(f"[yellow]{report['problems'][0]}[/]")
+        return
     console.print(f"{report['directory']}: committed steps {committed or 'none'}")
     for s in steps:
         if not s["committed"]:

@@ -1,4 +1,4 @@
-"""The ``distckpt`` command: drill, launch, train, inspect, remat-plan.
+"""The ``distckpt`` command: drill, launch, train, inspect, import, remat-plan.
 
 Thin on purpose: parse arguments, call the library, print. Logic lives in the
 modules the commands name.
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     from distckpt.tools import check_cli
 
     check_cli.add_parsers(sub)
+    from distckpt.tools import import_cli
+
+    import_cli.add_parser(sub)
 
     try:
         from distckpt.remat import cli as remat_cli

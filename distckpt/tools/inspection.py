@@ -10,6 +10,7 @@ changes nothing on disk.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from etils import epath
@@ -33,6 +34,24 @@ def _entries(path: epath.Path) -> dict[str, list[str]]:
         elif name not in (commit.QUARANTINE_DIR, commit.TRASH_DIR):
             out["other"].append(name)
     return out
+
+
+def _importable(directory: epath.PathLike) -> str | None:
+    """What a plain Orbax checkpoint or a pickle file is, and the command importing it."""
+    from distckpt.tools import import_source
+
+    if not isinstance(directory, str | os.PathLike) or "://" in str(os.fspath(directory)):
+        return None  # importing reads local paths only
+    try:
+        source = import_source.detect(directory)
+    except import_source.ImportSourceError:
+        return None
+    command = import_source.command_for(str(directory), source.layout)
+    if source.layout is import_source.Layout.PICKLE:
+        return (f"{directory} is a pickle file, not a distckpt checkpoint; unpickling executes "
+                f"code stored in the file, so if you trust it, import it with: {command}")
+    return (f"{directory} is {source.describe()}, not a distckpt checkpoint; import it "
+            f"with: {command}")
 
 
 def describe_step(directory: epath.Path, step: int) -> dict[str, Any]:
@@ -90,7 +109,9 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
                                      " (an object store prefix with no objects)"))
         return report
     if not path.is_dir():
-        report["problems"].append(f"{directory} is a file, not a checkpoint directory")
+        foreign = _importable(directory)
+        report["problems"].append(foreign or f"{directory} is a file, not a checkpoint directory")
+        report["importable"] = bool(foreign)
         return report
     report["found"] = True  # a directory (local), or a prefix with objects (object store)
     scanned = committed.scan(path)
@@ -103,6 +124,12 @@ def inspect_directory(directory: epath.PathLike, step: int | None = None) -> dic
     report["quarantined"] = sorted(p.name for p in quarantine.iterdir()) \
         if quarantine.exists() else []
     done = [s for s, rec in scanned.items() if isinstance(rec, dict)]
+    foreign = None if done else _importable(directory)
+    if foreign:
+        report["problems"].append(foreign)
+        report["steps"] = []
+        report["importable"] = True
+        return report
     if not scanned:
         report["problems"].append(
             "no step directories: this is " + ("an empty directory" if not extra["other"]
