@@ -111,7 +111,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed runs of each (default 5)")
     p.add_argument("--dir", help="folder for the files (default: a temporary one, removed)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="print the table of the median over these runs' --json files "
+                        "(measures nothing)")
     a = p.parse_args(argv)
+    if a.combine:
+        for f in a.combine:
+            if not Path(f).is_file():
+                p.error(f"--combine {f}: no such file")
+        return a
     try:
         a.size_bytes, a.chunk_bytes = parse_bytes(a.size), parse_bytes(a.chunk)
     except ValueError as e:
@@ -452,8 +460,47 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def combine(runs: list[dict]) -> dict:
+    """One result from several runs: per measurement, the median of the runs' medians (the
+    baseline fractions recomputed from those); load averages and checks of every run."""
+    out = {**runs[0], "runs": len(runs), "dtypes": {},
+           "machine": {**runs[0]["machine"],
+                       "loadavg_start": [r["machine"]["loadavg_start"] for r in runs],
+                       "loadavg_end": [r["machine"]["loadavg_end"] for r in runs]}}
+    for name, first in runs[0]["dtypes"].items():
+        per = [r["dtypes"][name] for r in runs]
+        sec = {k: statistics.median(p["results"][k]["seconds"] for p in per)
+               for k in MEASUREMENTS if "seconds" in first["results"][k]}
+        results = {k: {"skipped": first["results"][k]["skipped"]} for k in MEASUREMENTS
+                   if k not in sec}
+        for k, v in sec.items():
+            results[k] = {"seconds": v, "gbps": first["bytes"] / v / 1e9,
+                          "runs": [p["results"][k]["seconds"] for p in per],
+                          "x_memcpy": sec["memcpy"] / v, "x_raw_write": sec["raw_write_fsync"] / v,
+                          "x_raw_read": sec["raw_read"] / v}
+        firsts = {k: statistics.median(p[k] for p in per) for k in first if k.endswith("_first_call_s")}
+        out["dtypes"][name] = {**first, **firsts, "results": results,
+                               "checks": {k: all(p["checks"][k] for p in per) for k in first["checks"]},
+                               "detection": {k: sorted({p["detection"][k]["read"] for p in per})
+                                             for k in first["detection"]}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parse_args(argv)
+    if a.combine:
+        out = combine([json.loads(Path(f).read_text()) for f in a.combine])
+        print(table(out))
+        for name, r in out["dtypes"].items():
+            print(f"{name}: first calls (compile) digest {r['digest_first_call_s']:.3f} s, "
+                  f"host view {r['digest_host_view_first_call_s']:.3f} s, chunked "
+                  f"{r['digest_chunked_first_call_s']:.3f} s; all checks pass in every run: "
+                  f"{all(r['checks'].values())}; flipped/moved reads: {r['detection']}")
+        print(f"load average at start/end of each run: {out['machine']['loadavg_start']} / "
+              f"{out['machine']['loadavg_end']}")
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     out = {"command": "python benchmarks/integrity_bench.py " + " ".join(
                sys.argv[1:] if argv is None else argv),
            "machine": machine(), "size_bytes": a.size_bytes, "chunk_bytes": a.chunk_bytes,

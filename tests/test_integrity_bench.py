@@ -56,6 +56,15 @@ def test_integrity_bench_tiny(tmp_path, capsys):
                                                          "digest_detects": True}, det
     assert not list(tmp_path.glob("integrity-bench-*"))  # its files are removed
 
+    both = tmp_path / "both.json"
+    assert bench.main(["--combine", str(out), str(out), "--json", str(both)]) == 0
+    combined = json.loads(both.read_text())
+    assert combined["runs"] == 2
+    for name, r in combined["dtypes"].items():
+        assert r["results"]["digest"]["seconds"] == \
+            result["dtypes"][name]["results"]["digest"]["seconds"]
+        assert r["detection"]["file_crc32c"] == ["error"]
+
 
 @pytest.mark.fast
 @pytest.mark.parametrize("args, message", [
