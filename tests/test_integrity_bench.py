@@ -20,7 +20,6 @@ def _bench():
     return mod
 
 
-@pytest.mark.fast
 def test_integrity_bench_tiny(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "out.json"
