@@ -1,4 +1,4 @@
-"""Issue items 5 and 6: every CLI input mistake gets one line, a non-zero exit, no traceback
+"""Every CLI input mistake gets one line, a non-zero exit, no traceback
 and no change on disk; drills clean up after themselves; launches are quiet.
 
 Each case runs the real ``distckpt`` command in a subprocess from an empty working directory,
@@ -218,4 +218,14 @@ def test_bench_rejects_bad_input_before_writing_anything(place, args, needle):
 def test_help_still_works(place, command):
     res = run(place, command, "--help")
     assert res.returncode == 0 and "usage: distckpt" in res.stdout, res.stderr
+    assert_untouched(place)
+
+
+def test_paths_with_brackets_are_printed_as_given(place):
+    """Rich reads '[...]' as markup: a path like 'runs/[exp]/[/x]' once raised MarkupError
+    (a traceback) in `inspect`; now it is printed as given."""
+    res = run(place, "inspect", "runs[exp]/[/x]")
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    assert res.returncode != 0
+    assert "runs[exp]/[/x] does not exist" in res.stdout + res.stderr, res.stdout + res.stderr
     assert_untouched(place)

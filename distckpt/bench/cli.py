@@ -214,6 +214,7 @@ def config_from_args(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     """Run ``bench`` with parsed `args`; returns the exit code."""
     from rich.console import Console
+    from rich.markup import escape
 
     from distckpt.bench import report as bench_report
 
@@ -238,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
     console.print(f"[bold]distckpt bench[/bold]: {args.size} state on {where}; "
                   f"contenders {' '.join(config.contenders or ())}; "
                   f"{config.warmup} warm-up + {config.reps} timed repetitions"
-                  + (f"; checkpoints at {config.directory}" if config.on_s3 else ""))
+                  + (f"; checkpoints at {escape(str(config.directory))}" if config.on_s3 else ""))
     with contextlib.ExitStack() as stack:
         server = None
         if args.s3_server == "local":
@@ -261,15 +262,18 @@ def main(args: argparse.Namespace) -> int:
 def _start_private_server(console: Any, stack: contextlib.ExitStack, directory: str):
     """Enter a private SeaweedFS (its AWS_* environment set for the run) into `stack`;
     None (after saying why) if it cannot start."""
+    from rich.markup import escape
+
     from distckpt.bench import s3 as bench_s3
     from distckpt.tools import s3server
 
     bucket = bench_s3.location(directory).bucket
-    console.print(f"starting a private SeaweedFS S3 server for s3://{bucket} ...")
+    console.print(f"starting a private SeaweedFS S3 server for s3://{bucket} ...",
+                  markup=False)
     try:
         return stack.enter_context(bench_s3.private_server(bucket))
     except (s3server.WeedNotFoundError, s3server.S3ServerError) as e:
-        console.print(f"[red]distckpt bench: --s3-server local: {e}[/red]")
+        console.print(f"[red]distckpt bench: --s3-server local: {escape(str(e))}[/red]")
         return None
 
 
@@ -303,7 +307,7 @@ def _run(console: Any, config: Any, args: argparse.Namespace) -> dict[str, Any] 
         try:
             report = bench.run_bench(config, progress=on_event)
         except (RuntimeError, ValueError, OSError) as e:
-            console.print(f"[red]distckpt bench failed: {e}[/red]")
+            console.print(f"distckpt bench failed: {e}", style="red", markup=False)
             return None
         for task in tasks.values():
             total = next(t.total for t in progress.tasks if t.id == task)
@@ -320,17 +324,17 @@ def _write_outputs(console: Any, report: dict[str, Any], args: argparse.Namespac
     if chart:
         if bench_report.write_chart(report, chart):
             report["chart"] = chart
-            console.print(f"chart: {chart}")
+            console.print(f"chart: {chart}", markup=False)
         else:
             report["chart"] = None
             console.print("chart skipped: matplotlib is not installed "
-                          "(pip install 'distckpt[bench]')")
+                          "(pip install 'distckpt\\[bench]')")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-        console.print(f"JSON report: {args.json}")
+        console.print(f"JSON report: {args.json}", markup=False)
     if args.markdown:
         Path(args.markdown).write_text(bench_report.markdown(report, command) + "\n")
-        console.print(f"Markdown: {args.markdown}")
+        console.print(f"Markdown: {args.markdown}", markup=False)
 
 
 if __name__ == "__main__":

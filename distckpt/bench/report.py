@@ -241,7 +241,7 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
         if line := vs_raw_line(report, topo):
             console.print(line)
     for note in report.get("notes") or []:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     rows = report.get("targets") or []
     if rows:
         table = Table(title=f"targets ({report['references']['distckpt']})",
@@ -255,7 +255,7 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                           margin_text(row))
         console.print(table)
     console.print(policy_line(report.get("policy")))
-    console.print(f"machine: {machine_line(report)}")
+    console.print(f"machine: {machine_line(report)}", markup=False)
 
 
 # --------------------------------------------------------------------------- markdown

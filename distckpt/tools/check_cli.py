@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Piped or redirected output has no width to fit: a table as wide as its contents, up to
@@ -45,22 +46,22 @@ def _print_inspect(report: dict[str, Any]) -> None:
     steps = report["steps"]
     committed = [s["step"] for s in steps if s["committed"]]
     if report.get("importable"):  # a plain Orbax checkpoint or a pickle file: how to import it
-        console.print(f"[yellow]{report['problems'][0]}[/]")
+        console.print(f"[yellow]{escape(report['problems'][0])}[/]")
         return
-    console.print(f"{report['directory']}: committed steps {committed or 'none'}")
+    console.print(f"{report['directory']}: committed steps {committed or 'none'}", markup=False)
     for s in steps:
         if not s["committed"]:
-            console.print(f"  [yellow]step {s['step']} not committed[/]: {s['reason']}")
+            console.print(f"  [yellow]step {s['step']} not committed[/]: {escape(s['reason'])}")
     for key in ("temporary", "quarantined"):
         if report.get(key):
-            console.print(f"  {key}: {', '.join(report[key])}")
+            console.print(f"  {key}: {', '.join(report[key])}", markup=False)
     detail = report.get("detail")
     if detail and detail.get("topology"):
         topo = detail["topology"]
         console.print(f"step {detail['step']}: saved by {topo['process_count']} processes, "
                       f"{topo['device_count']} {topo['platform']} devices, mesh {topo['mesh']}; "
                       f"{detail.get('files', '?')} files, {detail.get('bytes', 0):,} bytes; "
-                      f"metrics {detail.get('metrics')}; metadata {detail.get('metadata')}")
+                      f"metrics {detail.get('metrics')}; metadata {detail.get('metadata')}", markup=False)
         table = Table(show_header=True, header_style="bold")
         # A terminal too narrow for a path wraps it (fold), never cuts it with an ellipsis.
         table.add_column("leaf", overflow="fold")
@@ -71,7 +72,7 @@ def _print_inspect(report: dict[str, Any]) -> None:
                           str(leaf["spec"]))
         console.print(table)
     for problem in report["problems"]:
-        console.print(f"[red]problem[/]: {problem}")
+        console.print(f"[red]problem[/]: {escape(problem)}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -100,7 +101,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             console.print(f"step {v['step']}: {status} ({v['arrays']} arrays, "
                           f"{v['bytes']:,} bytes checked in {v['seconds']:.2f}s)")
             for problem in v["problems"]:
-                console.print(f"  {problem}")
+                console.print(f"  {problem}", markup=False)
     return 0 if report["ok"] else 1
 
 

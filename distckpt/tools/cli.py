@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -89,14 +90,14 @@ def cmd_drill(args: argparse.Namespace) -> int:
     _print_report(console, report)
     if args.keep:
         console.print(f"kept the drill's directory (logs, specs, results): {report.directory}",
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)
     elif report.removed and not report.verified:
         console.print("the drill's temporary directory (its logs) was removed; rerun with "
                       "--keep to keep it")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_json(), f, indent=2)
-        console.print(f"JSON report: {args.json}")
+        console.print(f"JSON report: {args.json}", markup=False)
     return 0 if report.verified else 1
 
 
@@ -125,7 +126,7 @@ def _print_report(console: Console, report) -> None:
     table.add_row("restored step", f"{report.restored_step} (expected {report.expected_step})")
     table.add_row("steps lost", f"{report.steps_lost} (trained to step {report.trained_until})")
     for step, reason in report.skipped:
-        table.add_row(f"skipped step {step}", reason[:200])
+        table.add_row(f"skipped step {step}", escape(reason[:200]))
     table.add_row("leaves / bytes", f"{report.leaves} / {report.bytes:,}")
     table.add_row("contents bit-identical",
                   "yes" if report.restored_step is not None and not report.content_mismatch
@@ -140,11 +141,11 @@ def _print_report(console: Console, report) -> None:
     table.add_row("commit time per save", ", ".join(_fmt(s) for s in report.commit_seconds))
     table.add_row("phase wall time", ", ".join(f"{k} {v:.1f}s"
                                                for k, v in report.phase_seconds.items()))
-    table.add_row("directory", report.directory + (" (temporary, removed; --keep keeps it)"
+    table.add_row("directory", escape(report.directory) + (" (temporary, removed; --keep keeps it)"
                                                    if report.removed else ""))
     console.print(table)
     if report.failure:
-        console.print(f"[red]{report.failure}[/red]")
+        console.print(f"[red]{escape(report.failure)}[/red]")
 
 
 # --------------------------------------------------------------------------- launch
