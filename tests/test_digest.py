@@ -100,3 +100,14 @@ def test_every_dtype_single_and_sharded(dtype):
                                     ((8, 3), (8,), ("x", None)),
                                     ((2, 4, 3, 2), (2, 4), ("x", "y", None, None))]:
         _check(dtype, shape, mesh_shape, spec, seed)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("shape", [(300, 700), (200_003,), (3, 70_001), (1, 90_000)])
+def test_host_lanes_in_rows_equal_the_kernel(shape):
+    """host_lanes works on large blocks a few rows at a time; the sum is the kernel's."""
+    rng = np.random.default_rng(7)
+    host = rng.standard_normal(shape).astype(np.float32)
+    starts = np.array([5 * (d + 1) for d in range(len(shape))], dtype=np.uint32)
+    want = tuple(int(v) for v in np.asarray(digest._shard_lanes(jnp.asarray(host), starts)))
+    assert digest.host_lanes(host, starts) == want

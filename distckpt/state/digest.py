@@ -238,6 +238,10 @@ def _host_words(array: np.ndarray) -> list[np.ndarray]:
     raise TypeError(f"cannot checksum dtype {dtype} ({dtype.itemsize}-byte elements)")
 
 
+_HOST_ROWS_ELEMENTS = 1 << 16
+"""host_lanes works on at most about this many elements at once (whole rows)."""
+
+
 def host_lanes(block: np.ndarray, starts: Sequence[int] | np.ndarray) -> Partial:
     """The lane sums of a host `block` whose [0, ...] element sits at global index
     `starts`, in NumPy (the reference definition; also what small blocks use: no
@@ -245,9 +249,19 @@ def host_lanes(block: np.ndarray, starts: Sequence[int] | np.ndarray) -> Partial
     block = np.asarray(block)
     if block.size == 0:
         return ZERO
+    starts = np.asarray(starts, dtype=np.uint32).reshape(-1)
+    if block.ndim and block.size > _HOST_ROWS_ELEMENTS and block.shape[0] > 1:
+        # Rows at a time: the temporaries (a few uint32 arrays of the block's shape) stay
+        # small whatever the block's size. Partial sums add up to the same lanes.
+        step = max(1, _HOST_ROWS_ELEMENTS // (block.size // block.shape[0]))
+        total = ZERO
+        for r in range(0, block.shape[0], step):
+            at = starts.copy()
+            at[0] += r
+            total = add(total, host_lanes(block[r:r + step], at))
+        return total
     words = _host_words(block)
     c1, c2 = np.uint32(_M1), np.uint32(_M2)
-    starts = np.asarray(starts, dtype=np.uint32).reshape(-1)
     grids = ([g + starts[d] for d, g in enumerate(np.indices(block.shape, dtype=np.uint32))]
              if block.ndim else [])
     lanes = []
