@@ -212,3 +212,23 @@ def finalize_thread_ended(manager: ocp.CheckpointManager) -> bool:
     # synchronous checks (e.g. StepAlreadyExistsError), and a save that raised there never
     # starts a finalize thread nor clears the mark, so nothing is in flight.
     return bool(ref.map(lambda t: t is None or not t.is_alive()))
+
+
+def use_coordination_barriers() -> None:
+    """Make Orbax's own barriers (the start of each save, directory creation, old steps
+    to remove, ...) barriers of JAX's coordination service instead of device all-gathers.
+
+    Public stand-in: none. Orbax 0.12.8 has the absl flag
+    ``experimental_orbax_use_distributed_barrier`` (default False: its barriers are
+    ``multihost_utils.sync_global_devices``, an XLA computation over every device per
+    barrier, eight per save, which never times out when a peer is gone). The
+    coordination service's barrier has a timeout and runs no device computation. The
+    flag is set as if given on the command line (``present``), so that reading it does
+    not require the application's absl flags to be parsed; it applies to the whole
+    process, as the flag would.
+    """
+    from absl import flags
+
+    holder = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+    holder.value = True
+    holder.present = 1

@@ -41,9 +41,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import jax
 from etils import epath
 
-from distckpt import storage
+from distckpt import compat, storage
 from distckpt.checkpoint import committed, restoring, retention
 from distckpt.checkpoint.opening import open_shared
 from distckpt.checkpoint.options import CheckpointOptions, Restored, SaveStats
@@ -110,6 +111,8 @@ class CheckpointService:
         # The service asks its own primary host; the process-wide setting is still set for
         # code without a service: the save policies, RestartLog and distckpt.is_primary().
         coordinator.set_primary_host(self.options.primary_host)
+        if jax.process_count() > 1:  # Orbax's barriers: coordination service, with timeouts
+            compat.use_coordination_barriers()
         self.primary = Primary(self.options.primary_host, self.options.timeout_s)
         opened = open_shared(directory, self.options, self.primary)
         self.location, self.directory = opened.location, opened.directory
