@@ -229,3 +229,17 @@ def test_paths_with_brackets_are_printed_as_given(place):
     assert res.returncode != 0
     assert "runs[exp]/[/x] does not exist" in res.stdout + res.stderr, res.stdout + res.stderr
     assert_untouched(place)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["drill", "--bogus"], ["unrecognized arguments: --bogus", "see distckpt --help"]),
+    (["drill", "--steps", "x"], ["invalid int value: 'x'", "see distckpt drill --help"]),
+    (["nosuch"], ["invalid choice: 'nosuch'"]),
+    (["verify"], ["required: dir", "see distckpt verify --help"]),
+])
+def test_argument_errors_are_one_line(place, args, needles):
+    """argparse prints the usage before its error; distckpt's parsers print one line."""
+    res = run(place, *args)
+    assert res.returncode == 2
+    assert_one_line_error(res, *needles)
+    assert_untouched(place)

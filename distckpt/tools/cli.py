@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -216,10 +216,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse prints the usage first): what
+    is wrong, and where to read how to call it. Subcommands' parsers are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from distckpt.tools.drill import FAULTS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="distckpt",
         description="Distributed multi-host checkpoints for JAX / Flax NNX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

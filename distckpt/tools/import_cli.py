@@ -135,10 +135,4 @@ def add_parser(sub: Any) -> None:
                    help="replace the step in DST if it already exists")
     p.add_argument("--json", action="store_true",
                    help="print the import report as JSON (every process prints its own)")
-    p.set_defaults(func=cmd_import)
-
-    def one_line(message: str) -> None:  # argparse's default adds the usage: 3 more lines
-        print(f"distckpt import: error: {message}; see distckpt import --help", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = one_line  # type: ignore[method-assign]
+    p.set_defaults(func=cmd_import)  # one-line argument errors: tools.cli.OneLineParser
