@@ -11,6 +11,7 @@ pytestmark = pytest.mark.multiprocess
 
 @pytest.mark.parametrize("hosts,devices,mesh", [
     (2, 2, "data=2,fsdp=2"),  # each process holds a whole replica
+    (4, 1, "data=2,fsdp=2"),  # pairs of processes hold the same half
 ])
 def test_read_once_reads_the_unique_bytes_once(tmp_path, run_hosts, hosts, devices, mesh):
     out = tmp_path / "once"
@@ -24,17 +25,23 @@ def test_read_once_reads_the_unique_bytes_once(tmp_path, run_hosts, hosts, devic
             run = g["runs"][mode]
             assert run["wrong_bytes"] == [] and run["wrong_sharding"] == [], (mode, run)
             assert run["verified"], mode
-            assert run["leaves_with_replicas"] > 0  # the target does replicate
+        # The target does replicate: some process holds replicas other than replica 0.
+        assert sum(g["runs"][mode]["leaves_with_replicas"] for g in got) > 0
     every = sum(g["runs"]["False"]["read"] for g in got)
     once = [g["runs"]["True"]["read"] for g in got]
-    # Without read-once every process reads the whole step; with it the processes
-    # together read the unique bytes once. The margin is for what each process reads
-    # besides array data (commit record, provenance, Orbax and OCDBT metadata, per-process
-    # records: a few hundred KiB at most, measured below 3% of a 6.5 MiB step).
-    assert every >= 0.95 * hosts * unique, (every, unique)
-    assert sum(once) <= unique * 1.05 + (256 << 10) * hosts, (once, unique)
-    # ...and the reading is spread: no process reads (nearly) everything.
-    assert max(once) <= 0.75 * unique, (once, unique)
+    # Without read-once both replicas are read from storage (every >= 2x unique); with it
+    # the second one is not read at all: the bytes saved are the unique bytes (5%
+    # margin). What remains beyond the unique bytes is what every process reads besides
+    # array data (commit record, provenance, Orbax and OCDBT metadata, per-process
+    # records), measured in the same job as `every`'s excess over 2x unique: ~0.1 MiB a
+    # process with 2 processes, ~0.65 MiB with 4 (4 OCDBT trees to walk).
+    assert every >= 2 * unique, (every, unique)
+    assert every - sum(once) >= 0.95 * unique, (every, once, unique)
+    assert sum(once) <= 1.02 * unique + (every - 2 * unique), (every, once, unique)
+    if hosts == 2:
+        assert sum(once) <= 1.05 * unique, (once, unique)
+    # ...and the reading is spread: each process reads its share of what it holds.
+    assert max(once) <= 1.5 * unique / hosts, (once, unique)
     # A flipped byte in array data is still caught, on every process.
     for g in got:
         assert g["corrupt"] is not None, g

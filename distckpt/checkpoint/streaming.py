@@ -474,8 +474,9 @@ class _Once:
         self.nproc = jax.process_count()
         self.me = jax.process_index()
         # Host bytes held at once: this round's reads and slab, the next round's reads,
-        # and the gathered slabs of every process: about (nproc + 3) slabs.
-        slab_max = max(1 << 16, memory_bytes // (4 * (self.nproc + 2)))
+        # and the gathered slabs of every process: about (nproc + 3) slabs, kept under
+        # the quarter of the budget that reads in flight get on the other path.
+        slab_max = max(1 << 16, memory_bytes // (4 * (self.nproc + 3)))
         slab_max -= slab_max % _ALIGN
         assigned = [0] * self.nproc
         queues: list[list[tuple[_Leaf, Box, Box]]] = [[] for _ in range(self.nproc)]
