@@ -481,10 +481,11 @@ def scenario_readonce(a) -> None:
                 if np.asarray(shard.data).tobytes() != full[shard.index].tobytes():
                     wrong_bytes.append(leaf.name)
             replicated += any(shard.replica_id for shard in value.addressable_shards)
-        # The second run of each mode is the one reported (the first compiles).
-        out["runs"][str(once)] = {"read": read, "seconds": seconds, "verified": restored.verified,
+        # Two runs of each mode: the test takes the fewer bytes (a process's rchar also
+        # counts reads by unrelated threads, e.g. lazy imports: seen 1.5 MiB extra).
+        out["runs"].setdefault(str(once), []).append({"read": read, "seconds": seconds, "verified": restored.verified,
                                   "wrong_sharding": wrong_sharding, "wrong_bytes": wrong_bytes,
-                                  "leaves_with_replicas": replicated}
+                                  "leaves_with_replicas": replicated})
     if distckpt.is_primary():
         data_files = [p for p in Path(a.dir, "1", "state").rglob("*")
                       if p.is_file() and p.parent.name == "d"]
