@@ -502,6 +502,28 @@ def scenario_readonce(a) -> None:
             out["corrupt"] = None
         except StepUnusableError as e:
             out["corrupt"] = {"kind": e.kind.value, "reason": e.reason}
+    # A read that fails on the last process mid-way: it keeps joining the all-gathers and
+    # every process raises (no process is left waiting in a collective).
+    from distckpt.checkpoint import streaming
+    original = streaming._Read.result
+    calls = [0]
+
+    def failing(self):
+        calls[0] += 1
+        if jax.process_index() == jax.process_count() - 1 and calls[0] == 2:
+            raise OSError("injected read failure")
+        return original(self)
+
+    streaming._Read.result = failing
+    try:
+        with distckpt.CheckpointService(a.dir, options) as ckpt:
+            try:
+                ckpt.restore(distckpt.abstract_target(factory(width=a.width), mesh), step=1)
+                out["read_error"] = None
+            except StepUnusableError as e:
+                out["read_error"] = e.reason
+    finally:
+        streaming._Read.result = original
     out["unique"] = sum(p.stat().st_size for p in Path(a.dir, "1").rglob("*") if p.is_file())
     out["array_bytes"] = sum(len(b.tobytes()) for b in saved.values())
     mine(a.out, out)

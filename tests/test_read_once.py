@@ -49,3 +49,5 @@ def test_read_once_reads_the_unique_bytes_once(tmp_path, run_hosts, hosts, devic
     for g in got:
         assert g["corrupt"] is not None, g
         assert g["corrupt"]["kind"] in ("corrupt", "unreadable"), g["corrupt"]
+        # A read failing on one process mid-way is raised on every process, none hangs.
+        assert "injected read failure" in (g["read_error"] or ""), g["read_error"]

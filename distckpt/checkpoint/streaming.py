@@ -542,45 +542,65 @@ class _Once:
         return [(entry, _Read(entry[0], entry[2])) for entry in mine[r]]
 
     def run(self, verify: bool) -> None:
+        """Every round on every process, even after an error here (kept, raised after the
+        rounds): a process that left would leave the others waiting in the all-gather."""
         if not self.count:
             return
         gather = _Gather(self.words)
         error: Exception | None = None
         upcoming = self._issue(0)
         for r in range(self.count):
-            current, slab = upcoming, np.zeros(self.words, np.uint32)
-            view = slab.view(np.uint8)
-            upcoming, own = [], []
-            for (leaf, box, piece, at, n), pending in current:
-                try:
-                    host = pending.result() if error is None else None
-                except Exception as e:  # noqa: BLE001 - raised after the rounds
-                    error, host = e, None
-                if host is None:
-                    continue
-                view[at:at + n] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
-                own.append((self.shards[(id(leaf), box)], piece, host))
-            travelling = gather.start(slab)
-            if error is None and r + 1 < self.count:
-                upcoming = self._issue(r + 1)  # read ahead while the slabs travel
-            for shard, piece, host in own:  # land (and digest) this process's reads meanwhile
-                _land(shard, piece, host, verify)
+            slab = np.zeros(self.words, np.uint32)
+            own: list[tuple[_Shard, Box, np.ndarray]] = []
+            try:
+                if error is None:
+                    own = self._pack(upcoming, slab)
+            except Exception as e:  # noqa: BLE001 - raised after the rounds
+                error, own = e, []
+            upcoming = []
+            travelling = gather.start(slab)  # the collective: every process, every round
+            try:
+                if error is None and r + 1 < self.count:
+                    upcoming = self._issue(r + 1)  # read ahead while the slabs travel
+                for shard, piece, host in own:  # land (and digest) this process's reads
+                    _land(shard, piece, host, verify)
+            except Exception as e:  # noqa: BLE001
+                error = error or e
             del own
             got = np.asarray(travelling.addressable_shards[0].data)
             del travelling
-            for p, rounds in enumerate(self.rounds):
-                if p == self.me or r >= len(rounds):
-                    continue
-                row = got[p].view(np.uint8)
-                for leaf, box, piece, at, n in rounds[r]:
-                    holder = self.shards.get((id(leaf), box))
-                    if holder is None:
-                        continue
-                    shape = tuple(h - a_ for a_, h in zip(*piece, strict=True))
-                    host = np.frombuffer(row[at:at + n].tobytes(), leaf.dtype).reshape(shape)
-                    _land(holder, piece, host, verify)
+            try:
+                if error is None:
+                    self._receive(r, got, verify)
+            except Exception as e:  # noqa: BLE001
+                error = e
         if error is not None:
             raise error
+
+    def _pack(self, current: list[tuple[tuple[_Leaf, Box, Box, int, int], _Read]],
+              slab: np.ndarray) -> list[tuple[_Shard, Box, np.ndarray]]:
+        """This process's pieces of a round, waited for and copied into `slab`."""
+        view = slab.view(np.uint8)
+        own = []
+        for (leaf, box, piece, at, n), pending in current:
+            host = pending.result()
+            view[at:at + n] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+            own.append((self.shards[(id(leaf), box)], piece, host))
+        return own
+
+    def _receive(self, r: int, got: np.ndarray, verify: bool) -> None:
+        """Land the pieces of round `r` that other processes read and this one holds."""
+        for p, rounds in enumerate(self.rounds):
+            if p == self.me or r >= len(rounds):
+                continue
+            row = got[p].view(np.uint8)
+            for leaf, box, piece, at, n in rounds[r]:
+                holder = self.shards.get((id(leaf), box))
+                if holder is None:
+                    continue
+                shape = tuple(h - a_ for a_, h in zip(*piece, strict=True))
+                host = np.frombuffer(row[at:at + n].tobytes(), leaf.dtype).reshape(shape)
+                _land(holder, piece, host, verify)
 
 
 def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool) -> None:
