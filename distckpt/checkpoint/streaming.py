@@ -39,10 +39,14 @@ plan every process computes alike from the target shardings (:class:`_Once`), an
 the others in slabs of its bits through a JAX all-gather; the reader digests it, the
 copies received are replicas and are not counted. Storage then serves the step's unique
 bytes once. Off by default because on the one machine measured (2 simulated hosts on 2
-cores sharing one page cache, ``distckpt bench --size 64MiB --hosts 2 --data-parallel
-2``) it was 0.9-1.2x the time of every host reading, and its peak RSS was higher (about
-2.6x the shard bytes against 1.8-1.9x): the collective's copies cost the same CPU as a
-read from the page cache. It pays where the hosts fetch from shared storage.
+cores sharing one page cache, ``distckpt bench --hosts 2 --data-parallel 2``) it was
+slower than every host reading: 0.31 s against 0.26 s at 64 MiB, 0.92 s against 0.49 s
+at 256 MiB, with a higher peak RSS (2.1-2.7x the shard bytes against 1.8-1.9x). There a
+byte range read from the page cache costs ~0.05 s per 64 MiB (profiled), while the
+all-gather (gloo over loopback TCP, its dispatch blocking on CPU) and the slab copies
+cost about as much as the whole restore of that process. It can pay only where a
+host's read from storage is slower than the interconnect (hosts fetching from shared
+or remote storage; NCCL or ICI between accelerators), which was not measured.
 
 Everything is opened through Orbax's public API (``PyTreeCheckpointHandler.metadata`` for
 each array's name and the zarr version, ``ocp.type_handlers.get_json_tspec_read`` and
