@@ -89,7 +89,10 @@ class CheckpointOptions:
     storage and sends it to the others over a JAX collective (an all-gather of its bits,
     in slabs within restore_memory_mb), the reading spread over the processes; storage
     then serves the step's unique bytes once. Verification is the same (each index is
-    digested by the process that read it). See distckpt.checkpoint.streaming._Once."""
+    digested by the process that read it). Off by default: on the machine measured (one
+    host simulating 2, a shared page cache, gloo over loopback) it was slower than every
+    host reading (see distckpt.checkpoint.streaming); it can pay where storage is slower
+    than the interconnect. Every process must use the same value."""
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
     injects a failure, os.kill there simulates a crash. Points: a
