@@ -434,6 +434,101 @@ def scenario_decisions(a) -> None:
     mine(a.out, got)
 
 
+def _global_bytes(value) -> bytes:
+    """The whole array's bytes (key arrays: their key data), on every process."""
+    from jax.experimental import multihost_utils
+    if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        value = jax.random.key_data(value)
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def scenario_readonce(a) -> None:
+    """Save fully sharded (fsdp over every device), then restore onto a.mesh, whose data
+    axis spans the processes, with and without read-once: bytes of every shard, shardings,
+    verification, bytes read per process (/proc/self/io rchar); then flip a byte in array
+    data and restore again with read-once."""
+    from distckpt.bench.measure import io_counters
+    from distckpt.errors import StepUnusableError
+    distckpt.initialize()
+    save_mesh = distckpt.make_mesh(f"fsdp={jax.device_count()}")
+    items = distckpt.init_sharded(factory(width=a.width), save_mesh)
+    with distckpt.CheckpointService(a.dir, distckpt.CheckpointOptions(max_to_keep=None)) as c:
+        c.save(1, items)
+        c.wait()
+    saved = {leaf.name: _global_bytes(leaf.value) for leaf in nnx_state.flatten_items(items)}
+    mesh = distckpt.make_mesh(a.mesh)
+    out: dict = {"process": jax.process_index(), "runs": {}}
+    for run, once in enumerate((False, True, False, True)):
+        target = distckpt.abstract_target(factory(width=a.width), mesh)
+        want = {leaf.name: leaf.value.sharding for leaf in nnx_state.flatten_items(target)}
+        options = distckpt.CheckpointOptions(read_only=True, restore_read_once=once)
+        with distckpt.CheckpointService(a.dir, options) as ckpt:
+            coordinator.barrier(f"readonce:{run}:start")
+            before = io_counters()["rchar"]
+            t0 = time.perf_counter()
+            restored = ckpt.restore(target, step=1)
+            seconds = time.perf_counter() - t0
+            read = io_counters()["rchar"] - before
+        wrong_sharding, wrong_bytes, replicated = [], [], 0
+        for leaf in nnx_state.flatten_items(restored.items):
+            value = leaf.value
+            if not value.sharding.is_equivalent_to(want[leaf.name], value.ndim):
+                wrong_sharding.append(leaf.name)
+            data = jax.random.key_data(value) if jnp.issubdtype(
+                value.dtype, jax.dtypes.prng_key) else value
+            full = saved[leaf.name]
+            for shard in data.addressable_shards:
+                if np.asarray(shard.data).tobytes() != full[shard.index].tobytes():
+                    wrong_bytes.append(leaf.name)
+            replicated += any(shard.replica_id for shard in value.addressable_shards)
+        # Two runs of each mode: the test takes the fewer bytes (a process's rchar also
+        # counts reads by unrelated threads, e.g. lazy imports: seen 1.5 MiB extra).
+        out["runs"].setdefault(str(once), []).append({"read": read, "seconds": seconds, "verified": restored.verified,
+                                  "wrong_sharding": wrong_sharding, "wrong_bytes": wrong_bytes,
+                                  "leaves_with_replicas": replicated})
+    if distckpt.is_primary():
+        data_files = [p for p in Path(a.dir, "1", "state").rglob("*")
+                      if p.is_file() and p.parent.name == "d"]
+        biggest = max(data_files, key=lambda p: p.stat().st_size)
+        blob = bytearray(biggest.read_bytes())
+        blob[len(blob) // 2] ^= 0x10
+        biggest.write_bytes(bytes(blob))
+    coordinator.barrier("readonce:flipped")
+    target = distckpt.abstract_target(factory(width=a.width), mesh)
+    options = distckpt.CheckpointOptions(read_only=True, restore_read_once=True)
+    with distckpt.CheckpointService(a.dir, options) as ckpt:
+        try:
+            ckpt.restore(target, step=1)
+            out["corrupt"] = None
+        except StepUnusableError as e:
+            out["corrupt"] = {"kind": e.kind.value, "reason": e.reason}
+    # A read that fails on the last process mid-way: it keeps joining the all-gathers and
+    # every process raises (no process is left waiting in a collective).
+    from distckpt.checkpoint import streaming
+    original = streaming._Read.result
+    calls = [0]
+
+    def failing(self):
+        calls[0] += 1
+        if jax.process_index() == jax.process_count() - 1 and calls[0] == 2:
+            raise OSError("injected read failure")
+        return original(self)
+
+    streaming._Read.result = failing
+    try:
+        with distckpt.CheckpointService(a.dir, options) as ckpt:
+            try:
+                ckpt.restore(distckpt.abstract_target(factory(width=a.width), mesh), step=1)
+                out["read_error"] = None
+            except StepUnusableError as e:
+                out["read_error"] = e.reason
+    finally:
+        streaming._Read.result = original
+    out["unique"] = sum(p.stat().st_size for p in Path(a.dir, "1").rglob("*") if p.is_file())
+    out["array_bytes"] = sum(len(b.tobytes()) for b in saved.values())
+    mine(a.out, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")

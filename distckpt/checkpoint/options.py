@@ -83,6 +83,16 @@ class CheckpointOptions:
     streamed into their device buffers in pieces of at most an eighth of it, with a
     quarter of it in reads in flight (see distckpt.checkpoint.streaming). A step saved
     with compression=True is read a whole saved chunk (one saved shard) at a time."""
+    restore_read_once: bool = False
+    """Read each shard index once per replica group: where the target mesh gives several
+    processes the same shard index (a data axis across hosts), one of them reads it from
+    storage and sends it to the others over a JAX collective (an all-gather of its bits,
+    in slabs within restore_memory_mb), the reading spread over the processes; storage
+    then serves the step's unique bytes once. Verification is the same (each index is
+    digested by the process that read it). Off by default: on the machine measured (one
+    host simulating 2, a shared page cache, gloo over loopback) it was slower than every
+    host reading (see distckpt.checkpoint.streaming); it can pay where storage is slower
+    than the interconnect. Every process must use the same value."""
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
     injects a failure, os.kill there simulates a crash. Points: a
@@ -121,6 +131,8 @@ class CheckpointOptions:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be None or > 0, got {value}")
 
+        if not isinstance(self.restore_read_once, bool):
+            raise TypeError(f"restore_read_once must be a bool, got {self.restore_read_once!r}")
         if (isinstance(self.restore_memory_mb, bool) or not isinstance(self.restore_memory_mb, int)
                 or self.restore_memory_mb < 1):
             raise ValueError(f"restore_memory_mb must be an int >= 1 (MiB), got "

@@ -15,7 +15,7 @@ step and what to do; nothing leaks as a bare TensorStore traceback.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -122,14 +122,20 @@ class StepReader:
 
     # ------------------------------------------------------------------ arrays
     def read_arrays(self, requests: Sequence[streaming.Request], *, verify: bool,
-                    memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20
+                    memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20,
+                    read_once: bool = False,
+                    agree: Callable[[Any], list[Any]] | None = None,
                     ) -> tuple[dict[str, jax.Array], dict[str, digest.Partial] | None]:
         """The requested arrays in their targets' shardings, streamed through a host
         budget of `memory_bytes` beyond the shards (:mod:`distckpt.checkpoint.streaming`);
-        with `verify`, also this process's partial digest of each (by name)."""
+        with `verify`, also this process's partial digest of each (by name). With
+        `read_once`, a shard index several processes hold is read by one of them and
+        sent to the others (every process must call this alike); `agree` all-gathers a
+        small JSON value first (default: a JAX collective)."""
         try:
             return streaming.read(self.path / STATE_ITEM, requests,
-                                  memory_bytes=memory_bytes, verify=verify)
+                                  memory_bytes=memory_bytes, verify=verify,
+                                  read_once=read_once, agree=agree)
         except Exception as e:  # TensorStore/Orbax errors: wrap with the step and a hint
             raise StepUnusableError(
                 self.step, f"[process={jax.process_index()}] array data is unreadable "

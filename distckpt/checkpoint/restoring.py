@@ -195,8 +195,14 @@ def _read_arrays(svc: CheckpointService, reader: StepReader, wanted: list[nnx_st
     metadata, metrics and this process's state."""
     requests = [streaming.Request(leaf.name, tuple(str(k) for k in leaf.path),
                                   nnx_state.target_of(leaf)) for leaf in wanted]
+    timeout = svc.options.timeout_s
+
+    def agree(value: Any) -> list[Any]:
+        return coordinator.all_gather(f"restore:step={reader.step}:read-once", value, timeout)
+
     raw, partials = reader.read_arrays(
-        requests, verify=verify, memory_bytes=svc.options.restore_memory_mb << 20)
+        requests, verify=verify, memory_bytes=svc.options.restore_memory_mb << 20,
+        read_once=svc.options.restore_read_once, agree=agree)
     saved_json = reader.user_json()
     records = reader.process_records()
     try:
