@@ -33,16 +33,17 @@ def test_read_once_reads_the_unique_bytes_once(tmp_path, run_hosts, hosts, devic
 
     every = sum(read(g, "False") for g in got)
     once = [read(g, "True") for g in got]
-    # Without read-once both replicas are read from storage (every >= 2x unique); with it
-    # the second one is not read at all: the bytes saved are the unique bytes (5%
-    # margin). What remains beyond the unique bytes is what every process reads besides
-    # array data (commit record, provenance, Orbax and OCDBT metadata, per-process
-    # records), the same in both modes: measured in the same job as `every`'s excess over
-    # 2x unique. It varies from job to job (seen: 0.1 to 1.1 MiB a process with 2
-    # processes, ~0.65 MiB with 4), so it is measured, not assumed.
-    assert every >= 2 * unique, (every, unique)
-    assert abs(every - sum(once) - unique) <= 0.05 * unique, (every, once, unique)
-    assert sum(once) <= 1.02 * unique + (every - 2 * unique), (every, once, unique)
+    # Without read-once both replicas are read from storage (about 2x unique); with it
+    # the second one is not read at all. Beyond the unique bytes every process reads its
+    # small files (commit record, provenance, Orbax and OCDBT metadata, per-process
+    # records): measured 0.1 to 1.1 MiB a process; 2 MiB a process is allowed. Bounds are
+    # on the read-once run and on the gap between the modes, never on timing; a run
+    # without read-once that read less than 2x (an earlier run's bytes held in a cache)
+    # only makes the gap bound stricter.
+    metadata = 2 * 2**20 * hosts
+    assert every >= 1.9 * unique, (every, unique)  # the test can tell the modes apart
+    assert sum(once) <= 1.02 * unique + metadata, (every, once, unique)
+    assert every - sum(once) >= 0.9 * unique - metadata, (every, once, unique)
     # ...and the reading is spread: each process reads its share of what it holds.
     assert max(once) <= 1.5 * unique / hosts, (once, unique)
     # A flipped byte in array data is still caught, on every process.
