@@ -210,6 +210,8 @@ def check_import(tmp_path, writer, *, with_optimizer: bool, step: int = 7,
     restored = restore(tmp_path / "dst", with_optimizer)
     assert restored.verified and restored.step == step
     assert restored.metadata["imported_from"]["source"] == str(src.absolute())
+    origin = restored.provenance["origin"]["imported_from"]  # provenance names the source
+    assert origin["source"] == str(src.absolute()) and origin["layout"] == report.layout
     new_model = restored.items["model"]
     assert new_model.l1.kernel.get_value().sharding.mesh.devices.size == 8
     assert_bit_exact(new_model, model)

@@ -255,3 +255,18 @@ def test_out_of_space_is_found_by_errno_through_the_chain():
     assert not _out_of_space(ValueError("bad input"))
     # TensorStore reports the OS error as text only (no errno).
     assert _out_of_space(ValueError("writing chunk: No space left on device [OS error]"))
+
+
+@pytest.mark.fast
+def test_origin_is_recorded_in_provenance_and_must_be_json(tmp_path):
+    items = {"s": {"w": jnp.arange(4.0)}}
+    with distckpt.CheckpointService(tmp_path) as ckpt:
+        with pytest.raises(TypeError):
+            ckpt.save(1, items, origin={"run": object()})
+        assert ckpt.all_steps() == [] and not (tmp_path / "1").exists()
+        ckpt.save(1, items, origin={"run": "exp-7", "from_step": 12})
+        ckpt.wait()
+    target = {"s": {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.
+                                             SingleDeviceSharding(jax.devices()[0]))}}
+    with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(read_only=True)) as c:
+        assert c.restore(target).provenance["origin"] == {"run": "exp-7", "from_step": 12}

@@ -132,7 +132,8 @@ class Saver:
 
     # ------------------------------------------------------------------ one save
     def save(self, step: int, items: Mapping[str, Any], *, metrics: Mapping[str, float] | None,
-             metadata: Mapping[str, Any] | None, process_state: Any, overwrite: bool) -> None:
+             metadata: Mapping[str, Any] | None, process_state: Any, overwrite: bool,
+             origin: Mapping[str, Any] | None = None) -> None:
         """Start saving `step` (see CheckpointService.save)."""
         leaves, metadata_json, metrics_json, rejected = [], {}, {}, None
         try:  # validate everything before anything touches disk
@@ -142,6 +143,7 @@ class Saver:
             check_rankable(self.options, step, metrics_json if metrics is not None else None)
             coordinator.encode_json(metadata_json, "metadata")
             coordinator.encode_json(process_state, "process_state")
+            coordinator.encode_json(origin, "origin")
         except (TypeError, ValueError) as e:
             rejected = e
 
@@ -176,7 +178,8 @@ class Saver:
         self._name_format.hidden = frozenset({step}) if where is StepSlot.OVERWRITE else frozenset()
         self._fault(per_process.FaultPoint.SAVE_DECIDED, step)
         self.manager.reload()
-        record = provenance.build(step, leaves, has_process_state=process_state is not None)
+        record = provenance.build(step, leaves, has_process_state=process_state is not None,
+                                  origin=origin)
         saveable = nnx_state.to_saveable(leaves)
         names = tuple(leaf.name for leaf in leaves)
         t_digest = time.perf_counter()

@@ -178,6 +178,7 @@ class CheckpointService:
         process_state: Any = None,
         force: bool = False,
         overwrite: bool = False,
+        origin: Mapping[str, Any] | None = None,
     ) -> bool:
         """Save `items` as `step` if the save policy (or `force`) says so.
 
@@ -187,6 +188,7 @@ class CheckpointService:
         (unless CheckpointOptions.allow_older_steps), and StepExistsError if `step` is
         committed and `overwrite` is False. With `overwrite` the old step stays until the
         new one is committed. Raises SaveFailedError (once) if the previous save failed.
+        `origin` (JSON) is recorded in the step's provenance: where the state came from.
         """
         self._ensure_open()
         if self._saver is None:
@@ -196,7 +198,7 @@ class CheckpointService:
         if not (force or self.should_save(step, metrics)):
             return False
         self._saver.save(step, items, metrics=metrics, metadata=metadata,
-                         process_state=process_state, overwrite=overwrite)
+                         process_state=process_state, overwrite=overwrite, origin=origin)
         return True
 
     def keep_forever(self, step: int) -> None:

@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import platform
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -59,9 +60,12 @@ def leaf_record(leaf: nnx_state.Leaf) -> dict[str, Any]:
     return record
 
 
-def build(step: int, leaves: list[nnx_state.Leaf], *, has_process_state: bool) -> dict[str, Any]:
+def build(step: int, leaves: list[nnx_state.Leaf], *, has_process_state: bool,
+          origin: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance record of a step; `origin` (JSON), when given, says where the saved
+    state came from (e.g. the checkpoint `distckpt import` read)."""
     devices = jax.devices()
-    return {
+    record = {
         "format": "distckpt",
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -76,3 +80,6 @@ def build(step: int, leaves: list[nnx_state.Leaf], *, has_process_state: bool) -
         "leaves": {leaf.name: leaf_record(leaf) for leaf in leaves},
         "versions": library_versions(),
     }
+    if origin is not None:
+        record["origin"] = dict(origin)
+    return record

@@ -288,7 +288,9 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | storage.L
                                            allow_older_steps=True)
     with CheckpointService(dst, options) as service:
         service.save(final, mapped.items, metrics=metrics or None,
-                     metadata={"imported_from": imported}, force=True, overwrite=overwrite)
+                     metadata={"imported_from": imported}, force=True, overwrite=overwrite,
+                     origin={"imported_from": {k: imported[k] for k in (
+                         "source", "layout", "source_step")}})
     arrays = [v for tree in mapped.items.values() for _, v in import_tree.leaves(tree)]
     report = ImportReport(
         source=os.fspath(source.path), layout=str(source.layout),
