@@ -303,6 +303,7 @@ def _assert_shapes_and_reads(topo: dict) -> None:
             fig["restore_read_bytes"] / fig["unique_bytes"])
 
 
+@pytest.mark.slow  # end to end, minutes on 2 cores; CI runs it in its slow pass
 @pytest.mark.multiprocess
 def test_bench_single_process_path_of_an_accelerator_run_on_cpu(tmp_path):
     """--platform cpu --single-process: the worker path of --platform gpu/tpu (one process,
@@ -322,6 +323,7 @@ def test_bench_single_process_path_of_an_accelerator_run_on_cpu(tmp_path):
     assert "| save() stall, distinct shapes: 1st / 2nd |" in md
 
 
+@pytest.mark.slow  # end to end, minutes on 2 cores; CI runs it in its slow pass
 @pytest.mark.multiprocess
 def test_bench_replicated_state_reports_bytes_read_vs_unique_bytes(tmp_path):
     """--data-parallel 2 on 2 hosts: each host holds a whole replica; the bytes read on

@@ -30,7 +30,7 @@ from distckpt.checkpoint import commit, committed
 from distckpt.checkpoint.reader import StepReader
 from distckpt.errors import StepUnusableError
 from distckpt.state import nnx_state
-from distckpt.testing.kvfiles import small_files
+from distckpt.testing.kvfiles import SmallFiles, small_files
 from distckpt.tools.inspection import inspect_directory
 from distckpt.tools.launcher import free_port, launch
 from tests.mp_worker import factory, fingerprint, train_step
@@ -408,7 +408,7 @@ def test_explicit_location_without_aws_environment_keeps_the_secret_out(
     assert_no_secret(s3_server, job.output, json.dumps(got))
     # Every object of the checkpoint, read with the same explicit options.
     profile = got["profile_file"]
-    files = storage.SmallFiles(storage.Location.parse(
+    files = SmallFiles(storage.Location.parse(
         s3_url, endpoint=s3_server.endpoint, credentials=storage.S3Credentials(
             s3_server.access_key_id, s3_server.secret_access_key), environ={}))
     objects = {key: files.read_bytes(key) for key in files.list()}
