@@ -56,7 +56,10 @@ import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorstore as ts  # noqa: E402
+from etils import epath  # noqa: E402
 
+from distckpt.bench import measure  # noqa: E402
+from distckpt.checkpoint import committed  # noqa: E402
 from distckpt.remat.budget import parse_bytes  # noqa: E402
 from distckpt.state import digest  # noqa: E402
 
@@ -176,22 +179,7 @@ def _times(fn: Callable[[], object], reps: int,
 
 def evict(path: Path) -> None:
     """Drop `path` (a file or every file under a folder) from the page cache."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    measure.evict([path] if path.is_file() else measure.files_under(path))
 
 
 # ------------------------------------------------------------------------------ digests
@@ -359,7 +347,7 @@ def run_dtype(name: str, dtype: np.dtype, a: argparse.Namespace, root: Path) -> 
             f.write(view)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(root)
+        committed.fsync_path(epath.Path(root))
 
     t["raw_write_fsync"] = _times(raw_write, reps)
     buf = memoryview(dst.reshape(-1).view(np.uint8))

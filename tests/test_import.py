@@ -26,6 +26,8 @@ from flax import nnx
 
 import distckpt
 from distckpt.tools.importer import PickleRefusedError
+from tests.mp_worker import train_step
+from tests.test_cli_input import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "distckpt.tools.cli"]
@@ -52,16 +54,6 @@ def make(seed: int = 0, width: int = WIDTH) -> tuple[Net, nnx.Optimizer]:
     with nnx.use_eager_sharding(False):  # a plain, single-device model, as the seeds make it
         model = Net(nnx.Rngs(params=seed), width)
     return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-
-
-@nnx.jit
-def train_step(model, optimizer, x):
-    def loss_fn(m):
-        return jnp.mean(m(x) ** 2)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
 
 
 X = jnp.linspace(-1.0, 1.0, 4 * 8, dtype=jnp.float32).reshape(4, 8)
@@ -311,12 +303,7 @@ def run(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProc
 
 def one_line_error(res, *needles: str) -> str:
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "Traceback" not in res.stderr + res.stdout, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return assert_one_line_error(res, *needles)
 
 
 @pytest.fixture

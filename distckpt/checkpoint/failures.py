@@ -87,6 +87,11 @@ class SaveFailures:
             return None
         return SaveFailedError(f"a peer's background save of step {step} failed: {peer}")
 
+    def failed_here(self) -> bool:
+        """Whether this process reported a failure of the current scope (no coordination
+        call: for the path after a save that committed)."""
+        return self._local is not None and self._local[0] == self.barriers.scope
+
     def abort_reason(self, scope: str) -> str | None:
         """Why the commit barriers of `scope` should stop waiting (None: keep waiting)."""
         local = self._local

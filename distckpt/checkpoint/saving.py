@@ -305,7 +305,7 @@ class Saver:
         except Exception as e:
             self.failures.report(e)
             return e
-        if self.failures.failure(step) is None:
+        if not self.failures.failed_here():
             self._fill_commit_time(step)
         return None
 
