@@ -86,6 +86,12 @@ def jax_distributed_client() -> Any:
     return _distributed.global_state.client
 
 
+def jax_coordinator_address() -> str | None:
+    """The coordinator's ``host:port`` this process connected to (None before
+    ``jax.distributed.initialize``). Public stand-in: none."""
+    return getattr(_distributed.global_state, "coordinator_address", None)
+
+
 def jax_preemption_sync_manager() -> Any:
     """JAX's preemption sync manager, or None when JAX's preemption service is off.
 

@@ -93,6 +93,25 @@ class CheckpointOptions:
     host simulating 2, a shared page cache, gloo over loopback) it was slower than every
     host reading (see distckpt.checkpoint.streaming); it can pay where storage is slower
     than the interconnect. Every process must use the same value."""
+    local_directory: str | None = None
+    """A host-local directory for the local tier (None: off): every host keeps its own
+    shards of recent steps there, plus a copy of one peer host's, and a restore reads them
+    instead of the persistent directory when it can (see docs/tiers.md). ``"auto"`` is
+    ``/dev/shm/distckpt-<job>/{host}`` (RAM-backed); ``{host}`` becomes ``DISTCKPT_HOST``
+    or the hostname. Each host needs its own directory."""
+    local_interval_steps: int = 1
+    """With a local tier, save() also writes a local step at multiples of this (and at every
+    persistent save); keep it much shorter than the persistent interval."""
+    local_max_to_keep: int = 2
+    """Local copies kept per host, of its own shards and of each peer's."""
+    peer_copies: bool = True
+    """Keep each host's local step on its ring successor too (process p+1 mod N), so losing
+    one machine loses no local step. Copied over JAX's transfer server."""
+    peer_bind_address: str | None = None
+    """Address the transfer server binds (None: the interface this host reaches the
+    coordinator on; never all interfaces)."""
+    local_timeout_s: float = 120.0
+    """Limit for a peer exchange (the background copy, or a replaced host's fetch)."""
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
     injects a failure, os.kill there simulates a crash. Points: a
@@ -137,6 +156,19 @@ class CheckpointOptions:
                 or self.restore_memory_mb < 1):
             raise ValueError(f"restore_memory_mb must be an int >= 1 (MiB), got "
                              f"{self.restore_memory_mb!r}")
+        self._check_local()
+
+    def _check_local(self) -> None:
+        if self.local_directory is not None and (
+                not isinstance(self.local_directory, str) or not self.local_directory):
+            raise ValueError(f"local_directory must be a non-empty path string, 'auto' or None, "
+                             f"got {self.local_directory!r}")
+        for name in ("local_interval_steps", "local_max_to_keep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.local_timeout_s > 0:
+            raise ValueError(f"local_timeout_s must be positive, got {self.local_timeout_s!r}")
 
     def handler_kwargs(self) -> dict[str, Any]:
         """ocp.PyTreeCheckpointHandler keyword arguments for the array item."""
@@ -198,3 +230,8 @@ class Restored:
     """Whether every restored array matched its saved digest."""
     skipped: tuple[tuple[int, str], ...] = ()
     """(step, reason) of newer steps the fallback passed over."""
+    tier: str = "persistent"
+    """Where the step came from: 'local' (every host read its own copy), 'peer' (some host
+    fetched its shards from a peer's copy) or 'persistent'."""
+    restored_from: tuple[str, ...] = ()
+    """Per process index: 'local', 'peer' or 'persistent'."""

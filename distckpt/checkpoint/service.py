@@ -37,7 +37,10 @@ quarantines them; every process ends on the same step.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -46,6 +49,8 @@ from etils import epath
 
 from distckpt import compat, storage
 from distckpt.checkpoint import committed, restoring, retention
+from distckpt.checkpoint.local_restore import restore_local
+from distckpt.checkpoint.local_save import LocalTier
 from distckpt.checkpoint.opening import open_shared
 from distckpt.checkpoint.options import CheckpointOptions, Restored, SaveStats
 from distckpt.checkpoint.primary import Primary
@@ -65,6 +70,7 @@ from distckpt.errors import (
     TargetMismatchError,
 )
 from distckpt.multihost import coordinator
+from distckpt.state import nnx_state, provenance
 from distckpt.state import process_state as per_process
 
 logger = logging.getLogger(__name__)
@@ -123,6 +129,16 @@ class CheckpointService:
         if not self.options.read_only:
             self._saver = Saver(opened, self.options, self.primary, self._schedule,
                                 self.all_steps)
+        self.local: LocalTier | None = None
+        """The local tier on this host (None unless CheckpointOptions.local_directory)."""
+        if self.options.local_directory is not None:
+            options = self.options
+            if options.local_directory == "auto":
+                job = hashlib.sha1(opened.key.encode()).hexdigest()[:12]
+                options = dataclasses.replace(
+                    options, local_directory=f"/dev/shm/distckpt-{job}/{{host}}")
+            self.local = LocalTier(options, opened.key, opened.nonce)
+        self._restores = 0
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -195,11 +211,31 @@ class CheckpointService:
             raise CheckpointError(f"{self.directory} was opened read_only; it cannot be saved to")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        if not (force or self.should_save(step, metrics)):
-            return False
-        self._saver.save(step, items, metrics=metrics, metadata=metadata,
-                         process_state=process_state, overwrite=overwrite, origin=origin)
-        return True
+        persistent = force or self.should_save(step, metrics)
+        local = self.local is not None and (persistent or self.local.due(step))
+        if persistent:
+            self._saver.save(step, items, metrics=metrics, metadata=metadata,
+                             process_state=process_state, overwrite=overwrite, origin=origin)
+        if local:
+            assert self.local is not None
+            self._save_local(step, items, metrics=metrics, metadata=metadata,
+                             process_state=process_state, origin=origin)
+        return persistent or local
+
+    def _save_local(self, step: int, items: Mapping[str, Any], *,
+                    metrics: Mapping[str, float] | None, metadata: Mapping[str, Any] | None,
+                    process_state: Any, origin: Mapping[str, Any] | None) -> None:
+        assert self.local is not None
+        leaves = nnx_state.flatten_items(items)
+        extra = {"metadata": dict(metadata or {}),
+                 "metrics": None if metrics is None else {k: float(v) for k, v in metrics.items()},
+                 "process_state": process_state,
+                 "provenance": provenance.build(step, leaves,
+                                                has_process_state=process_state is not None,
+                                                origin=origin)}
+        for name, value in extra.items():
+            coordinator.encode_json(value, name)
+        self.local.save(step, leaves, extra=extra)
 
     def keep_forever(self, step: int) -> None:
         """Exempt a committed step from retention (every process calls it)."""
@@ -213,6 +249,8 @@ class CheckpointService:
     def wait(self) -> None:
         """Block until the in-flight save is committed; raise on every process if any failed."""
         self._ensure_open()
+        if self.local is not None:
+            self.local.wait()
         if self._saver is not None:
             self._saver.wait()
 
@@ -220,6 +258,8 @@ class CheckpointService:
         """Finish the in-flight save and release resources. Never swallows an error."""
         if self._closed:
             return
+        if self.local is not None:
+            self.local.wait()
         try:
             self.wait()
         except BaseException:
@@ -267,5 +307,44 @@ class CheckpointService:
         when the service is writable). An explicit step or 'best' never falls back.
         """
         self._ensure_open()
-        return restoring.restore(self, target, step, partial=partial,
-                                 remap=process_state_remap, verify=verify)
+        t0 = time.perf_counter()
+        restored = None
+        if self.local is not None and step != "best":
+            restored = self._restore_local(target, step, partial=partial,
+                                           remap=process_state_remap, t0=t0)
+        if restored is None:
+            restored = restoring.restore(self, target, step, partial=partial,
+                                         remap=process_state_remap, verify=verify)
+            restored.restored_from = ("persistent",) * jax.process_count()
+        if self.local is not None and not self.options.read_only:
+            self.local.dir.drop_newer(restored.step)  # copies of an abandoned future
+        return restored
+
+    def _restore_local(self, target: Mapping[str, Any], step: int | str | None, *,
+                       partial: bool, remap: per_process.ProcessStateRemap | None,
+                       t0: float) -> Restored | None:
+        assert self.local is not None
+        if step is not None and step != "latest" and (
+                not isinstance(step, int) or isinstance(step, bool)):
+            return None  # restoring.restore says what is wrong with it
+        self.local.wait()  # a local save still in flight finishes first
+        self._restores += 1
+        newest = self.primary.decide(f"restore:{self._restores}:newest-persistent",
+                                     self.latest_step)
+        leaves = nnx_state.flatten_items(target)
+        read = restore_local(self.local, leaves, partial=partial, newest_persistent=newest,
+                             step=step if isinstance(step, int) else None, seq=self._restores)
+        if read is None:
+            return None
+        try:
+            mine = per_process.select(read.process_states, len(read.process_states), remap)
+        except ValueError as e:
+            raise CheckpointError(f"local step {read.step}: {e}") from e
+        items = nnx_state.write_back(target, read.values)
+        tier = "peer" if "peer" in read.tiers else "local"
+        return Restored(step=read.step, items=items,
+                        metadata=dict(read.extra.get("metadata") or {}),
+                        metrics=read.extra.get("metrics"), process_state=mine,
+                        provenance=dict(read.extra.get("provenance") or {}),
+                        untouched=tuple(read.untouched), seconds=time.perf_counter() - t0,
+                        verified=True, tier=tier, restored_from=tuple(read.tiers))

@@ -473,6 +473,18 @@ def read_note(name: str) -> str | None:
         return None
 
 
+def wait_note(name: str, timeout_s: float) -> str:
+    """Block until some process has published `name` (see :func:`publish`); raise
+    TimeoutError naming it after `timeout_s`."""
+    client = _distributed_client()
+    if client is None:
+        raise RuntimeError(f"wait_note({name!r}) needs jax.distributed to be initialized")
+    try:
+        return client.blocking_key_value_get(f"{_KV_PREFIX}/note/{name}", _timeout_ms(timeout_s))
+    except Exception as e:  # DEADLINE_EXCEEDED (or the service went away)
+        raise TimeoutError(f"no process published {name!r} within {timeout_s:g}s: {e}") from e
+
+
 def clear_note(name: str) -> None:
     """Remove a note (and any notes below `name/`) once every process is done with it."""
     client = _distributed_client()

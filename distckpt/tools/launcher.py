@@ -39,6 +39,8 @@ from typing import TextIO
 GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 """Gloo's per-connection notice, hidden unless asked for."""
 SHOW_GLOO_ENV = "DISTCKPT_SHOW_GLOO"
+HOST_ENV = "DISTCKPT_HOST"
+"""The simulated machine's name (``host<slot>``), read by the local checkpoint tier."""
 
 
 class LaunchError(ValueError):
@@ -57,8 +59,11 @@ def free_port() -> int:
 
 
 def host_env(process_id: int, num_processes: int, devices_per_host: int, port: int,
-             base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of simulated host `process_id`."""
+             base: Mapping[str, str] | None = None, slot: int | None = None) -> dict[str, str]:
+    """The environment of simulated host `process_id`, running on machine `slot`
+    (default: the same number). ``DISTCKPT_HOST=host<slot>`` names the machine, as a
+    hostname does on a cluster: a local checkpoint tier keyed by it stays with the
+    machine when process ids change between launches."""
     env = dict(os.environ if base is None else base)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -67,6 +72,7 @@ def host_env(process_id: int, num_processes: int, devices_per_host: int, port: i
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
         "JAX_NUM_PROCESSES": str(num_processes),
         "JAX_PROCESS_ID": str(process_id),
+        HOST_ENV: f"host{process_id if slot is None else slot}",
         "JAX_PLATFORMS": env.get("JAX_PLATFORMS", "cpu") or "cpu",
         "XLA_FLAGS": " ".join(flags),
         "PYTHONUNBUFFERED": "1",
@@ -101,14 +107,18 @@ def launch(
     forward_signals: bool = True,
     on_start: Callable[[list[int]], None] | None = None,
     show_gloo: bool | None = None,
+    process_ids: Sequence[int] | None = None,
 ) -> LaunchResult:
     """Run `command` as `hosts` processes with `devices_per_host` CPU devices each.
 
     `on_start(pids)`, if given, is called once every process has started, with their
     pids by host index (tests use it to signal one host directly). `show_gloo` keeps
     Gloo's connection lines in `out` (default: ``DISTCKPT_SHOW_GLOO=1`` in the
-    environment); `line_callback` sees every line either way. Raises
-    :class:`LaunchError` when the command cannot be started.
+    environment); `line_callback` sees every line either way. `process_ids` gives the
+    JAX process id of each machine slot (a permutation of ``range(hosts)``; default the
+    identity): real clusters do not keep process ids stable across restarts. Host
+    indices in output, pids and return codes are slots. Raises :class:`LaunchError`
+    when the command cannot be started.
     """
     if show_gloo is None:
         show_gloo = os.environ.get(SHOW_GLOO_ENV, "") not in ("", "0")
@@ -117,6 +127,9 @@ def launch(
                          f"{devices_per_host}")
     if not command:
         raise ValueError("no command to launch; usage: distckpt launch --hosts N -- CMD ARGS...")
+    ids = list(range(hosts)) if process_ids is None else [int(i) for i in process_ids]
+    if sorted(ids) != list(range(hosts)):
+        raise ValueError(f"process_ids must be a permutation of 0..{hosts - 1}, got {ids}")
     out = out or sys.stdout
     port = free_port()
     lock = threading.Lock()
@@ -125,7 +138,8 @@ def launch(
     try:
         for i in range(hosts):
             procs.append(subprocess.Popen(
-                list(command), env=host_env(i, hosts, devices_per_host, port, env), cwd=cwd,
+                list(command), env=host_env(ids[i], hosts, devices_per_host, port, env, slot=i),
+                cwd=cwd,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                 start_new_session=True))
     except OSError as e:

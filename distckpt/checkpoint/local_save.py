@@ -1,0 +1,203 @@
+"""Saving to the local tier: every host keeps its own shards, and a peer keeps a copy.
+
+:meth:`LocalTier.save` runs on the training thread: it waits for the previous local save's
+background work, then stages this host's distinct shards to host memory (one copy each,
+started together) and returns. No barrier, no filesystem decision: a local save costs
+the caller a device-to-host copy of its own shards.
+
+In the background, on every host:
+
+1. the shards' content digests (:mod:`distckpt.state.digest`, the partial digest of each
+   box at its global position: the same digest a persistent step records);
+2. the staged shards are *offered* to this host's ring successor (process ``p + 1 mod N``)
+   over JAX's transfer server (:mod:`distckpt.checkpoint.peers`);
+3. the own copy is written (:class:`distckpt.checkpoint.local_tier.LocalDir`, record last,
+   renamed into place);
+4. the predecessor's shards are pulled, checked against the digests its record carries,
+   and written as ``peer-<its uid>``;
+5. retention keeps the newest ``local_max_to_keep`` copies of each kind.
+
+Losing any one machine (its process and its local directory) therefore loses no local
+step whose background work finished: its successor holds its shards. A local save that
+fails (a peer died mid-exchange, a full RAM disk) is logged and counted in
+:attr:`LocalTier.failures`, and never stops training: the persistent tier is the
+safety net, and a restore only ever uses copies whose records and digests check out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from distckpt.checkpoint import peers
+from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, check_shard, expand
+from distckpt.checkpoint.options import CheckpointOptions
+from distckpt.multihost import coordinator
+from distckpt.state import digest, nnx_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LocalTier", "stage"]
+
+
+def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((s.start or 0, n if s.stop is None else s.stop)
+                 for s, n in zip(index, shape, strict=True))
+
+
+def stage(leaves: Sequence[nnx_state.Leaf]) -> dict[str, dict[str, Any]]:
+    """This host's distinct shards of every leaf, copied to host memory (typed keys as
+    their key data). All copies start before the first is awaited."""
+    local = {d: i for i, d in enumerate(jax.local_devices())}
+    pending: list[tuple[Shard, jax.Array]] = []
+    out: dict[str, dict[str, Any]] = {}
+    for leaf in leaves:
+        value = leaf.value
+        if leaf.is_key:
+            value = jax.random.key_data(value)
+        if not isinstance(value, jax.Array):
+            raise TypeError(f"leaf {leaf.name!r} is not a jax.Array; the local tier saves arrays")
+        shape = tuple(value.shape)
+        by_box: dict[tuple[tuple[int, int], ...], Shard] = {}
+        for shard in value.addressable_shards:
+            box = _box(shard.index, shape)
+            if box in by_box:
+                by_box[box].devices += (local[shard.device],)
+                continue
+            s = Shard(box, (local[shard.device],))
+            by_box[box] = s
+            shard.data.copy_to_host_async()
+            pending.append((s, shard.data))
+        out[leaf.name] = {"shape": shape, "dtype": str(value.dtype),
+                          "shards": sorted(by_box.values(), key=lambda s: s.box),
+                          "sharding": sharding_record(value.sharding)}
+    for s, data in pending:
+        s.data = np.array(data)  # a copy: training may overwrite (donate) the device buffer
+    return out
+
+
+def sharding_record(sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
+    """A NamedSharding as JSON: the mesh as (process index, local device index) per
+    position, its axis names and the spec (None for other shardings)."""
+    if not isinstance(sharding, NamedSharding):
+        return None
+    local: dict[jax.Device, list[int]] = {}
+    for d in sorted(jax.devices(), key=lambda d: d.id):
+        local[d] = [d.process_index, sum(1 for e in local if e.process_index == d.process_index)]
+    grid = np.vectorize(lambda d: json.dumps(local[d]), otypes=[object])(sharding.mesh.devices)
+    return {"mesh": [json.loads(c) for c in grid.ravel()],
+            "mesh_shape": list(sharding.mesh.devices.shape),
+            "axes": [str(a) for a in sharding.mesh.axis_names],
+            "spec": [list(a) if isinstance(a, tuple) else a for a in sharding.spec]}
+
+
+class LocalTier:
+    """The local tier of one service on this host (see the module docstring)."""
+
+    def __init__(self, options: CheckpointOptions, persistent_key: str, nonce: str):
+        assert options.local_directory is not None
+        self.options = options
+        self.dir = LocalDir(expand(options.local_directory))
+        self.timeout_s = min(options.timeout_s, options.local_timeout_s)
+        self.link = peers.PeerLink(options.peer_bind_address, self.timeout_s)
+        self.nonce = nonce
+        self.job = {"process_count": jax.process_count(),
+                    "devices_per_process": jax.local_device_count(),
+                    "directory": persistent_key}
+        self.failures: list[tuple[int, str]] = []
+        """(step, why) of local saves that did not complete on this host."""
+        self.saved: list[tuple[int, float]] = []
+        """(step, seconds from save() to the own copy and the peer copy written)."""
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+        self._check_distinct()
+
+    def _check_distinct(self) -> None:
+        import socket
+
+        me = [socket.gethostname(), str(self.dir.root)]
+        seen = coordinator.all_gather("local-tier:directories", me, self.options.timeout_s)
+        for i, other in enumerate(seen):
+            if i != jax.process_index() and other == me:
+                raise ValueError(
+                    f"processes {i} and {jax.process_index()} would share the local tier "
+                    f"directory {self.dir.root} on machine {me[0]}; give each host its own "
+                    "(put {host} in local_directory: it becomes DISTCKPT_HOST or the hostname)")
+
+    def due(self, step: int) -> bool:
+        return step % self.options.local_interval_steps == 0
+
+    @property
+    def peer_copies(self) -> bool:
+        return self.options.peer_copies and jax.process_count() > 1
+
+    def save(self, step: int, leaves: Sequence[nnx_state.Leaf], *, extra: Mapping[str, Any]
+             ) -> None:
+        """Stage this host's shards of `step` and write them in the background."""
+        self.wait()
+        t0 = time.perf_counter()
+        shards = stage(leaves)
+        copy = Copy(step, jax.process_index(), self.dir.uid, self.job, shards, dict(extra))
+        self._seq += 1
+        self._thread = threading.Thread(target=self._background, args=(copy, self._seq, t0),
+                                        name=f"distckpt-local-{step}", daemon=True)
+        self._thread.start()
+
+    def _background(self, copy: Copy, seq: int, t0: float) -> None:
+        try:
+            for leaf in copy.leaves.values():
+                for s in leaf["shards"]:
+                    s.digest = digest.to_hex(digest.host_lanes(s.data, s.starts))
+            n, me = jax.process_count(), jax.process_index()
+            if self.peer_copies:
+                arrays = [s.data for leaf in copy.leaves.values() for s in leaf["shards"]]
+                self.link.offer(self._key(seq, me), arrays,
+                                meta=copy.record(_names(copy)))
+            self.dir.write(copy)
+            if self.peer_copies:
+                key = self._key(seq, (me - 1) % n)
+                note = self.link.note(key)
+                got = self.link.pull(note)
+                coordinator.clear_note(key)
+                peer = _from_note(note["meta"], got)
+                self.dir.write(peer, f"peer-{peer.owner}")
+            self.dir.retain(self.options.local_max_to_keep)
+            self.saved.append((copy.step, time.perf_counter() - t0))
+        except Exception as e:  # never stops training: the persistent tier is the safety net
+            logger.warning("[process=%d] local save of step %d did not complete: %s",
+                           jax.process_index(), copy.step, e)
+            self.failures.append((copy.step, f"{type(e).__name__}: {e}"))
+
+    def _key(self, seq: int, role: int) -> str:
+        return peers.exchange_key(self.nonce, "save", seq, role)
+
+    def wait(self) -> None:
+        """Block until the background work of the last local save ended (either way)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _names(copy: Copy) -> dict[tuple[str, int], tuple[str, int]]:
+    return {(name, k): (f"{k}", s.data.nbytes if s.data is not None else 0)
+            for name, leaf in copy.leaves.items() for k, s in enumerate(leaf["shards"])}
+
+
+def _from_note(meta: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> Copy:
+    """A copy from an offer's record and the pulled arrays, every shard checked."""
+    copy = Copy.from_record(meta)
+    it = iter(arrays)
+    for name, leaf in copy.leaves.items():
+        leaf.pop("files", None)
+        for s in leaf["shards"]:
+            s.data = next(it)
+            check_shard(name, s)
+    return copy

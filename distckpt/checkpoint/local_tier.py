@@ -1,0 +1,321 @@
+"""The local tier's files: one host's copies of recent steps, in host-local storage.
+
+A host's local directory (``CheckpointOptions.local_directory``; a RAM-backed path such
+as ``/dev/shm/...`` or a local SSD) holds, per step, this host's own shards and the
+copy of a peer host's shards it keeps for that peer::
+
+    <local>/HOST.json                 {"uid": ...}: this machine's identity, made once
+    <local>/<step>/own/               the shards this host held when it saved <step>
+    <local>/<step>/peer-<uid>/        a copy of host <uid>'s own shards of <step>
+    <local>/<step>/.tmp-*/            a copy being written (never read; removed on open)
+
+A copy directory holds one raw file per distinct shard (``<leaf>.<k>.bin``, C order, the
+array's dtype; typed keys as their key data) and ``record.json``, written last: the
+step, the saving job's shape (process count, devices per process, its persistent
+directory), the *role* (the process index that saved the shards), every shard's box,
+size and content digest (:mod:`distckpt.state.digest`, the same topology-independent
+digest as a persistent step's commit record: the partial digest of the box at its
+global position), and the user metadata, metrics, provenance and that process's
+per-process state.
+
+Commit: the copy is written in ``.tmp-<nonce>``, its record last, then the directory is
+renamed to ``own`` or ``peer-<uid>`` (an existing copy of the same step is renamed
+aside first, then removed). A crash at any point leaves either the previous committed
+copy, or no copy and a ``.tmp-*`` leftover: a copy is *committed* iff its directory has
+its final name and a record whose files all exist with their recorded sizes. The
+contents are checked against the digests when read (:func:`read_copy`), so a torn or
+flipped byte is never restored. Nothing is fsynced: the tier is meant for RAM-backed
+storage, where a copy is lost with its machine anyway (the peer copy is what survives
+that), and on an SSD a power loss at worst costs a copy that then fails its check.
+
+The host identity (``HOST.json``'s uid) lives in the directory, so it moves with the
+machine: a restarted job whose process ids were permuted still finds its shards by the
+role recorded with them; a replaced machine comes back with an empty directory and a
+new uid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distckpt.state import digest
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "Copy", "LocalDir", "Shard", "expand", "machine_name"]
+
+FORMAT = "distckpt-local/1"
+RECORD = "record.json"
+HOST_FILE = "HOST.json"
+OWN = "own"
+PEER_PREFIX = "peer-"
+_TMP = ".tmp-"
+_STEP = re.compile(r"^\d+$")
+
+
+def machine_name() -> str:
+    """This machine's name: ``DISTCKPT_HOST`` (set per simulated host by the launcher),
+    else the hostname."""
+    return os.environ.get("DISTCKPT_HOST") or socket.gethostname()
+
+
+def expand(template: str) -> Path:
+    """A local_directory template with ``{host}`` replaced by :func:`machine_name`,
+    resolved against the working directory."""
+    try:
+        text = template.format(host=machine_name())
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"local_directory {template!r} may use only the field {{host}}; "
+                         f"got {e}") from e
+    return Path(os.path.abspath(os.path.expanduser(text)))
+
+
+@dataclasses.dataclass
+class Shard:
+    """One distinct box of one array as a host holds it."""
+
+    box: tuple[tuple[int, int], ...]
+    """[start, stop) per dimension, in the global array."""
+    devices: tuple[int, ...]
+    """Indices (into jax.local_devices()) of the saving host's devices that held it."""
+    data: np.ndarray | None = None
+    """The bytes, in memory (None when only the record was read)."""
+    digest: str | None = None
+    """Hex partial digest of the box at its global position."""
+
+    @property
+    def starts(self) -> list[int]:
+        return [a for a, _ in self.box] or [0]
+
+
+@dataclasses.dataclass
+class Copy:
+    """One host's shards of one step, with everything needed to restore them."""
+
+    step: int
+    role: int
+    """The process index that saved these shards."""
+    owner: str
+    """The uid of the machine that saved them."""
+    job: dict[str, Any]
+    """process_count, devices_per_process and the persistent directory of the saving job."""
+    leaves: dict[str, dict[str, Any]]
+    """name -> {"shape", "dtype", "shards": [Shard]} (shards in a stable order)."""
+    extra: dict[str, Any]
+    """metadata, metrics, provenance and process_state (JSON)."""
+
+    def record(self, files: Mapping[tuple[str, int], tuple[str, int]]) -> dict[str, Any]:
+        leaves = []
+        for name, leaf in self.leaves.items():
+            shards = []
+            for k, s in enumerate(leaf["shards"]):
+                file, size = files[(name, k)]
+                shards.append({"box": [list(b) for b in s.box], "devices": list(s.devices),
+                               "file": file, "nbytes": size, "digest": s.digest})
+            leaves.append({"name": name, "shape": list(leaf["shape"]), "dtype": leaf["dtype"],
+                           "sharding": leaf.get("sharding"), "shards": shards})
+        return {"format": FORMAT, "step": self.step, "role": self.role, "owner": self.owner,
+                "job": self.job, "leaves": leaves, **self.extra}
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Copy:
+        if rec.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} record (format {rec.get('format')!r})")
+        leaves = {}
+        for leaf in rec["leaves"]:
+            shards = [Shard(tuple((int(a), int(b)) for a, b in s["box"]),
+                            tuple(int(d) for d in s["devices"]), None, s["digest"])
+                      for s in leaf["shards"]]
+            leaves[leaf["name"]] = {"shape": tuple(leaf["shape"]), "dtype": leaf["dtype"],
+                                    "sharding": leaf.get("sharding"), "shards": shards,
+                                    "files": [s["file"] for s in leaf["shards"]]}
+        extra = {k: rec.get(k) for k in ("metadata", "metrics", "provenance", "process_state")}
+        return cls(int(rec["step"]), int(rec["role"]), str(rec["owner"]), dict(rec["job"]),
+                   leaves, extra)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.data.nbytes for leaf in self.leaves.values() for s in leaf["shards"]
+                   if s.data is not None)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
+
+
+class LocalDir:
+    """One host's local directory (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uid = self._identity()
+        for leftover in self.root.glob(f"*/{_TMP}*"):  # copies a crash left half-written
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _identity(self) -> str:
+        path = self.root / HOST_FILE
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return str(json.loads(path.read_text())["uid"])
+        uid = uuid.uuid4().hex[:16]
+        tmp = path.with_suffix(f".{uid}.tmp")
+        tmp.write_text(json.dumps({"uid": uid, "machine": machine_name()}))
+        os.replace(tmp, path)
+        return uid
+
+    # ------------------------------------------------------------------ write
+    def write(self, copy: Copy, name: str = OWN) -> Path:
+        """Write `copy` (its shards' data and digests in memory) as ``<step>/<name>``."""
+        step_dir = self.root / str(copy.step)
+        step_dir.mkdir(exist_ok=True)
+        tmp = step_dir / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        files: dict[tuple[str, int], tuple[str, int]] = {}
+        for i, (leaf_name, leaf) in enumerate(copy.leaves.items()):
+            for k, s in enumerate(leaf["shards"]):
+                assert s.data is not None and s.digest is not None
+                file = f"{i}.{_safe(leaf_name)}.{k}.bin"
+                np.ascontiguousarray(s.data).tofile(tmp / file)
+                files[(leaf_name, k)] = (file, s.data.nbytes)
+        (tmp / RECORD).write_text(json.dumps(copy.record(files)))
+        final = step_dir / name
+        if final.exists():  # the same step saved again: the new copy replaces it
+            aside = step_dir / f"{_TMP}old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        return final
+
+    # ------------------------------------------------------------------ read
+    def copies(self) -> Iterator[tuple[int, str, Path]]:
+        """(step, name, path) of every committed-looking copy (record present)."""
+        for step_dir in self.root.iterdir():
+            if not _STEP.match(step_dir.name) or not step_dir.is_dir():
+                continue
+            for d in step_dir.iterdir():
+                if (d.name == OWN or d.name.startswith(PEER_PREFIX)) and (d / RECORD).is_file():
+                    yield int(step_dir.name), d.name, d
+
+    def inventory(self) -> dict[str, Any]:
+        """What this host holds, for the tier decision: own roles and peer copies by step
+        (only copies whose record reads and whose files have their sizes)."""
+        own: dict[str, Any] = {}
+        peer: dict[str, list[Any]] = {}
+        for step, name, path in self.copies():
+            try:
+                rec = self._record(path)
+                self._check_files(path, rec)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                logger.warning("local copy %s is not usable: %s", path, e)
+                continue
+            entry = {"role": rec["role"], "owner": rec["owner"], "job": rec["job"],
+                     "name": name, "bytes": sum(s["nbytes"] for leaf in rec["leaves"]
+                                                for s in leaf["shards"])}
+            if name == OWN:
+                own[str(step)] = entry
+            else:
+                peer.setdefault(str(step), []).append(entry)
+        return {"uid": self.uid, "own": own, "peer": peer}
+
+    @staticmethod
+    def _record(path: Path) -> dict[str, Any]:
+        rec = json.loads((path / RECORD).read_text())
+        if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+            raise ValueError(f"{path / RECORD} is not a {FORMAT} record")
+        return rec
+
+    @staticmethod
+    def _check_files(path: Path, rec: Mapping[str, Any]) -> None:
+        for leaf in rec["leaves"]:
+            for s in leaf["shards"]:
+                size = (path / s["file"]).stat().st_size
+                if size != s["nbytes"]:
+                    raise ValueError(f"{s['file']} has {size} bytes, the record says "
+                                     f"{s['nbytes']}")
+
+    def read_copy(self, step: int, name: str, wanted: Sequence[str] | None = None) -> Copy:
+        """Read a copy and check every shard of the `wanted` leaves (default all) against
+        its digest; raises ValueError naming the first shard that differs."""
+        path = self.root / str(step) / name
+        rec = self._record(path)
+        self._check_files(path, rec)
+        copy = Copy.from_record(rec)
+        keep = set(copy.leaves) if wanted is None else set(wanted)
+        missing = keep - set(copy.leaves)
+        if missing:
+            raise ValueError(f"local step {step} has no leaves {sorted(missing)[:5]}")
+        for leaf_name in list(copy.leaves):
+            leaf = copy.leaves[leaf_name]
+            if leaf_name not in keep:
+                del copy.leaves[leaf_name]
+                continue
+            dtype = dtype_of(leaf["dtype"])
+            for s, file in zip(leaf["shards"], leaf.pop("files"), strict=True):
+                shape = tuple(b - a for a, b in s.box)
+                s.data = np.fromfile(path / file, dtype=dtype).reshape(shape)
+                check_shard(leaf_name, s)
+        return copy
+
+    # ------------------------------------------------------------------ delete
+    def remove_step(self, step: int, name: str | None = None) -> None:
+        """Remove one copy (or the whole step): renamed aside first, so a crash mid-way
+        never leaves a record over missing files."""
+        step_dir = self.root / str(step)
+        targets = [step_dir / name] if name else [step_dir]
+        for t in targets:
+            if not t.exists():
+                continue
+            aside = t.with_name(f"{_TMP}gone-{uuid.uuid4().hex[:8]}") if name else \
+                self.root / f"{_TMP}gone-{step}-{uuid.uuid4().hex[:8]}"
+            with contextlib.suppress(OSError):
+                os.replace(t, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+
+    def retain(self, keep: int) -> None:
+        """Keep the `keep` newest own copies and, per peer, the `keep` newest peer copies."""
+        by_name: dict[str, list[int]] = {}
+        for step, name, _ in self.copies():
+            by_name.setdefault(name, []).append(step)
+        for name, steps in by_name.items():
+            for step in sorted(steps)[:-keep]:
+                self.remove_step(step, name)
+        for step_dir in self.root.iterdir():  # steps left with no copy at all
+            if _STEP.match(step_dir.name) and step_dir.is_dir() and not any(
+                    d for d in step_dir.iterdir() if not d.name.startswith(_TMP)):
+                shutil.rmtree(step_dir, ignore_errors=True)
+
+    def drop_newer(self, step: int) -> None:
+        """Remove every copy of a step above `step` (the future of an abandoned run)."""
+        for s, name, _ in list(self.copies()):
+            if s > step:
+                self.remove_step(s, name)
+
+
+def dtype_of(name: str) -> np.dtype:
+    import jax.numpy as jnp
+
+    return np.dtype(jnp.dtype(name))
+
+
+def check_shard(leaf_name: str, s: Shard) -> None:
+    """Raise ValueError unless the shard's data has its recorded digest."""
+    assert s.data is not None
+    got = digest.to_hex(digest.host_lanes(s.data, s.starts))
+    if got != s.digest:
+        raise ValueError(f"{leaf_name} box {[list(b) for b in s.box]} differs from what was "
+                         f"saved (digest {got}, recorded {s.digest})")
