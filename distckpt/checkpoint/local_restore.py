@@ -6,10 +6,10 @@
    copies by step and role, the peer copies it keeps) and all hosts gather the lists.
 2. Every host computes the same plan (:func:`choose`): the newest step, not older than
    the newest persistent step, that this job can rebuild from local copies. That needs
-   the same job shape as the save (process count, devices per process, the same
-   persistent directory) and, for every *role* (process index at save time), either a
-   host holding its own copy or a peer copy that a host with no copy of its own can
-   fetch. Roles are matched by what the hosts hold, not by their process ids: process
+   the same job shape as the save (process count, devices per process, the job id
+   of the persistent directory) and, for every *role* (process index at save time),
+   either a host holding its own copy or a peer copy that a host with no copy of its
+   own can fetch. Roles are matched by what the hosts hold, not by their process ids: process
    ids change between restarts on real clusters.
 3. A host that holds its copy reads it (``local``); a host that has none (a replaced
    machine) pulls its role's shards from the peer holding them (``peer``), over JAX's

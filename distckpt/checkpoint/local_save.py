@@ -102,7 +102,7 @@ def sharding_record(sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
 class LocalTier:
     """The local tier of one service on this host (see the module docstring)."""
 
-    def __init__(self, options: CheckpointOptions, persistent_key: str, nonce: str):
+    def __init__(self, options: CheckpointOptions, job: str, nonce: str):
         assert options.local_directory is not None
         self.options = options
         self.dir = LocalDir(expand(options.local_directory))
@@ -111,7 +111,7 @@ class LocalTier:
         self.nonce = nonce
         self.job = {"process_count": jax.process_count(),
                     "devices_per_process": jax.local_device_count(),
-                    "directory": persistent_key}
+                    "job": job}
         self.failures: list[tuple[int, str]] = []
         """(step, why) of local saves that did not complete on this host."""
         self.saved: list[tuple[int, float]] = []

@@ -111,7 +111,8 @@ class Copy:
     owner: str
     """The uid of the machine that saved them."""
     job: dict[str, Any]
-    """process_count, devices_per_process and the persistent directory of the saving job."""
+    """process_count, devices_per_process and the job id of the persistent directory
+    (its .distckpt-job file) of the saving job."""
     leaves: dict[str, dict[str, Any]]
     """name -> {"shape", "dtype", "shards": [Shard]} (shards in a stable order)."""
     extra: dict[str, Any]

@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -74,6 +75,9 @@ from distckpt.state import nnx_state, provenance
 from distckpt.state import process_state as per_process
 
 logger = logging.getLogger(__name__)
+
+JOB_FILE = ".distckpt-job"
+"""Names the run a checkpoint directory holds, for matching local-tier copies to it."""
 
 __all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatVersionError",
            "NoCheckpointError", "Restored", "SaveFailedError", "SaveStats", "StepExistsError",
@@ -137,8 +141,21 @@ class CheckpointService:
                 job = hashlib.sha1(opened.key.encode()).hexdigest()[:12]
                 options = dataclasses.replace(
                     options, local_directory=f"/dev/shm/distckpt-{job}/{{host}}")
-            self.local = LocalTier(options, opened.key, opened.nonce)
+            job = self.primary.decide("init:local-tier:job", self._job_id)
+            self.local = LocalTier(options, job, opened.nonce)
         self._restores = 0
+
+    def _job_id(self) -> str:
+        """The checkpoint directory's job identity (made on first use of a local tier), so
+        local copies are only ever matched with the directory they belong to, even moved."""
+        path = self.directory / JOB_FILE
+        if path.exists():
+            return path.read_text().strip()
+        if self.options.read_only:
+            return str(self.directory)
+        job = uuid.uuid4().hex
+        path.write_text(job)
+        return job
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:

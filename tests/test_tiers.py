@@ -1,0 +1,189 @@
+"""The local tier: real processes through the launcher (gloo on CPU), real files, JAX's
+transfer server between the processes; nothing mocked.
+
+One 4x2 job saves steps 1..6 (a local step every step, a persistent one every 4th) and
+every test restores from its own copy of what it wrote: a lost host fed by its peer, a
+host lost with its peer, a topology change, corrupted local bytes. A 2-host job checks
+that permuted process ids still restore locally. The plan every host computes
+(:func:`choose`) is checked against Hypothesis-generated losses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distckpt.checkpoint.local_restore import choose
+from distckpt.tools.launcher import launch
+
+WORKER = str(Path(__file__).parent / "tier_worker.py")
+ROOT = str(Path(__file__).parent.parent)
+
+
+def run(workdir: Path, phase: str, hosts: int, devices: int, *args: str,
+        process_ids=None) -> str:
+    out = workdir / "out"
+    out.mkdir(exist_ok=True)
+    for old in out.glob("restored.*.json"):
+        old.unlink()
+    buf = io.StringIO()
+    result = launch([sys.executable, WORKER, phase, str(out), "--dir", str(workdir / "ckpt"),
+                     "--local", str(workdir / "local" / "{host}"), *args], hosts, devices,
+                    out=buf, timeout_s=240, forward_signals=False, process_ids=process_ids,
+                    env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, buf.getvalue()[-6000:]
+    return buf.getvalue()
+
+
+def restored(workdir: Path, hosts: int) -> list[dict]:
+    return [json.loads((workdir / "out" / f"restored.{i}.json").read_text())
+            for i in range(hosts)]
+
+
+def saved_fingerprint(workdir: Path, step: int) -> dict:
+    return json.loads((workdir / "out" / "saved.json").read_text())["fingerprints"][str(step)]
+
+
+def tree_state(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def saved_4x2(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("tier4x2")
+    run(work, "save", 4, 2)
+    return work
+
+
+@pytest.fixture
+def job(saved_4x2, tmp_path) -> Path:
+    work = tmp_path / "job"
+    shutil.copytree(saved_4x2, work)
+    return work
+
+
+def test_replaced_host_gets_its_shards_from_its_peer(job):
+    persistent = tree_state(job / "ckpt")
+    assert sorted(p.name for p in (job / "ckpt").iterdir() if p.name.isdigit()) == ["4"]
+    shutil.rmtree(job / "local" / "host2")  # host 2 replaced: an empty local directory
+    run(job, "restore", 4, 2)
+    got = restored(job, 4)
+    assert {r["step"] for r in got} == {6}
+    assert [r["restored_from"] for r in got] == [["local", "local", "peer", "local"]] * 4
+    assert {r["tier"] for r in got} == {"peer"}
+    assert all(r["fingerprint"] == saved_fingerprint(job, 6) for r in got)
+    assert [r["process_state"] for r in got] == [{"process": i, "pos": 60} for i in range(4)]
+    assert tree_state(job / "ckpt") == persistent  # the persistent tier untouched
+
+
+def test_every_host_reads_its_own_copy(job):
+    run(job, "restore", 4, 2, "--read-only")
+    got = restored(job, 4)
+    assert [r["restored_from"] for r in got] == [["local"] * 4] * 4
+    assert all(r["step"] == 6 and r["fingerprint"] == saved_fingerprint(job, 6) for r in got)
+
+
+def test_host_lost_with_its_peer_falls_back_to_persistent(job):
+    for host in ("host2", "host3"):  # host 3 holds host 2's copy
+        shutil.rmtree(job / "local" / host)
+    run(job, "restore", 4, 2)
+    got = restored(job, 4)
+    assert all(r["step"] == 4 and r["tier"] == "persistent" for r in got)
+    assert all(r["fingerprint"] == saved_fingerprint(job, 4) for r in got)
+
+
+def test_topology_change_reads_persistent(job):
+    run(job, "restore", 2, 4, "--mesh", "data=2,fsdp=4", "--other-hosts")
+    got = restored(job, 2)
+    assert all(r["step"] == 4 and r["tier"] == "persistent" for r in got)
+    assert all(r["fingerprint"] == saved_fingerprint(job, 4) for r in got)
+
+
+def test_corrupt_local_copy_is_never_restored(job):
+    victim = max((job / "local" / "host1" / "6" / "own").glob("*.bin"),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    out = run(job, "restore", 4, 2, "--read-only")
+    got = restored(job, 4)
+    assert "differs from what was saved" in out
+    assert all(r["step"] == 4 and r["tier"] == "persistent" for r in got)
+    assert all(r["fingerprint"] == saved_fingerprint(job, 4) for r in got)
+
+
+def test_permuted_process_ids_still_restore_locally(tmp_path):
+    run(tmp_path, "save", 2, 2, "--mesh", "data=2,fsdp=2")
+    run(tmp_path, "restore", 2, 2, "--mesh", "data=2,fsdp=2", process_ids=[1, 0])
+    got = restored(tmp_path, 2)
+    assert [r["machine"] for r in got] == ["host1", "host0"]
+    assert all(r["restored_from"] == ["local", "local"] and r["step"] == 6 for r in got)
+    assert all(r["fingerprint"] == saved_fingerprint(tmp_path, 6) for r in got)
+    # Each process gets the state its process index saved, wherever it runs now.
+    assert [r["process_state"] for r in got] == [{"process": i, "pos": 60} for i in range(2)]
+
+
+# ---------------------------------------------------------------------- the plan
+JOB = {"process_count": 0, "devices_per_process": 2, "directory": "d"}
+
+
+def inventories(n: int, steps: list[int], lost: set[int], order: list[int]):
+    """What n hosts hold after saving `steps` with ring peer copies, once the machines in
+    `lost` came back empty; `order[c]` is the machine process c now runs on."""
+    job = {**JOB, "process_count": n}
+    by_machine = []
+    for m in range(n):
+        if m in lost:
+            by_machine.append({"uid": f"new{m}", "own": {}, "peer": {}})
+            continue
+        pred = (m - 1) % n
+        by_machine.append({
+            "uid": f"u{m}",
+            "own": {str(s): {"role": m, "owner": f"u{m}", "job": job, "name": "own"}
+                    for s in steps},
+            "peer": {str(s): [{"role": pred, "owner": f"u{pred}", "job": job,
+                               "name": f"peer-u{pred}"}] for s in steps} if n > 1 else {}})
+    return [by_machine[m] for m in order], job
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8).flatmap(lambda n: st.tuples(
+    st.just(n), st.sets(st.integers(0, n - 1)), st.permutations(range(n)))))
+def test_plan_covers_every_role_or_falls_back(case):
+    n, lost, order = case
+    invs, job = inventories(n, [5, 6], lost, list(order))
+    plan = choose(invs, job, newest_persistent=4)
+    # A role survives if its machine or its ring successor (which holds its copy) survives.
+    recoverable = all(q not in lost or (n > 1 and (q + 1) % n not in lost) for q in range(n))
+    assert (plan is not None) == recoverable, (n, lost, order, plan)
+    if plan is None:
+        return
+    assert plan["step"] == 6
+    assert sorted(plan["roles"]) == list(range(n))
+    for c, (role, src) in enumerate(zip(plan["roles"], plan["sources"], strict=True)):
+        machine = order[c]
+        if src[0] == "own":
+            assert machine not in lost and role == machine
+        elif src[0] == "fetch":
+            holder_machine = order[src[1]]
+            assert holder_machine == (role + 1) % n and holder_machine not in lost
+        else:  # a peer copy this host holds itself
+            assert machine == (role + 1) % n
+
+
+def test_plan_prefers_a_newer_persistent_step():
+    invs, job = inventories(2, [5, 6], set(), [0, 1])
+    assert choose(invs, job, newest_persistent=7) is None
+    assert choose(invs, job, newest_persistent=6)["step"] == 6
+    assert choose(invs, job, newest_persistent=None, step=5)["step"] == 5
+    other = {**job, "process_count": 3}
+    assert choose(invs, other, newest_persistent=None) is None  # another job shape
