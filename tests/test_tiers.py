@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distckpt.checkpoint.local_restore import choose
+from distckpt.state.process_state import FaultPoint
 from distckpt.tools.launcher import launch
 
 WORKER = str(Path(__file__).parent / "tier_worker.py")
@@ -29,7 +30,7 @@ ROOT = str(Path(__file__).parent.parent)
 
 
 def run(workdir: Path, phase: str, hosts: int, devices: int, *args: str,
-        process_ids=None) -> str:
+        process_ids=None, expect_rc: int = 0) -> str:
     out = workdir / "out"
     out.mkdir(exist_ok=True)
     for old in out.glob("restored.*.json"):
@@ -39,7 +40,7 @@ def run(workdir: Path, phase: str, hosts: int, devices: int, *args: str,
                      "--local", str(workdir / "local" / "{host}"), *args], hosts, devices,
                     out=buf, timeout_s=240, forward_signals=False, process_ids=process_ids,
                     env={**os.environ, "PYTHONPATH": ROOT})
-    assert result.returncode == 0, buf.getvalue()[-6000:]
+    assert result.returncode == expect_rc, buf.getvalue()[-6000:]
     return buf.getvalue()
 
 
@@ -130,6 +131,35 @@ def test_permuted_process_ids_still_restore_locally(tmp_path):
     assert all(r["fingerprint"] == saved_fingerprint(tmp_path, 6) for r in got)
     # Each process gets the state its process index saved, wherever it runs now.
     assert [r["process_state"] for r in got] == [{"process": i, "pos": 60} for i in range(2)]
+
+
+LOCAL_POINTS = [p for p in FaultPoint if p.value.startswith("local:")]
+
+
+def _crash_then_restore(tmp_path: Path, point: FaultPoint) -> None:
+    out = run(tmp_path, "save", 2, 2, "--mesh", "data=2,fsdp=2", "--kill-at", point.value,
+              expect_rc=-9)
+    assert f"KILL at {point.value} step 6" in out
+    copies = [*(tmp_path / "local").glob("*/*/own"), *(tmp_path / "local").glob("*/*/peer-*")]
+    assert all((c / "record.json").is_file() for c in copies)  # a final name means complete
+    run(tmp_path, "restore", 2, 2, "--mesh", "data=2,fsdp=2", "--read-only")
+    got = restored(tmp_path, 2)
+    step = got[0]["step"]
+    assert {r["step"] for r in got} == {step} and step >= 4
+    assert all(r["fingerprint"] == saved_fingerprint(tmp_path, step) for r in got)
+    assert all(r["verified"] for r in got)
+
+
+def test_killed_while_writing_a_local_copy_ends_on_a_verified_step(tmp_path):
+    _crash_then_restore(tmp_path, FaultPoint.LOCAL_FILE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", LOCAL_POINTS, ids=[p.value for p in LOCAL_POINTS])
+def test_killed_at_every_point_of_a_local_save(tmp_path, point):
+    """SIGKILL one host at each point of a local save and of its peer copy (the launcher
+    then stops the other): the restart restores a step that checks out, never a torn one."""
+    _crash_then_restore(tmp_path, point)
 
 
 # ---------------------------------------------------------------------- the plan

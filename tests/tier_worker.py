@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def options(a, **kw) -> distckpt.CheckpointOptions:
         local_interval_steps=1, local_timeout_s=60, timeout_s=120, **kw)
 
 
+def kill_hook(a):
+    """SIGKILL this process at --kill-at of step --kill-step (on --kill-process only)."""
+    if not a.kill_at or jax.process_index() != a.kill_process:
+        return None
+
+    def hook(point: str, step: int) -> None:
+        if point == a.kill_at and step == a.kill_step:
+            print(f"KILL at {point} step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
 def batch(mesh):
     return jax.device_put(jnp.linspace(-1, 1, 32, dtype=jnp.float32).reshape(4, 8),
                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -43,16 +57,16 @@ def save(a) -> None:
     items = distckpt.init_sharded(factory(), mesh)
     x = batch(mesh)
     saved = {}
-    with distckpt.CheckpointService(a.dir, options(a)) as ckpt:
+    with distckpt.CheckpointService(a.dir, options(a, fault_hook=kill_hook(a))) as ckpt:
         for step in range(1, a.steps + 1):
             train_step(items["model"], items["optimizer"], x)
+            saved[step] = fingerprint(items)
+            if distckpt.is_primary():  # before the save: a crash may come inside it
+                Path(a.out, "saved.json").write_text(json.dumps({"fingerprints": saved}))
             ckpt.save(step, items, metadata={"step": step},
                       process_state={"process": jax.process_index(), "pos": step * 10})
-            saved[step] = fingerprint(items)
         ckpt.wait()
         failures = ckpt.local.failures if ckpt.local else []
-    if distckpt.is_primary():
-        Path(a.out, "saved.json").write_text(json.dumps({"fingerprints": saved}))
     Path(a.out, f"save.{jax.process_index()}.json").write_text(json.dumps(
         {"failures": failures, "machine": os.environ.get("DISTCKPT_HOST")}))
 
@@ -83,6 +97,9 @@ def main() -> None:
     p.add_argument("--persist-every", type=int, default=4)
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--other-hosts", dest="same_hosts", action="store_false")
+    p.add_argument("--kill-at", help="a FaultPoint of the local tier")
+    p.add_argument("--kill-step", type=int, default=6)
+    p.add_argument("--kill-process", type=int, default=1)
     a = p.parse_args()
     {"save": save, "restore": restore}[a.phase](a)
 

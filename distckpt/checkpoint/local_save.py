@@ -42,6 +42,7 @@ from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, check_shard, e
 from distckpt.checkpoint.options import CheckpointOptions
 from distckpt.multihost import coordinator
 from distckpt.state import digest, nnx_state
+from distckpt.state.process_state import FaultPoint
 
 logger = logging.getLogger(__name__)
 
@@ -156,25 +157,35 @@ class LocalTier:
             for leaf in copy.leaves.values():
                 for s in leaf["shards"]:
                     s.digest = digest.to_hex(digest.host_lanes(s.data, s.starts))
-            n, me = jax.process_count(), jax.process_index()
+            n, me, step = jax.process_count(), jax.process_index(), copy.step
+            self._fault(FaultPoint.LOCAL_STAGED, step)
             if self.peer_copies:
                 arrays = [s.data for leaf in copy.leaves.values() for s in leaf["shards"]]
                 self.link.offer(self._key(seq, me), arrays,
                                 meta=copy.record(_names(copy)))
-            self.dir.write(copy)
+            self._fault(FaultPoint.LOCAL_OFFERED, step)
+            after_file = lambda: self._fault(FaultPoint.LOCAL_FILE, step)  # noqa: E731
+            self.dir.write(copy, after_file=after_file)
+            self._fault(FaultPoint.LOCAL_WRITTEN, step)
             if self.peer_copies:
                 key = self._key(seq, (me - 1) % n)
                 note = self.link.note(key)
                 got = self.link.pull(note)
                 coordinator.clear_note(key)
                 peer = _from_note(note["meta"], got)
-                self.dir.write(peer, f"peer-{peer.owner}")
+                self._fault(FaultPoint.LOCAL_PULLED, step)
+                self.dir.write(peer, f"peer-{peer.owner}", after_file=after_file)
+                self._fault(FaultPoint.LOCAL_PEER_WRITTEN, step)
             self.dir.retain(self.options.local_max_to_keep)
             self.saved.append((copy.step, time.perf_counter() - t0))
         except Exception as e:  # never stops training: the persistent tier is the safety net
             logger.warning("[process=%d] local save of step %d did not complete: %s",
                            jax.process_index(), copy.step, e)
             self.failures.append((copy.step, f"{type(e).__name__}: {e}"))
+
+    def _fault(self, point: FaultPoint, step: int) -> None:
+        if self.options.fault_hook is not None:
+            self.options.fault_hook(point, step)
 
     def _key(self, seq: int, role: int) -> str:
         return peers.exchange_key(self.nonce, "save", seq, role)

@@ -45,7 +45,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +178,10 @@ class LocalDir:
         return uid
 
     # ------------------------------------------------------------------ write
-    def write(self, copy: Copy, name: str = OWN) -> Path:
-        """Write `copy` (its shards' data and digests in memory) as ``<step>/<name>``."""
+    def write(self, copy: Copy, name: str = OWN,
+              after_file: Callable[[], None] | None = None) -> Path:
+        """Write `copy` (its shards' data and digests in memory) as ``<step>/<name>``;
+        `after_file` runs after each shard file (tests: a crash mid-copy)."""
         step_dir = self.root / str(copy.step)
         step_dir.mkdir(exist_ok=True)
         tmp = step_dir / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
@@ -190,6 +192,8 @@ class LocalDir:
                 assert s.data is not None and s.digest is not None
                 file = f"{i}.{_safe(leaf_name)}.{k}.bin"
                 np.ascontiguousarray(s.data).tofile(tmp / file)
+                if after_file is not None:
+                    after_file()
                 files[(leaf_name, k)] = (file, s.data.nbytes)
         (tmp / RECORD).write_text(json.dumps(copy.record(files)))
         final = step_dir / name

@@ -51,6 +51,18 @@ class FaultPoint(enum.StrEnum):
     """The primary, after the rename and fsync, before the commit record."""
     COMMIT_RECORDED = "commit:recorded"
     """The primary, after the commit record, before retention."""
+    LOCAL_STAGED = "local:staged"
+    """A local-tier save, every process, in the background: shards staged and digested."""
+    LOCAL_OFFERED = "local:offered"
+    """A local-tier save: this host's shards offered to its peer, own copy not written."""
+    LOCAL_FILE = "local:file"
+    """Inside a local copy's write, after each shard file (the record not written)."""
+    LOCAL_WRITTEN = "local:written"
+    """A local-tier save: own copy committed, the peer's copy not pulled yet."""
+    LOCAL_PULLED = "local:pulled"
+    """A local-tier save: the peer's shards pulled and checked, not written yet."""
+    LOCAL_PEER_WRITTEN = "local:peer-written"
+    """A local-tier save: the peer copy committed, retention not run yet."""
 
 
 FaultHook = Callable[[FaultPoint, int], None]
