@@ -91,3 +91,25 @@ def test_drill_with_faults_recovers_verified(tmp_path, fault):
 def test_drill_fault_needs_two_saves(tmp_path):
     res, report = _drill(tmp_path, "--fault", "corrupt", "--steps", "3", "--save-every", "2")
     assert res.returncode == 2 and "needs two saves" in res.stderr and report is None
+
+
+def test_drill_lose_host_with_a_local_tier_loses_nothing(tmp_path):
+    """A host is SIGKILLed after its last step and comes back with an empty local tier:
+    it gets its shards from its peer's copy, the others read their own; bit-exact."""
+    res, report = _drill(tmp_path, "--tiers", "local,persistent", "--fault", "lose-host",
+                         "--from", "2x2:data=2,fsdp=2")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert report["verified"] is True and report["tiers"] == "local,persistent"
+    assert report["target"] == report["source"]  # the replaced machine is the same kind
+    # 7 steps (save every 4): only the local tier holds step 7.
+    assert report["restored_step"] == 7 and report["steps_lost"] == 0
+    assert report["lost_host"] == 1
+    assert report["restored_from"] == ["local", "peer"]
+    assert report["recovery_seconds"] > 0
+
+
+def test_drill_lose_host_persistent_only_loses_the_steps_since_the_last_save(tmp_path):
+    res, report = _drill(tmp_path, "--fault", "lose-host", "--from", "2x2:data=2,fsdp=2")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert report["verified"] is True and report["restored_step"] == 4
+    assert report["steps_lost"] == 3 and report["restored_from"] == ["persistent"] * 2

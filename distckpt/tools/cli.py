@@ -53,14 +53,19 @@ def cmd_drill(args: argparse.Namespace) -> int:
     from distckpt.tools.drill import DrillConfig, check_config, run_drill
 
     try:
-        source, target = _parse_slice("--from", args.source), _parse_slice("--to", args.target)
+        source = _parse_slice("--from", args.source)
+        if args.target is None:  # a lost host is replaced by the same kind of machine
+            args.target = args.source if args.fault == "lose-host" else "2x2:fsdp=2,tensor=2"
+        target = _parse_slice("--to", args.target)
         steps = args.steps
         if steps is None:  # two saves to fall back between when a fault is injected
             steps = 2 * args.save_every if args.fault else 6
+            if args.fault == "lose-host":  # the last steps only the local tier holds
+                steps -= 1
         config = DrillConfig(source=source, target=target, steps=steps,
                              save_every=args.save_every, directory=args.dir,
                              model=_model_overrides(args), batch=args.batch, fault=args.fault,
-                             keep=args.keep)
+                             keep=args.keep, tiers=args.tiers)
         check_config(config)  # the model on both meshes, the directory: before anything starts
     except ValueError as e:
         print(f"distckpt drill: error: {e}", file=sys.stderr)
@@ -76,7 +81,9 @@ def cmd_drill(args: argparse.Namespace) -> int:
         restore_task = progress.add_task("restore", total=2, info="waiting", start=False)
 
         def on_progress(fields: dict[str, Any]) -> None:
-            if fields.get("phase") == "save":
+            if fields.get("phase") == "save" and "step" not in fields:
+                progress.update(save_task, info=f"host {fields.get('host')} killed")
+            elif fields.get("phase") == "save":
                 mark = " saved" if fields.get("saved") else ""
                 progress.update(save_task, completed=min(fields["step"], config.steps),
                                 info=f"step {fields['step']} loss {fields['loss']:.4f}{mark}")
@@ -136,7 +143,11 @@ def _print_report(console: Console, report) -> None:
                   else f"no: {report.sharding_mismatch[:3]}")
     table.add_row("next-step loss", f"{report.loss_before} -> {report.loss_after} "
                   f"(|diff| {report.loss_abs_diff}, rel tol {report.loss_rel_tol:g})")
+    table.add_row("tiers", report.tiers)
+    if report.restored_from:
+        table.add_row("restored from (per host)", ", ".join(report.restored_from))
     table.add_row("restore time", _fmt(report.restore_seconds))
+    table.add_row("recovery (restart to first step)", _fmt(report.recovery_seconds))
     table.add_row("save stall per save", ", ".join(_fmt(s) for s in report.save_stall_seconds))
     table.add_row("commit time per save", ", ".join(_fmt(s) for s in report.commit_seconds))
     table.add_row("phase wall time", ", ".join(f"{k} {v:.1f}s"
@@ -239,8 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", default="4x2:data=2,fsdp=4", metavar="SLICE",
                    help="slice that trains and saves (default %(default)s; a slice without a "
                    "mesh gets fsdp=<all devices>)")
-    p.add_argument("--to", dest="target", default="2x2:fsdp=2,tensor=2", metavar="SLICE",
-                   help="slice that restores (default %(default)s)")
+    p.add_argument("--to", dest="target", default=None, metavar="SLICE",
+                   help="slice that restores (default 2x2:fsdp=2,tensor=2; with --fault "
+                   "lose-host, the --from slice)")
+    p.add_argument("--tiers", default="persistent", metavar="TIERS",
+                   help="persistent (default), or local,persistent: a local step every step "
+                   "(each host's own directory, a copy on the next host) in front of the "
+                   "persistent saves")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default 6; with --fault, twice --save-every)")
     p.add_argument("--save-every", type=int, default=4, help="save interval (default 4)")
@@ -253,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", choices=FAULTS, default=None,
                    help="inject a fault and prove recovery: kill-during-save (every saving "
                    "host SIGKILLed inside the last save's commit), preempt (SIGTERM to one "
-                   "saving host), corrupt (flip bytes of the newest step's array data)")
+                   "saving host), corrupt (flip bytes of the newest step's array data), "
+                   "lose-host (SIGKILL the last host after its last step, wipe its local tier, "
+                   "restart)")
     p.add_argument("--progress", action="store_true",
                    help="show progress bars even when stdout is not a terminal")
     _add_model_flags(p)

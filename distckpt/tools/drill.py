@@ -87,9 +87,14 @@ class Fault(enum.StrEnum):
     """SIGTERM to one saving host."""
     CORRUPT = "corrupt"
     """Flip bytes of the newest step's array data before the restore."""
+    LOSE_HOST = "lose-host"
+    """SIGKILL the last saving host after its last step's local copies are made, wipe its
+    local tier (a replaced machine), restart."""
 
 
 FAULTS = tuple(f.value for f in Fault)
+TIERS = ("persistent", "local,persistent")
+"""``--tiers``: the persistent directory alone, or a local tier in front of it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +163,18 @@ class DrillConfig:
     """A fault to inject (a Fault, or its name: one of FAULTS)."""
     keep: bool = False
     """Keep the temporary directory the drill makes (default: removed when it ends)."""
+    tiers: str = "persistent"
+    """``persistent``, or ``local,persistent``: a local step every step (each host's local
+    directory under the drill's directory, a peer copy on the next host) in front of the
+    persistent saves every save_every."""
 
     def __post_init__(self):
+        tiers = ",".join(t.strip() for t in str(self.tiers).split(","))
+        if tiers == "persistent,local":
+            tiers = "local,persistent"
+        if tiers not in TIERS:
+            raise ValueError(f"--tiers {self.tiers!r}: choose 'persistent' or 'local,persistent'")
+        object.__setattr__(self, "tiers", tiers)
         if self.steps < 1 or self.save_every < 1:
             raise ValueError("steps and save_every must be >= 1")
         if self.save_every > self.steps:
@@ -175,6 +190,8 @@ class DrillConfig:
                 f"--fault {self.fault} needs two saves to fall back between, but steps="
                 f"{self.steps} with save_every={self.save_every} saves once; use --steps >= "
                 f"{2 * self.save_every}")
+        if self.fault is Fault.LOSE_HOST and self.source.hosts < 2:
+            raise ValueError("--fault lose-host needs a --from slice with at least 2 hosts")
         if self.fault is Fault.PREEMPT and self.steps < 3:
             raise ValueError("--fault preempt needs --steps >= 3 (time to deliver the signal)")
         if self.directory is not None and "://" in self.directory:
@@ -190,6 +207,10 @@ class DrillConfig:
     @property
     def last_save(self) -> int:
         return self.steps - self.steps % self.save_every
+
+    @property
+    def local(self) -> bool:
+        return self.tiers == "local,persistent"
 
 
 # --------------------------------------------------------------------------- driver
@@ -224,6 +245,13 @@ class DrillReport:
     """Where the checkpoints are (``<directory>/checkpoints``, or the object-store URL)."""
     removed: bool = False
     """`directory` was a temporary directory and was removed when the drill ended."""
+    tiers: str = "persistent"
+    restored_from: list[str] = dataclasses.field(default_factory=list)
+    """Per host of the restoring job: 'local', 'peer' or 'persistent'."""
+    recovery_seconds: float | None = None
+    """From the restore job's launch to the end of its first training step."""
+    lost_host: int | None = None
+    """--fault lose-host: the host that was killed and whose local tier was wiped."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -373,7 +401,8 @@ def run_drill(config: DrillConfig, *, progress=None) -> DrillReport:
 
 
 def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> DrillReport:
-    base = {"model": config.model, "batch": config.batch, "ckpt_dir": ckpt_dir}
+    base = {"model": config.model, "batch": config.batch, "ckpt_dir": ckpt_dir,
+            "local_dir": str(workdir / "local" / "{host}") if config.local else None}
 
     pids: list[int] = []
     signalled: list[int] = []
@@ -398,18 +427,20 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
         restore_seconds=None, save_stall_seconds=[], commit_seconds=[], loss_before=None,
         loss_after=None, loss_abs_diff=None, loss_rel_tol=CROSS_TOPOLOGY_RTOL,
         content_mismatch=[], sharding_mismatch=[], phase_seconds={}, directory=str(workdir),
-        fault=config.fault, checkpoints=ckpt_dir)
+        fault=config.fault, checkpoints=ckpt_dir, tiers=config.tiers)
     same = config.source == config.target
     report.loss_rel_tol = SAME_TOPOLOGY_RTOL if same else CROSS_TOPOLOGY_RTOL
 
     t0 = time.perf_counter()
     save_out = workdir / "save-result.json"
-    killing = config.fault is Fault.KILL_DURING_SAVE
+    killing = config.fault in (Fault.KILL_DURING_SAVE, Fault.LOSE_HOST)
+    lost = config.source.hosts - 1 if config.fault is Fault.LOSE_HOST else None
     rc, log = _run_phase("save", config.source, {
         **base, "mesh": str(config.source.mesh), "steps": config.steps,
         "save_every": config.save_every, "out": str(save_out),
         "preempt_after": config.preempt_after if config.fault is Fault.PREEMPT else None,
-        "kill_step": config.last_save if killing else None},
+        "kill_step": config.last_save if config.fault is Fault.KILL_DURING_SAVE else None,
+        "lose_host": lost},
         workdir, config.timeout_s, on_line, on_start=pids.extend)
     report.phase_seconds["save"] = time.perf_counter() - t0
     if (rc != 0 and not killing) or (killing and rc == 0) or not save_out.exists():
@@ -430,8 +461,14 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
         report.expected_step = config.last_save - config.save_every
     if config.fault is Fault.CORRUPT:
         corrupt_newest(ckpt_dir if "://" in ckpt_dir else Path(ckpt_dir), config.last_save)
+    if config.fault is Fault.LOSE_HOST:
+        # The killed machine is replaced: it comes back with an empty local tier.
+        report.lost_host = lost
+        shutil.rmtree(workdir / "local" / f"host{lost}", ignore_errors=True)
+        report.expected_step = config.steps if config.local else config.last_save
 
     t0 = time.perf_counter()
+    t0_wall = time.time()
     restore_out = workdir / "restore-result.json"
     rc, log = _run_phase("restore", config.target, {
         **base, "mesh": str(config.target.mesh), "saved": str(save_out),
@@ -442,6 +479,8 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
         return report
     got = json.loads(restore_out.read_text())
     report.restored_step = got["restored_step"]
+    report.restored_from = got["restored_from"]
+    report.recovery_seconds = got["first_step_wall"] - t0_wall
     report.steps_lost = report.trained_until - got["restored_step"]
     report.skipped = got["skipped"]
     report.leaves, report.bytes = got["leaves"], got["bytes"]
@@ -459,6 +498,10 @@ def _run_phases(config: DrillConfig, workdir: Path, ckpt_dir: str, progress) -> 
                         f"{report.expected_step}")
     if not got["verified_by_service"]:
         problems.append("the restore did not verify the arrays against the commit record")
+    if (config.fault is Fault.LOSE_HOST and config.local
+            and report.restored_from[lost] != "peer"):  # type: ignore[index]
+        problems.append(f"the replaced host {lost} restored from "
+                        f"{report.restored_from[lost]}, not from its peer's copy")  # type: ignore[index]
     if config.fault is Fault.CORRUPT and config.last_save not in [s for s, _ in report.skipped]:
         problems.append(f"the corrupted step {config.last_save} was not reported as skipped")
     if report.content_mismatch:

@@ -71,15 +71,20 @@ def worker_save(spec: dict[str, Any]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     options = CheckpointOptions(max_to_keep=None, save_interval_steps=spec["save_every"],
-                                fault_hook=fault_hook if kill_step is not None else None)
+                                fault_hook=fault_hook if kill_step is not None else None,
+                                local_directory=spec.get("local_dir"))
+    lose_host = spec.get("lose_host")
     result: dict[str, Any] = {"losses": losses, "digests": digests, "save_stats": [],
                               "preempted_at": None, "process_count": jax.process_count(),
                               "devices": jax.device_count()}
     with PreemptionGuard("drill") as guard, CheckpointService(spec["ckpt_dir"], options) as ckpt:
-        last = spec["steps"] + (1 if spec["steps"] % spec["save_every"] == 0 else 0)
+        reference = spec["steps"] % spec["save_every"] == 0 or lose_host is not None
+        last = spec["steps"] + (1 if reference else 0)
         for step in range(1, last + 1):
             tokens = train.tokens_for_step(step, cfg, mesh)
             losses[step] = float(step_fn(state["model"], state["optimizer"], tokens))
+            if step > spec["steps"] and lose_host is not None:
+                _lose_host(ckpt, lose_host, result, spec["out"])
             if step > spec["steps"]:  # the reference update past the last save; not saved
                 break
             preempted = guard.reached_sync_point(step, final=step == spec["steps"])
@@ -108,6 +113,26 @@ def worker_save(spec: dict[str, Any]) -> None:
         _write_result(spec["out"], result)
 
 
+def _lose_host(ckpt, host: int, result: dict[str, Any], out: str) -> None:
+    """--fault lose-host: once every host's last local save is done (its peer holds a copy),
+    SIGKILL `host`; the others wait for the launcher to stop them, as a job does when a
+    machine dies."""
+    import signal
+
+    from distckpt.multihost import coordinator
+
+    if ckpt.local is not None:
+        ckpt.local.wait()
+    if coordinator.is_primary():
+        _write_result(out, result)
+    coordinator.barrier("drill:lose-host", 120.0)
+    if coordinator.topology().process_index == host:
+        _emit("progress", phase="save", stage="killed", host=host)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3.0)  # the others die too, as a job's processes do when one machine is lost
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _await_notice(guard, limit_s: float = 120.0) -> None:
     """--fault preempt: the drill signals one host after this step's progress line; every
     host waits here until the notice has reached it, so the signal lands before the run
@@ -134,7 +159,8 @@ def worker_restore(spec: dict[str, Any]) -> None:
     target = train.target(cfg, mesh)
     want_shardings = {k: v.sharding for k, v in _leaf_arrays(target).items()}
     _emit("progress", phase="restore", stage="restoring")
-    with CheckpointService(spec["ckpt_dir"], CheckpointOptions(read_only=True)) as ckpt:
+    options = CheckpointOptions(read_only=True, local_directory=spec.get("local_dir"))
+    with CheckpointService(spec["ckpt_dir"], options) as ckpt:
         t0 = time.perf_counter()
         restored = ckpt.restore(target, process_state_remap=train.remap_data_position)
         jax.block_until_ready(jax.tree.leaves(restored.items))
@@ -150,6 +176,7 @@ def worker_restore(spec: dict[str, Any]) -> None:
     step = restored.step + 1
     loss = float(train.make_train_step(mesh)(restored.items["model"], restored.items["optimizer"],
                                              train.tokens_for_step(step, cfg, mesh)))
+    first_step_wall = time.time()
     total_bytes = int(sum(np.dtype(a.dtype).itemsize * a.size if not
                           jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
                           else jax.random.key_data(a).nbytes for a in arrays.values()))
@@ -160,7 +187,8 @@ def worker_restore(spec: dict[str, Any]) -> None:
             "sharding_mismatch": sharding_mismatch, "next_loss": loss, "next_step": step,
             "leaves": len(arrays), "bytes": total_bytes, "process_count": jax.process_count(),
             "process_state": restored.process_state, "verified_by_service": restored.verified,
-            "skipped": [list(x) for x in restored.skipped]}))
+            "skipped": [list(x) for x in restored.skipped],
+            "restored_from": list(restored.restored_from), "first_step_wall": first_step_wall}))
 
 
 def main(argv: list[str] | None = None) -> int:
