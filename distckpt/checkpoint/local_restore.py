@@ -28,6 +28,7 @@ read instead. A topology change always goes to the persistent tier.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,9 +113,11 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
                   ) -> LocalRead | None:
     """Restore from the local tier on every process, or return None on every process."""
     timeout = tier.options.timeout_s
+    marks = [("start", time.perf_counter())]
     inventory = tier.dir.inventory()
     inventories = coordinator.all_gather(f"restore:local:{seq}:inventory", inventory, timeout)
     plan = choose(inventories, tier.job, newest_persistent=newest_persistent, step=step)
+    marks.append(("inventory", time.perf_counter()))
     if plan is None:
         logger.info("[process=%d] local tier: no step this job can rebuild from local copies "
                     "(newest persistent step: %s)", jax.process_index(), newest_persistent)
@@ -140,6 +143,7 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
             coordinator.clear_note(_key(tier, seq, me))
         else:
             copy = tier.dir.read_copy(s, "own" if src[0] == "own" else src[1])
+        marks.append(("read", time.perf_counter()))
         provenance = copy.extra.get("provenance") or {}
         wanted, untouched = check_target(provenance.get("leaves", {}), leaves, s, partial=partial)
         buffers = {leaf.name: _buffers(leaf, copy, roles) for leaf in wanted}
@@ -149,7 +153,9 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
         if type(e).__name__ == "TargetMismatchError":
             raise
         outcome = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    marks.append(("buffers", time.perf_counter()))
     gathered = coordinator.all_gather(f"restore:local:{seq}:outcome", outcome, timeout)
+    marks.append(("agreed", time.perf_counter()))
     bad = [(i, g["error"]) for i, g in enumerate(gathered) if not g["ok"]]
     if bad:
         logger.warning("[process=%d] local tier: step %d cannot be rebuilt locally (%s); "
@@ -160,6 +166,10 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
     values = {leaf.name: nnx_state.rebuild_value(
         leaf, _assemble(leaf, copy.leaves[leaf.name], buffers[leaf.name], roles))
         for leaf in wanted}
+    jax.block_until_ready(list(values.values()))
+    marks.append(("assembled", time.perf_counter()))
+    logger.info("[process=%d] local restore of step %d: %s", me, s, ", ".join(
+        f"{name} {t - marks[i][1]:.3f}s" for i, (name, t) in enumerate(marks[1:])))
     states: list[Any] = [None] * len(roles)
     for g in gathered:
         states[g["role"]] = g["process_state"]

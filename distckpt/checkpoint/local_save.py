@@ -38,10 +38,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from distckpt.checkpoint import peers
-from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, check_shard, expand
+from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, check_shard, expand, seal
 from distckpt.checkpoint.options import CheckpointOptions
 from distckpt.multihost import coordinator
-from distckpt.state import digest, nnx_state
+from distckpt.state import nnx_state
 from distckpt.state.process_state import FaultPoint
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class LocalTier:
         try:
             for leaf in copy.leaves.values():
                 for s in leaf["shards"]:
-                    s.digest = digest.to_hex(digest.host_lanes(s.data, s.starts))
+                    seal(s)
             n, me, step = jax.process_count(), jax.process_index(), copy.step
             self._fault(FaultPoint.LOCAL_STAGED, step)
             if self.peer_copies:
