@@ -29,12 +29,12 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def worker(phase: str, ckpt: str, local: str, size_mib: int, out: str) -> None:
+    import logging
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
-
-    import logging
 
     import distckpt
 
