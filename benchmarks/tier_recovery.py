@@ -18,6 +18,7 @@ directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -72,21 +73,39 @@ def main() -> None:
     p.add_argument("--hosts", type=int, default=4)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--dir", help="work directory (default: a new temp directory)")
+    p.add_argument("--s3", action="store_true",
+                   help="persistent tier on s3:// (a local SeaweedFS server, started here)")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         phase, ckpt, local, size, out = a.worker
         worker(phase, ckpt, local, int(size), out)
         return
-    from distckpt.bench.measure import evict, files_under
-    from distckpt.tools.launcher import launch
-
     work = Path(a.dir or tempfile.mkdtemp(prefix="distckpt-tiers-"))
     shm = Path(tempfile.mkdtemp(prefix="distckpt-tiers-", dir="/dev/shm"
                                 if os.path.isdir("/dev/shm") else None))
-    ckpt, local, out = work / "ckpt", str(shm / "{host}"), work / "out"
+    local, out = str(shm / "{host}"), work / "out"
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT}
+    try:
+        with contextlib.ExitStack() as stack:
+            ckpt: Path | str = work / "ckpt"
+            if a.s3:
+                from distckpt.tools.s3server import seaweedfs
+
+                server = stack.enter_context(seaweedfs(work / "s3"))
+                env.update(server.env())
+                ckpt = server.url("tiers")
+            run(a, shm, ckpt, local, out, env)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        if a.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a, shm: Path, ckpt: Path | str, local: str, out: Path, env) -> None:
+    from distckpt.bench.measure import evict, files_under
+    from distckpt.tools.launcher import launch
 
     def job(phase: str) -> None:
         r = launch([sys.executable, __file__, "--worker", phase, str(ckpt), local,
@@ -94,28 +113,24 @@ def main() -> None:
         if r.returncode:
             raise SystemExit(f"{phase} job failed ({r.returncode})")
 
-    try:
-        job("save")
-        rows = {}
-        for phase in ("local", "peer", "persistent"):
-            if phase == "peer":
-                shutil.rmtree(shm / "host1")
-            if phase == "persistent":
-                evict(files_under(ckpt))
-            job(phase)
-            got = [json.loads((out / f"{phase}.{i}.json").read_text()) for i in range(a.hosts)]
-            rows[phase] = {"seconds": max(g["seconds"] for g in got),
-                           "from": [g["from"] for g in got], "step": got[0]["step"]}
-        print(json.dumps({"size_mib": a.size_mib, "hosts": a.hosts, "devices": a.devices,
-                          "restore": rows}, indent=1))
-        base = rows["persistent"]["seconds"]
-        for phase in ("local", "peer"):
-            print(f"{phase}: {rows[phase]['seconds']:.3f} s, persistent {base:.3f} s: "
-                  f"{base / rows[phase]['seconds']:.1f}x faster")
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
-        if a.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    job("save")
+    rows = {}
+    for phase in ("local", "peer", "persistent"):
+        if phase == "peer":
+            shutil.rmtree(shm / "host1")
+        if phase == "persistent" and isinstance(ckpt, Path):
+            evict(files_under(ckpt))
+        job(phase)
+        got = [json.loads((out / f"{phase}.{i}.json").read_text()) for i in range(a.hosts)]
+        rows[phase] = {"seconds": max(g["seconds"] for g in got),
+                       "from": [g["from"] for g in got], "step": got[0]["step"]}
+    print(json.dumps({"size_mib": a.size_mib, "hosts": a.hosts, "devices": a.devices,
+                      "persistent": "s3" if a.s3 else "local disk", "restore": rows},
+                     indent=1))
+    base = rows["persistent"]["seconds"]
+    for phase in ("local", "peer"):
+        print(f"{phase}: {rows[phase]['seconds']:.3f} s, persistent {base:.3f} s: "
+              f"{base / rows[phase]['seconds']:.1f}x faster")
 
 
 if __name__ == "__main__":
