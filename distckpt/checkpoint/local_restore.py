@@ -20,9 +20,10 @@
    mesh with one ``jax.device_put`` (JAX's collectives move the bytes between hosts).
    With stable process ids the permutation is the identity and nothing moves.
 
-Any host's failure (a missing box, a digest mismatch, a peer that does not answer) is
-gathered, every host gives up on the local tier together, and the persistent tier is
-read instead. A topology change always goes to the persistent tier.
+Any host's failure (a missing box, a checksum mismatch, a peer that does not answer) is
+gathered and every host gives up on that step together, then tries the next older local
+step the plan allows, then the persistent tier. A topology change always goes to the
+persistent tier.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _matches(entry: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
 
 
 def choose(inventories: Sequence[Mapping[str, Any]], job: Mapping[str, Any], *,
-           newest_persistent: int | None, step: int | None = None) -> dict[str, Any] | None:
+           newest_persistent: int | None, step: int | None = None,
+           skip: set[int] | frozenset[int] = frozenset()) -> dict[str, Any] | None:
     """The local plan every host computes alike, or None (read the persistent tier).
 
     Returns ``{"step", "roles": [role per process], "sources": [["own"] | ["peer-here",
@@ -64,7 +66,7 @@ def choose(inventories: Sequence[Mapping[str, Any]], job: Mapping[str, Any], *,
     for inv in inventories:
         steps |= {int(s) for s in inv["own"]} | {int(s) for s in inv["peer"]}
     for s in sorted(steps, reverse=True):
-        if step is not None and s != step:
+        if (step is not None and s != step) or s in skip:
             continue
         if newest_persistent is not None and s < newest_persistent:
             break  # the persistent tier holds a newer step
@@ -110,18 +112,31 @@ class LocalRead:
 
 def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: bool,
                   newest_persistent: int | None, step: int | None, seq: int
-                  ) -> LocalRead | None:
-    """Restore from the local tier on every process, or return None on every process."""
-    timeout = tier.options.timeout_s
-    marks = [("start", time.perf_counter())]
+                  ) -> tuple[LocalRead | None, list[tuple[int, str]]]:
+    """Restore from the local tier on every process, or return None on every process;
+    with the (step, reason) of local steps that were tried and failed."""
     inventory = tier.dir.inventory()
-    inventories = coordinator.all_gather(f"restore:local:{seq}:inventory", inventory, timeout)
-    plan = choose(inventories, tier.job, newest_persistent=newest_persistent, step=step)
-    marks.append(("inventory", time.perf_counter()))
-    if plan is None:
-        logger.info("[process=%d] local tier: no step this job can rebuild from local copies "
-                    "(newest persistent step: %s)", jax.process_index(), newest_persistent)
-        return None
+    inventories = coordinator.all_gather(f"restore:local:{seq}:inventory", inventory,
+                                         tier.options.timeout_s)
+    failed: list[tuple[int, str]] = []
+    while True:
+        plan = choose(inventories, tier.job, newest_persistent=newest_persistent, step=step,
+                      skip={s for s, _ in failed})
+        if plan is None:
+            logger.info("[process=%d] local tier: no step this job can rebuild from local "
+                        "copies (newest persistent step: %s)", jax.process_index(),
+                        newest_persistent)
+            return None, failed
+        read = _attempt(tier, plan, leaves, partial=partial, key=f"{seq}:{len(failed)}")
+        if isinstance(read, LocalRead):
+            return read, failed
+        failed.append((plan["step"], read))
+
+
+def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Leaf], *,
+             partial: bool, key: str) -> LocalRead | str:
+    """Rebuild one planned step on every process: the LocalRead, or why not (on all)."""
+    marks = [("start", time.perf_counter())]
     s, roles, sources = plan["step"], plan["roles"], plan["sources"]
     me = jax.process_index()
     outcome: dict[str, Any] = {}
@@ -134,13 +149,12 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
             if src[0] == "fetch" and src[1] == me:
                 held = tier.dir.read_copy(s, src[2])
                 arrays = [sh.data for leaf in held.leaves.values() for sh in leaf["shards"]]
-                tier.link.offer(_key(tier, seq, f), arrays,
-                                meta=held.record(_files(held)))
+                tier.link.offer(_key(tier, key, f), arrays, meta=held.record(_files(held)))
         src = sources[me]
         if src[0] == "fetch":
-            note = tier.link.note(_key(tier, seq, me))
+            note = tier.link.note(_key(tier, key, me))
             copy = _from_note(note["meta"], tier.link.pull(note))
-            coordinator.clear_note(_key(tier, seq, me))
+            coordinator.clear_note(_key(tier, key, me))
         else:
             copy = tier.dir.read_copy(s, "own" if src[0] == "own" else src[1])
         marks.append(("read", time.perf_counter()))
@@ -154,14 +168,15 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
             raise
         outcome = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     marks.append(("buffers", time.perf_counter()))
-    gathered = coordinator.all_gather(f"restore:local:{seq}:outcome", outcome, timeout)
+    gathered = coordinator.all_gather(f"restore:local:{key}:outcome", outcome,
+                                      tier.options.timeout_s)
     marks.append(("agreed", time.perf_counter()))
     bad = [(i, g["error"]) for i, g in enumerate(gathered) if not g["ok"]]
     if bad:
-        logger.warning("[process=%d] local tier: step %d cannot be rebuilt locally (%s); "
-                       "reading the persistent tier", me, s,
-                       "; ".join(f"process {i}: {e}" for i, e in bad[:4]))
-        return None
+        why = "; ".join(f"process {i}: {e}" for i, e in bad[:4])
+        logger.warning("[process=%d] local tier: step %d cannot be rebuilt locally (%s)",
+                       me, s, why)
+        return f"local copies: {why}"
     assert copy is not None
     values = {leaf.name: nnx_state.rebuild_value(
         leaf, _assemble(leaf, copy.leaves[leaf.name], buffers[leaf.name], roles))
@@ -177,8 +192,8 @@ def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: boo
     return LocalRead(s, values, copy.extra, states, tiers, untouched)
 
 
-def _key(tier: LocalTier, seq: int, process: int) -> str:
-    return peers.exchange_key(tier.nonce, "restore", seq, process)
+def _key(tier: LocalTier, attempt: str, process: int) -> str:
+    return peers.exchange_key(tier.nonce, "restore", attempt, process)
 
 
 def _files(copy: Copy) -> dict[tuple[str, int], tuple[str, int]]:

@@ -325,7 +325,8 @@ def dtype_of(name: str) -> np.dtype:
 
 
 def crc32(data: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return zlib.crc32(flat.data)
 
 
 def seal(s: Shard) -> None:
@@ -339,6 +340,8 @@ def check_shard(leaf_name: str, s: Shard) -> None:
     """Raise ValueError unless the shard's bytes are the ones saved: their CRC-32 (or,
     for a record without one, their content digest)."""
     assert s.data is not None
+    got: int | str | None
+    want: int | str | None
     if s.crc32 is not None:
         got, want = crc32(s.data), s.crc32
     else:

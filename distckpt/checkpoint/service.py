@@ -349,8 +349,10 @@ class CheckpointService:
         newest = self.primary.decide(f"restore:{self._restores}:newest-persistent",
                                      self.latest_step)
         leaves = nnx_state.flatten_items(target)
-        read = restore_local(self.local, leaves, partial=partial, newest_persistent=newest,
-                             step=step if isinstance(step, int) else None, seq=self._restores)
+        read, failed = restore_local(self.local, leaves, partial=partial,
+                                     newest_persistent=newest,
+                                     step=step if isinstance(step, int) else None,
+                                     seq=self._restores)
         if read is None:
             return None
         try:
@@ -364,4 +366,5 @@ class CheckpointService:
                         metrics=read.extra.get("metrics"), process_state=mine,
                         provenance=dict(read.extra.get("provenance") or {}),
                         untouched=tuple(read.untouched), seconds=time.perf_counter() - t0,
-                        verified=True, tier=tier, restored_from=tuple(read.tiers))
+                        verified=True, tier=tier, restored_from=tuple(read.tiers),
+                        skipped=tuple(failed))
