@@ -198,3 +198,6 @@ class Restored:
     """Whether every restored array matched its saved digest."""
     skipped: tuple[tuple[int, str], ...] = ()
     """(step, reason) of newer steps the fallback passed over."""
+    read_bytes: int = 0
+    """Array bytes this process read from storage for the restored step: the byte ranges
+    of the saved chunks (what :func:`distckpt.plan_restore` predicts per host)."""
