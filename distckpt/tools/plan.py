@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 
 from distckpt import storage
 from distckpt.checkpoint import committed, plan, reader, streaming, target
-from distckpt.errors import NoCheckpointError
+from distckpt.errors import NoCheckpointError, StepProblem, StepUnusableError
 from distckpt.state import nnx_state
 from distckpt.state.mesh import MeshSpec
 from distckpt.tools.drill import SliceSpec
@@ -68,6 +68,10 @@ class RestorePlan:
     """Whether the target matches the step strictly (no mismatches)."""
     mismatches: tuple[str, ...]
     """Why not: one line per leaf."""
+    new_axes: tuple[str, ...]
+    """Axes (of size > 1) of the target mesh that the saving mesh did not have. Planned
+    from the saved specs, no leaf is sharded over them; a run whose rules shard onto them
+    restores into other specs: plan it with ``target=``."""
     exact: bool
     """Whether ``bytes`` is what storage serves (raw zarr v2 chunks) rather than the
     decoded bytes of chunks TensorStore reads itself (compressed or zarr3)."""
@@ -91,6 +95,7 @@ class RestorePlan:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["hosts"] = [dataclasses.asdict(h) for h in self.hosts]
         out["mismatches"] = list(self.mismatches)
+        out["new_axes"] = list(self.new_axes)
         out["bytes"], out["seconds"] = self.bytes, self.seconds
         return out
 
@@ -126,17 +131,25 @@ def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSp
     measured = read_gbps is None
     if read_gbps is None:
         read_gbps = measure_read_gbps(step_reader.path, step_reader.record)
-    hosts, exact = plan.plan_hosts(step_reader.path, step_reader.path / reader.STATE_ITEM,
-                                   leaves, slice_.mesh, slice_.hosts,
-                                   memory_bytes=memory_mb << 20, bytes_per_s=read_gbps * 1e9)
+    try:
+        hosts, exact = plan.plan_hosts(
+            step_reader.path, step_reader.path / reader.STATE_ITEM, leaves, slice_.mesh,
+            slice_.hosts, memory_bytes=memory_mb << 20, bytes_per_s=read_gbps * 1e9)
+    except Exception as e:  # TensorStore/Orbax errors: the step's array metadata
+        raise StepUnusableError(step, f"array metadata is unreadable ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})",
+                                kind=StepProblem.CORRUPT) from e
     mesh = record.get("mesh") or {}
+    new_axes = () if target is not None else tuple(
+        n for n, size in slice_.mesh.axes if size > 1 and n not in mesh.get("axis_names", []))
     saved_mesh = ",".join(f"{n}={s}" for n, s in zip(mesh.get("axis_names", []),
                                                        mesh.get("shape", []), strict=False))
     return RestorePlan(
         directory=str(path), step=step, target=str(slice_),
         saved=f"{record.get('process_count')} processes, {record.get('device_count')} "
               f"devices, mesh {saved_mesh or 'none'}",
-        hosts=tuple(hosts), strict=not mismatches, mismatches=tuple(mismatches), exact=exact,
+        hosts=tuple(hosts), strict=not mismatches, mismatches=tuple(mismatches),
+        new_axes=new_axes, exact=exact,
         memory_mb=memory_mb, read_gbps=read_gbps, read_gbps_measured=measured)
 
 

@@ -65,6 +65,10 @@ def _size(n: float) -> str:
     return f"{n:,.1f} TiB"
 
 
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:,.1f} s"
+
+
 def _print(r: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -78,13 +82,18 @@ def _print(r: dict[str, Any]) -> None:
                   f"onto {r['target']}: {match}")
     for line in r["mismatches"]:
         console.print(f"  {escape(line.strip())}")
+    if r["new_axes"]:
+        console.print(f"[yellow]mesh axes {', '.join(r['new_axes'])} are new: every leaf keeps "
+                      "its saved spec, so none is sharded over them; if your rules shard onto "
+                      "them, plan with your restore target (distckpt.plan_restore(..., "
+                      "target=...))[/]")
     table = Table(title="restore plan per host", show_header=True, header_style="bold")
     for col in ("host", "tier", "bytes read", "files", "shards", "peak memory", "read time"):
         table.add_column(col, justify="left" if col == "tier" else "right")
     for h in r["hosts"]:
         table.add_row(str(h["process"]), h["tier"], _size(h["bytes"]), str(len(h["files"])),
                       _size(h["shard_bytes"]), _size(h["peak_memory_bytes"]),
-                      f"{h['seconds']:.3f}s")
+                      _seconds(h["seconds"]))
     console.print(table)
     files = Table(title="files read per host", show_header=True, header_style="bold")
     files.add_column("host", justify="right")
