@@ -51,7 +51,8 @@ from distckpt.checkpoint.streaming import Box
 from distckpt.state import digest
 from distckpt.state.mesh import MeshSpec
 
-__all__ = ["TIER_PERSISTENT", "HostPlan", "LeafTarget", "device_boxes", "plan_hosts"]
+__all__ = ["TIER_PERSISTENT", "HostPlan", "LeafTarget", "Stored", "device_boxes", "memory_profile",
+           "ocdbt_files", "plan_hosts"]
 
 TIER_PERSISTENT = "persistent"
 """A host reading from the checkpoint directory itself (every host, for now; a local tier
