@@ -35,6 +35,8 @@ from distckpt.state.process_state import drop_process_state as drop_process_stat
 from distckpt.tools.importer import ImportReport as ImportReport
 from distckpt.tools.importer import ImportSourceError as ImportSourceError
 from distckpt.tools.importer import import_checkpoint as import_checkpoint
+from distckpt.tools.plan import RestorePlan as RestorePlan
+from distckpt.tools.plan import plan_restore as plan_restore
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,7 @@ __all__ = [
     "NoCheckpointError",
     "PreemptionGuard",
     "PreemptionTimeoutError",
+    "RestorePlan",
     "Restored",
     "Rules",
     "SaveFailedError",
@@ -69,5 +72,6 @@ __all__ = [
     "initialize",
     "is_primary",
     "make_mesh",
+    "plan_restore",
     "primary_decides",
 ]

@@ -235,3 +235,6 @@ class Restored:
     fetched its shards from a peer's copy) or 'persistent'."""
     restored_from: tuple[str, ...] = ()
     """Per process index: 'local', 'peer' or 'persistent'."""
+    read_bytes: int = 0
+    """Array bytes this process read from storage for the restored step: the byte ranges
+    of the saved chunks (what :func:`distckpt.plan_restore` predicts per host)."""

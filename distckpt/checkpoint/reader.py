@@ -125,17 +125,19 @@ class StepReader:
                     memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20,
                     read_once: bool = False,
                     agree: Callable[[Any], list[Any]] | None = None,
+                    read_bytes: dict[str, int] | None = None,
                     ) -> tuple[dict[str, jax.Array], dict[str, digest.Partial] | None]:
         """The requested arrays in their targets' shardings, streamed through a host
         budget of `memory_bytes` beyond the shards (:mod:`distckpt.checkpoint.streaming`);
         with `verify`, also this process's partial digest of each (by name). With
         `read_once`, a shard index several processes hold is read by one of them and
         sent to the others (every process must call this alike); `agree` all-gathers a
-        small JSON value first (default: a JAX collective)."""
+        small JSON value first (default: a JAX collective). Given `read_bytes`, it gets
+        the bytes of each array this process read from storage (by name)."""
         try:
             return streaming.read(self.path / STATE_ITEM, requests,
                                   memory_bytes=memory_bytes, verify=verify,
-                                  read_once=read_once, agree=agree)
+                                  read_once=read_once, agree=agree, read_bytes=read_bytes)
         except Exception as e:  # TensorStore/Orbax errors: wrap with the step and a hint
             raise StepUnusableError(
                 self.step, f"[process={jax.process_index()}] array data is unreadable "

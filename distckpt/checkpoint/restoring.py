@@ -55,6 +55,7 @@ class _StepRead:
     provenance: dict[str, Any]
     verified: bool
     verify_seconds: float
+    read_bytes: int
 
 
 def candidates(svc: CheckpointService, step: int | Literal["latest", "best"] | None
@@ -116,7 +117,8 @@ def restore(svc: CheckpointService, target: Mapping[str, Any],
                         metrics=read.metrics, process_state=read.process_state,
                         provenance=read.provenance, untouched=read.untouched,
                         seconds=time.perf_counter() - t0, verify_seconds=read.verify_seconds,
-                        verified=read.verified, skipped=tuple(skipped))
+                        verified=read.verified, skipped=tuple(skipped),
+                        read_bytes=read.read_bytes)
     raise NoCheckpointError(
         f"no usable checkpoint in {svc.directory}: every committed step failed "
         f"({'; '.join(f'step {s}: {r}' for s, r in skipped)}). The bad steps are "
@@ -200,9 +202,10 @@ def _read_arrays(svc: CheckpointService, reader: StepReader, wanted: list[nnx_st
     def agree(value: Any) -> list[Any]:
         return coordinator.all_gather(f"restore:step={reader.step}:read-once", value, timeout)
 
+    read_bytes: dict[str, int] = {}
     raw, partials = reader.read_arrays(
         requests, verify=verify, memory_bytes=svc.options.restore_memory_mb << 20,
-        read_once=svc.options.restore_read_once, agree=agree)
+        read_once=svc.options.restore_read_once, agree=agree, read_bytes=read_bytes)
     saved_json = reader.user_json()
     records = reader.process_records()
     try:
@@ -215,4 +218,4 @@ def _read_arrays(svc: CheckpointService, reader: StepReader, wanted: list[nnx_st
     return {"values": values, "partials": partials,
             "metadata": dict(saved_json.get("user") or {}),
             "metrics": saved_json.get("metrics") or None, "process_state": mine,
-            "provenance": record}
+            "provenance": record, "read_bytes": sum(read_bytes.values())}

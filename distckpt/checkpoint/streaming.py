@@ -50,7 +50,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +136,8 @@ class _Leaf:
     store: Any
     raw: _Raw | None
     shards: list[_Shard] = dataclasses.field(default_factory=list)
+    read_bytes: int = 0
+    """Bytes of this array this process has read from storage so far (see _Read)."""
 
     @property
     def dtype(self) -> np.dtype:
@@ -199,8 +201,50 @@ def _raw_layout(spec: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[int, ..
     return tuple(meta["chunks"]), meta.get("dimension_separator") or "."
 
 
+class Slab(NamedTuple):
+    """The byte range of one raw storage chunk that a block's read fetches."""
+
+    chunk: tuple[int, ...]
+    """The chunk's grid index (its zarr key, joined by the separator)."""
+    first: int
+    """First element of the range, in the chunk's C order."""
+    elements: int
+    """Elements in the range (times the itemsize: the bytes read)."""
+    shape: tuple[int, ...]
+    """The range as an array: (rows in dim d, the chunk's extent in every later dim)."""
+    a: tuple[int, ...]
+    """The block's lower corner inside the chunk."""
+    b: tuple[int, ...]
+    """The block's upper corner inside the chunk (exclusive)."""
+    origin: tuple[int, ...]
+    """The chunk's lower corner in the array."""
+
+
+def slabs(box: Box, chunks: Sequence[int]) -> list[Slab]:
+    """The ranges of raw C-order chunks of shape `chunks` that reading `box` fetches: per
+    chunk the block touches, the full rows of the chunk between the block's corners at
+    the first dim where the block spans more than one index (earlier dims are single
+    indices), so that one range holds the block. :mod:`distckpt.checkpoint.plan` counts
+    the same ranges."""
+    lo, hi = box
+    c = tuple(chunks)
+    out = []
+    ranges = [range(a_ // n, -(-h // n)) for a_, h, n in zip(lo, hi, c, strict=True)]
+    for idx in itertools.product(*ranges):
+        origin = tuple(i * n for i, n in zip(idx, c, strict=True))
+        a = tuple(max(a_, o) - o for a_, o in zip(lo, origin, strict=True))
+        b = tuple(min(h, o + n) - o for h, o, n in zip(hi, origin, c, strict=True))
+        d = next((i for i in range(len(c)) if b[i] - a[i] > 1), len(c) - 1)
+        row = math.prod(c[d + 1:])
+        first = int(np.ravel_multi_index(a[:d + 1], c[:d + 1])) * row
+        out.append(Slab(tuple(idx), first, (b[d] - a[d]) * row, (b[d] - a[d], *c[d + 1:]),
+                        a, b, origin))
+    return out
+
+
 class _Read:
-    """The pending read of one piece: byte ranges of raw chunks, or a TensorStore read."""
+    """The pending read of one piece: byte ranges of raw chunks, or a TensorStore read.
+    Its result adds the bytes storage returned to the leaf's ``read_bytes``."""
 
     def __init__(self, leaf: _Leaf, box: Box):
         self.leaf, self.box = leaf, box
@@ -216,25 +260,15 @@ class _Read:
                                         ].read()
             return
         item = leaf.dtype.itemsize
-        c = raw.chunks
-        ranges = [range(a_ // n, -(-h // n)) for a_, h, n in zip(lo, hi, c, strict=True)]
-        for idx in itertools.product(*ranges):
-            origin = tuple(i * n for i, n in zip(idx, c, strict=True))
-            a = tuple(max(a_, o) - o for a_, o in zip(lo, origin, strict=True))
-            b = tuple(min(h, o + n) - o for h, o, n in zip(hi, origin, c, strict=True))
-            # The slab: the full rows of the chunk between a and b at the first dim where
-            # the block spans more than one index (earlier dims are single indices).
-            d = next((i for i in range(len(c)) if b[i] - a[i] > 1), len(c) - 1)
-            row = math.prod(c[d + 1:])
-            first = int(np.ravel_multi_index(a[:d + 1], c[:d + 1])) * row
-            count = (b[d] - a[d]) * row
-            key = raw.separator.join(str(i) for i in idx)
-            fut = raw.kvstore.read(key, byte_range=slice(first * item, (first + count) * item))
-            self.parts.append((fut, (b[d] - a[d], *c[d + 1:]), a, b, origin))
+        for s in slabs(box, raw.chunks):
+            key = raw.separator.join(str(i) for i in s.chunk)
+            fut = raw.kvstore.read(key, byte_range=slice(s.first * item,
+                                                         (s.first + s.elements) * item))
+            self.parts.append((fut, s.shape, s.a, s.b, s.origin))
 
     def result(self) -> np.ndarray:
         if self.ts_future is not None:
-            return np.asarray(self.ts_future.result())
+            return self._counted(np.asarray(self.ts_future.result()))
         lo, _ = self.box
         raw = self.leaf.raw
         assert raw is not None
@@ -247,11 +281,12 @@ class _Read:
                 # reports it missing, an unreadable step; a spec that allows missing chunks
                 # would fill them in).
                 box = tuple(slice(a_, h) for a_, h in zip(*self.box, strict=True))
-                return np.asarray(self.leaf.store[box].read().result())
+                return self._counted(np.asarray(self.leaf.store[box].read().result()))
             if got.state != "value" or len(got.value) != want:
                 raise ValueError(
                     f"array {self.leaf.request.name!r}: a chunk is missing or short "
                     f"({got.state}, {len(got.value)} of {want} bytes)")
+            self.leaf.read_bytes += len(got.value)
             slab = np.frombuffer(got.value, dtype=self.leaf.dtype).reshape(slab_shape)
             d = len(a) - len(slab_shape)
             block = slab[(slice(None), *(slice(x, y) for x, y in zip(a[d + 1:], b[d + 1:],
@@ -265,6 +300,12 @@ class _Read:
             out[tuple(slice(o + x, o + y) for o, x, y in zip(at, a, b, strict=True))] = block
         assert out is not None
         return out
+
+    def _counted(self, value: np.ndarray) -> np.ndarray:
+        """A value TensorStore read and decoded: its bytes count as read (the stored
+        chunks behind it are not visible from here; for raw chunks they are the same)."""
+        self.leaf.read_bytes += value.nbytes
+        return value
 
 
 def _open(state_dir: epath.Path, requests: Sequence[Request]) -> list[_Leaf]:
@@ -341,9 +382,13 @@ def _plan(leaves: list[_Leaf], piece_bytes: int,
 def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: int,
          verify: bool, read_once: bool = False,
          agree: Callable[[Any], list[Any]] | None = None,
+         read_bytes: dict[str, int] | None = None,
          ) -> tuple[dict[str, jax.Array], dict[str, digest.Partial] | None]:
     """Restore `requests` from the step's array item at `state_dir`, in the targets'
-    shardings; with `verify`, also this process's partial digest of each array.
+    shardings; with `verify`, also this process's partial digest of each array. Given
+    `read_bytes`, it is filled with the bytes of each array (by name) this process read
+    from storage: the byte ranges of raw chunks storage returned (:func:`slabs`), or the
+    values TensorStore decoded where it reads itself.
 
     With `read_once` (and more than one process), each shard index that several
     processes hold is read from storage by one of them and sent to the others
@@ -387,6 +432,8 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
         values[leaf.request.name], partial = _assemble(leaf, verify, by_reader=once is not None)
         if partial is not None:
             partials[leaf.request.name] = partial
+        if read_bytes is not None:
+            read_bytes[leaf.request.name] = leaf.read_bytes
     return values, (partials if verify else None)
 
 

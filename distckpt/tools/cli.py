@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     from distckpt.tools import import_cli
 
     import_cli.add_parser(sub)
+    from distckpt.tools import plan_cli
+
+    plan_cli.add_parser(sub)
 
     try:
         from distckpt.remat import cli as remat_cli
