@@ -50,6 +50,9 @@ def worker(phase: str, ckpt: str, local: str, size_mib: int, out: str) -> None:
         return jax.jit(lambda: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
                        * (i + 1), out_shardings=sharding)()
 
+    if phase == "stall":
+        stall(ckpt, local, make, out)
+        return
     options = distckpt.CheckpointOptions(
         max_to_keep=None, local_directory=None if phase == "persistent" else local,
         read_only=phase != "save")
@@ -65,6 +68,36 @@ def worker(phase: str, ckpt: str, local: str, size_mib: int, out: str) -> None:
     Path(out, f"{phase}.{jax.process_index()}.json").write_text(json.dumps(
         {"seconds": restored.seconds, "from": restored.restored_from[jax.process_index()],
          "step": restored.step}))
+
+
+def stall(ckpt: str, local: str, make, out: str) -> None:
+    """save() stall of a local-only save and of a persistent-only save of the same state
+    (the median of 3, after one warm-up save each)."""
+    import statistics
+    import time
+
+    import jax
+
+    import distckpt
+
+    state = {"state": {f"w{i}": make(i) for i in range(8)}}
+    got = {}
+    for name, options, where in [
+            ("local", distckpt.CheckpointOptions(save_interval_steps=None, max_to_keep=2,
+                                                 local_directory=local.replace("{host}",
+                                                                               "stall-{host}")),
+             f"{ckpt}-stall-local"),
+            ("persistent", distckpt.CheckpointOptions(max_to_keep=2), f"{ckpt}-stall-persistent")]:
+        with distckpt.CheckpointService(where, options) as svc:
+            times = []
+            for step in range(1, 5):
+                jax.block_until_ready(state)
+                t0 = time.perf_counter()
+                svc.save(step, state)
+                times.append(time.perf_counter() - t0)
+                svc.wait()
+        got[name] = statistics.median(times[1:])
+    Path(out, f"stall.{jax.process_index()}.json").write_text(json.dumps(got))
 
 
 def main() -> None:
@@ -127,6 +160,11 @@ def run(a, shm: Path, ckpt: Path | str, local: str, out: Path, env) -> None:
     print(json.dumps({"size_mib": a.size_mib, "hosts": a.hosts, "devices": a.devices,
                       "persistent": "s3" if a.s3 else "local disk", "restore": rows},
                      indent=1))
+    job("stall")
+    stalls = [json.loads((out / f"stall.{i}.json").read_text()) for i in range(a.hosts)]
+    for name in ("local", "persistent"):
+        print(f"save() stall, {name} only: {max(s[name] for s in stalls):.3f} s "
+              "(slowest host, median of 3)")
     base = rows["persistent"]["seconds"]
     for phase in ("local", "peer"):
         print(f"{phase}: {rows[phase]['seconds']:.3f} s, persistent {base:.3f} s: "
