@@ -404,6 +404,12 @@ def scenario_probe(a) -> None:
             out["local_save"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:1500]}
     Path(f"{a.out}.{me}").write_text(json.dumps(out))
     sys.stdout.flush()
+    # Process 0 hosts the coordination service: leaving before the others have heard the
+    # last barrier's answer kills them mid-RPC (seen under load). Meet once more first.
+    try:
+        coordinator.barrier("probe:done", 60.0)
+    except Exception as e:  # report, but never hang here
+        print(f"final barrier: {e}", flush=True)
     # A failed save's commit thread may still wait at a barrier; do not hang in close().
     os._exit(0)
 

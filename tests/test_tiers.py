@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from distckpt.checkpoint.local_restore import choose
 from distckpt.state.process_state import FaultPoint
 from distckpt.tools.launcher import launch
+from distckpt.tools.plan import plan_restore
 
 WORKER = str(Path(__file__).parent / "tier_worker.py")
 ROOT = str(Path(__file__).parent.parent)
@@ -76,8 +77,13 @@ def test_replaced_host_gets_its_shards_from_its_peer(job):
     persistent = tree_state(job / "ckpt")
     assert sorted(p.name for p in (job / "ckpt").iterdir() if p.name.isdigit()) == ["4"]
     shutil.rmtree(job / "local" / "host2")  # host 2 replaced: an empty local directory
+    plan = plan_restore(job / "ckpt", "4x2:data=2,fsdp=4",
+                        local_directory=str(job / "local" / "{host}"))
     run(job, "restore", 4, 2)
     got = restored(job, 4)
+    # The plan, before any data was read, said what the restore then did, bytes exactly.
+    assert plan.step == 6 and [h.tier for h in plan.hosts] == got[0]["restored_from"]
+    assert [h.bytes for h in plan.hosts] == [r["read_bytes"] for r in got]
     assert {r["step"] for r in got} == {6}
     assert [r["restored_from"] for r in got] == [["local", "local", "peer", "local"]] * 4
     assert {r["tier"] for r in got} == {"peer"}
@@ -96,6 +102,9 @@ def test_every_host_reads_its_own_copy(job):
 def test_host_lost_with_its_peer_falls_back_to_persistent(job):
     for host in ("host2", "host3"):  # host 3 holds host 2's copy
         shutil.rmtree(job / "local" / host)
+    plan = plan_restore(job / "ckpt", "4x2:data=2,fsdp=4",
+                        local_directory=str(job / "local" / "{host}"))
+    assert plan.step == 4 and {h.tier for h in plan.hosts} == {"persistent"}
     run(job, "restore", 4, 2)
     got = restored(job, 4)
     assert all(r["step"] == 4 and r["tier"] == "persistent" for r in got)

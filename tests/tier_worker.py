@@ -83,7 +83,8 @@ def restore(a) -> None:
         "step": restored.step, "tier": restored.tier,
         "restored_from": list(restored.restored_from), "fingerprint": finger,
         "process_state": restored.process_state, "metadata": restored.metadata,
-        "machine": os.environ.get("DISTCKPT_HOST"), "verified": restored.verified}))
+        "machine": os.environ.get("DISTCKPT_HOST"), "verified": restored.verified,
+        "read_bytes": restored.read_bytes}))
 
 
 def main() -> None:

@@ -105,9 +105,12 @@ class LocalRead:
     """What a local restore produced on this process."""
 
     def __init__(self, step: int, values: dict[str, Any], extra: dict[str, Any],
-                 process_states: list[Any], tiers: list[str], untouched: list[str]):
+                 process_states: list[Any], tiers: list[str], untouched: list[str],
+                 read_bytes: int):
         self.step, self.values, self.extra = step, values, extra
         self.process_states, self.tiers, self.untouched = process_states, tiers, untouched
+        self.read_bytes = read_bytes
+        """Bytes this process read from its local directory or pulled from a peer."""
 
 
 def restore_local(tier: LocalTier, leaves: list[nnx_state.Leaf], *, partial: bool,
@@ -143,11 +146,13 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
     copy: Copy | None = None
     wanted: list[nnx_state.Leaf] = []
     untouched: list[str] = []
+    read_bytes = 0
     try:
         # Offer first (every copy someone must fetch from this host), then read or pull.
         for f, src in enumerate(sources):
             if src[0] == "fetch" and src[1] == me:
                 held = tier.dir.read_copy(s, src[2])
+                read_bytes += held.nbytes
                 arrays = [sh.data for leaf in held.leaves.values() for sh in leaf["shards"]]
                 tier.link.offer(_key(tier, key, f), arrays, meta=held.record(_files(held)))
         src = sources[me]
@@ -157,6 +162,7 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
             coordinator.clear_note(_key(tier, key, me))
         else:
             copy = tier.dir.read_copy(s, "own" if src[0] == "own" else src[1])
+        read_bytes += copy.nbytes
         marks.append(("read", time.perf_counter()))
         provenance = copy.extra.get("provenance") or {}
         wanted, untouched = check_target(provenance.get("leaves", {}), leaves, s, partial=partial)
@@ -189,7 +195,7 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
     for g in gathered:
         states[g["role"]] = g["process_state"]
     tiers = ["peer" if src[0] == "fetch" else "local" for src in sources]
-    return LocalRead(s, values, copy.extra, states, tiers, untouched)
+    return LocalRead(s, values, copy.extra, states, tiers, untouched, read_bytes)
 
 
 def _key(tier: LocalTier, attempt: str, process: int) -> str:

@@ -223,6 +223,19 @@ class LocalDir:
                 if (d.name == OWN or d.name.startswith(PEER_PREFIX)) and (d / RECORD).is_file():
                     yield int(step_dir.name), d.name, d
 
+    @classmethod
+    def peek(cls, root: Path) -> dict[str, Any]:
+        """The inventory of a local directory, read only (empty if there is none)."""
+        if not root.is_dir():
+            return {"uid": None, "own": {}, "peer": {}}
+        view = cls.__new__(cls)
+        view.root = root
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            view.uid = str(json.loads((root / HOST_FILE).read_text())["uid"])
+            return view.inventory()
+        view.uid = ""
+        return view.inventory()
+
     def inventory(self) -> dict[str, Any]:
         """What this host holds, for the tier decision: own roles and peer copies by step
         (only copies whose record reads and whose files have their sizes)."""

@@ -367,4 +367,4 @@ class CheckpointService:
                         provenance=dict(read.extra.get("provenance") or {}),
                         untouched=tuple(read.untouched), seconds=time.perf_counter() - t0,
                         verified=True, tier=tier, restored_from=tuple(read.tiers),
-                        skipped=tuple(failed))
+                        skipped=tuple(failed), read_bytes=read.read_bytes)

@@ -30,8 +30,11 @@ host's bytes at that bandwidth: I/O only, hosts reading in parallel.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from etils import epath
@@ -103,7 +106,8 @@ class RestorePlan:
 def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSpec,
                  step: int | None = None, *, target: Mapping[str, Any] | None = None,
                  memory_mb: int = streaming.DEFAULT_MEMORY_MB,
-                 read_gbps: float | None = None) -> RestorePlan:
+                 read_gbps: float | None = None, local_directory: str | None = None,
+                 host_names: Sequence[str] | None = None) -> RestorePlan:
     """Plan restoring `step` (default: the newest committed) of `directory` onto the slice
     `to`: per host the tier, files, bytes, peak memory and time, and whether the target
     matches strictly. Reads metadata only (and, without `read_gbps`, a bandwidth sample
@@ -113,8 +117,23 @@ def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSp
     or AbstractMesh shaped like the slice's); default: each leaf's saved PartitionSpec on
     the slice's mesh. Raises ValueError (bad slice, memory or bandwidth) or
     NoCheckpointError (no such directory, no committed step, step not committed).
+
+    `local_directory` (the service's template, with ``{host}``) plans the local tier too,
+    as the restore would choose it: each host's directory is the template with ``{host}``
+    replaced by its name in `host_names` (default ``host0``, ``host1``, ...: the
+    launcher's simulated hosts), read without changing anything. When the hosts can
+    rebuild a step at least as new as the persistent one from local copies, the plan is
+    that step's: each host's tier (``local``, or ``peer`` for a host that fetches its
+    shards from the host holding its copy), the copy's files, and its bytes (what
+    ``Restored.read_bytes`` then reports: bytes read from the local directory, plus a
+    copy read to send to a peer, or bytes pulled from a peer).
     """
     slice_ = SliceSpec.parse(to) if isinstance(to, str) else to
+    if local_directory is not None:
+        local = _plan_local(directory, slice_, step, local_directory, host_names,
+                            read_gbps, memory_mb)
+        if local is not None:
+            return local
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 1:
         raise ValueError(f"memory_mb must be an int >= 1 (MiB), got {memory_mb!r}")
     if read_gbps is not None and not 0 < read_gbps < float("inf"):
@@ -151,6 +170,75 @@ def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSp
         hosts=tuple(hosts), strict=not mismatches, mismatches=tuple(mismatches),
         new_axes=new_axes, exact=exact,
         memory_mb=memory_mb, read_gbps=read_gbps, read_gbps_measured=measured)
+
+
+def _plan_local(directory: epath.PathLike | storage.Location, slice_: SliceSpec,
+                step: int | None, template: str, host_names: Sequence[str] | None,
+                read_gbps: float | None, memory_mb: int) -> RestorePlan | None:
+    """The local tier's plan (None: the restore would read the persistent tier)."""
+    from distckpt.checkpoint.local_restore import choose
+    from distckpt.checkpoint.local_tier import RECORD, LocalDir
+    from distckpt.checkpoint.service import JOB_FILE
+
+    names = list(host_names) if host_names else [f"host{i}" for i in range(slice_.hosts)]
+    if len(names) != slice_.hosts:
+        raise ValueError(f"{len(names)} host names for a slice of {slice_.hosts} hosts")
+    _, path = storage.open_directory(directory)
+    job_file = path / JOB_FILE
+    if not job_file.exists():
+        return None  # no local tier was ever used with this directory
+    roots = [Path(os.path.abspath(os.path.expanduser(template.format(host=n)))) for n in names]
+    inventories = [LocalDir.peek(root) for root in roots]
+    steps = committed.committed_steps(path)
+    job = {"process_count": slice_.hosts, "devices_per_process": slice_.devices,
+           "job": job_file.read_text().strip()}
+    chosen = choose(inventories, job, newest_persistent=steps[-1] if steps else None, step=step)
+    if chosen is None:
+        return None
+    s = chosen["step"]
+    copies: list[tuple[int, str]] = []  # (host, copy name) each host reads
+    extra: dict[int, list[tuple[int, str]]] = {}
+    for c, src in enumerate(chosen["sources"]):
+        if src[0] == "fetch":
+            extra.setdefault(src[1], []).append((src[1], src[2]))
+            copies.append((src[1], src[2]))
+        else:
+            copies.append((c, "own" if src[0] == "own" else src[1]))
+    gbps = read_gbps if read_gbps is not None else _measure_local(
+        [roots[h] / str(s) / n for h, n in copies])
+    hosts = []
+    for c, (holder, name) in enumerate(copies):
+        reads = [(holder, name)] + extra.get(c, [])
+        files: dict[str, int] = {}
+        for h, n in reads:
+            record = json.loads((roots[h] / str(s) / n / RECORD).read_text())
+            for leaf in record["leaves"]:
+                for shard in leaf["shards"]:
+                    files[f"{names[h]}:{s}/{n}/{shard['file']}"] = shard["nbytes"]
+        total = sum(files.values())
+        mine = sum(v for k, v in files.items() if k.startswith(f"{names[holder]}:{s}/{name}/"))
+        hosts.append(plan.HostPlan(
+            process=c, tier="peer" if chosen["sources"][c][0] == "fetch" else "local",
+            # On CPU devices: the copy read into host memory, then the device buffers.
+            bytes=total, files=files, shard_bytes=mine,
+            peak_memory_bytes=2 * total, seconds=total / (gbps * 1e9)))
+    return RestorePlan(
+        directory=str(path), step=s, target=str(slice_),
+        saved=f"{slice_.hosts} processes, {slice_.hosts * slice_.devices} devices (local tier)",
+        hosts=tuple(hosts), strict=True, mismatches=(), new_axes=(), exact=True,
+        memory_mb=memory_mb, read_gbps=gbps, read_gbps_measured=read_gbps is None)
+
+
+def _measure_local(copy_dirs: Sequence[Path]) -> float:
+    """GB/s reading up to SAMPLE_BYTES of the largest shard file of the copies."""
+    files = [f for d in copy_dirs for f in d.glob("*.bin")]
+    if not files:
+        return 1.0
+    biggest = max(files, key=lambda f: f.stat().st_size)
+    t0 = time.perf_counter()
+    with open(biggest, "rb") as f:
+        n = len(f.read(SAMPLE_BYTES))
+    return max(n, 1) / max(time.perf_counter() - t0, 1e-6) / 1e9
 
 
 def _pick_step(path: epath.Path, step: int | None) -> int:

@@ -45,7 +45,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return fail(f"--to {e}")
     try:
         plan = plan_restore(args.dir, target, args.step, memory_mb=args.memory_mb,
-                            read_gbps=args.read_gbps)
+                            read_gbps=args.read_gbps, local_directory=args.local_dir,
+                            host_names=args.host_names.split(",") if args.host_names else None)
     except (CheckpointError, ValueError, OSError) as e:
         text = str(e).strip().splitlines()
         return fail(text[0] if text else type(e).__name__)
@@ -125,5 +126,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--read-gbps", type=float, default=None,
                    help="read bandwidth per host in GB/s (default: measured from up to 16 MiB "
                    "of the step's data)")
+    p.add_argument("--local-dir", metavar="TEMPLATE",
+                   help="the local tier's directory (CheckpointOptions.local_directory, with "
+                   "{host}): plan it too, as the restore would choose it")
+    p.add_argument("--host-names", metavar="A,B,...",
+                   help="with --local-dir: each host's name for {host}, by process index "
+                   "(default host0,host1,...: the launcher's simulated hosts)")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH")
     p.set_defaults(func=cmd_plan)  # one-line argument errors: tools.cli.OneLineParser
