@@ -71,8 +71,8 @@ def worker(phase: str, ckpt: str, local: str, size_mib: int, out: str) -> None:
 
 
 def stall(ckpt: str, local: str, make, out: str) -> None:
-    """save() stall of a local-only save and of a persistent-only save of the same state
-    (the median of 3, after one warm-up save each)."""
+    """save() stall of a local-only save, a save due in both tiers and a persistent-only
+    save of the same state (the median of 3, after one warm-up save each)."""
     import statistics
     import time
 
@@ -87,6 +87,8 @@ def stall(ckpt: str, local: str, make, out: str) -> None:
                                                  local_directory=local.replace("{host}",
                                                                                "stall-{host}")),
              f"{ckpt}-stall-local"),
+            ("both", distckpt.CheckpointOptions(max_to_keep=2, local_directory=local.replace(
+                "{host}", "both-{host}")), f"{ckpt}-stall-both"),
             ("persistent", distckpt.CheckpointOptions(max_to_keep=2), f"{ckpt}-stall-persistent")]:
         with distckpt.CheckpointService(where, options) as svc:
             times = []
@@ -162,8 +164,9 @@ def run(a, shm: Path, ckpt: Path | str, local: str, out: Path, env) -> None:
                      indent=1))
     job("stall")
     stalls = [json.loads((out / f"stall.{i}.json").read_text()) for i in range(a.hosts)]
-    for name in ("local", "persistent"):
-        print(f"save() stall, {name} only: {max(s[name] for s in stalls):.3f} s "
+    for name, what in (("local", "a local-only save"), ("both", "a save due in both tiers"),
+                       ("persistent", "a persistent-only save")):
+        print(f"save() stall of {what}: {max(s[name] for s in stalls):.3f} s "
               "(slowest host, median of 3)")
     base = rows["persistent"]["seconds"]
     for phase in ("local", "peer"):

@@ -175,3 +175,30 @@ def test_two_processes_cannot_share_a_local_directory_template_without_host(tmp_
     with pytest.raises(ValueError, match="only the field"):
         distckpt.CheckpointService(str(tmp_path / "ckpt"), distckpt.CheckpointOptions(
             local_directory=str(tmp_path / "{job}")))
+
+
+def test_a_step_due_in_both_tiers_is_staged_once_and_both_copies_restore(tmp_path):
+    """Both tiers write from one host copy (pinned_host, same sharding); the persistent
+    step restores with and without the local tier, bit-exact, typed keys included."""
+    mesh = _mesh((4, 2))
+    values = {"w": jax.device_put(jnp.arange(64, dtype=jnp.bfloat16).reshape(8, 8),
+                                  NamedSharding(mesh, PartitionSpec("a", "b"))),
+              "key": jax.random.key(7), "n": jnp.int32(3)}
+    options = distckpt.CheckpointOptions(save_interval_steps=1,
+                                         local_directory=str(tmp_path / "local"))
+    with distckpt.CheckpointService(str(tmp_path / "ckpt"), options) as svc:
+        svc.save(1, {"s": values})
+        svc.wait()
+        assert svc.local is not None and svc.local.failures == []
+        assert (tmp_path / "local" / "1" / "own" / "record.json").is_file()
+    target = {"s": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                    for k, v in values.items()}}
+    for opts in (distckpt.CheckpointOptions(read_only=True),
+                 distckpt.CheckpointOptions(local_directory=str(tmp_path / "local"))):
+        with distckpt.CheckpointService(str(tmp_path / "ckpt"), opts) as svc:
+            restored = svc.restore(target)
+        assert restored.tier == ("persistent" if opts.local_directory is None else "local")
+        got = restored.items["s"]
+        assert got["w"].sharding.memory_kind == values["w"].sharding.memory_kind
+        assert _bits(got["w"]) == _bits(values["w"]) and int(got["n"]) == 3
+        assert _bits(jax.random.key_data(got["key"])) == _bits(jax.random.key_data(values["key"]))

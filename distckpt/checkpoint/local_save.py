@@ -54,9 +54,10 @@ def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, i
                  for s, n in zip(index, shape, strict=True))
 
 
-def stage(leaves: Sequence[nnx_state.Leaf]) -> dict[str, dict[str, Any]]:
+def stage(leaves: Sequence[nnx_state.Leaf], private: bool = False) -> dict[str, dict[str, Any]]:
     """This host's distinct shards of every leaf, copied to host memory (typed keys as
-    their key data). All copies start before the first is awaited."""
+    their key data). All copies start before the first is awaited. `private`: the arrays
+    are already a host copy nobody else writes to; their shards are used in place."""
     local = {d: i for i, d in enumerate(jax.local_devices())}
     pending: list[tuple[Shard, jax.Array]] = []
     out: dict[str, dict[str, Any]] = {}
@@ -81,7 +82,8 @@ def stage(leaves: Sequence[nnx_state.Leaf]) -> dict[str, dict[str, Any]]:
                           "shards": sorted(by_box.values(), key=lambda s: s.box),
                           "sharding": sharding_record(value.sharding)}
     for s, data in pending:
-        s.data = np.array(data)  # a copy: training may overwrite (donate) the device buffer
+        # A copy (training may overwrite or donate the device buffer), unless private.
+        s.data = np.asarray(data) if private else np.array(data)
     return out
 
 
@@ -140,12 +142,13 @@ class LocalTier:
     def peer_copies(self) -> bool:
         return self.options.peer_copies and jax.process_count() > 1
 
-    def save(self, step: int, leaves: Sequence[nnx_state.Leaf], *, extra: Mapping[str, Any]
-             ) -> None:
-        """Stage this host's shards of `step` and write them in the background."""
+    def save(self, step: int, leaves: Sequence[nnx_state.Leaf], *, extra: Mapping[str, Any],
+             private: bool = False) -> None:
+        """Stage this host's shards of `step` and write them in the background (`private`:
+        the leaves are already a host copy, see :func:`stage`)."""
         self.wait()
         t0 = time.perf_counter()
-        shards = stage(leaves)
+        shards = stage(leaves, private=private)
         copy = Copy(step, jax.process_index(), self.dir.uid, self.job, shards, dict(extra))
         self._seq += 1
         self._thread = threading.Thread(target=self._background, args=(copy, self._seq, t0),

@@ -133,8 +133,11 @@ class Saver:
     # ------------------------------------------------------------------ one save
     def save(self, step: int, items: Mapping[str, Any], *, metrics: Mapping[str, float] | None,
              metadata: Mapping[str, Any] | None, process_state: Any, overwrite: bool,
-             origin: Mapping[str, Any] | None = None) -> None:
-        """Start saving `step` (see CheckpointService.save)."""
+             origin: Mapping[str, Any] | None = None,
+             stage: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """Start saving `step` (see CheckpointService.save). `stage`, when given, turns the
+        tree of arrays to write into the one Orbax writes (after the digests are enqueued on
+        the originals): the service's single host copy shared with the local tier."""
         leaves, metadata_json, metrics_json, rejected = [], {}, {}, None
         try:  # validate everything before anything touches disk
             leaves = nnx_state.flatten_items(items)
@@ -186,6 +189,8 @@ class Saver:
         pending = digest.dispatch([nnx_state.lookup(saveable, tuple(str(k) for k in leaf.path))
                                    for leaf in leaves], defer=True)
         digest_s = time.perf_counter() - t_digest
+        if stage is not None:
+            saveable = stage(saveable)
         args = ocp.args.Composite(
             state=per_process.ReportingPyTreeSave(saveable),
             metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),

@@ -85,6 +85,23 @@ __all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatV
            "TargetMismatchError", "check_target"]
 
 
+def stage_to_host(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of every array in host memory with the same sharding (``pinned_host``; the
+    copies start together and run asynchronously)."""
+
+    def copy(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"), may_alias=False)
+
+    return jax.tree.map(copy, tree)
+
+
+def _keep(box: list[Any], value: Any) -> Any:
+    box.append(value)
+    return value
+
+
 class CheckpointService:
     """Sharded async checkpoints of NNX state in `directory`, shared by all processes.
 
@@ -230,18 +247,25 @@ class CheckpointService:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         persistent = force or self.should_save(step, metrics)
         local = self.local is not None and (persistent or self.local.due(step))
+        staged: list[dict[str, Any]] = []
         if persistent:
+            # Due in both tiers: the devices are staged once, to host memory with the same
+            # sharding, and both tiers write from that copy.
             self._saver.save(step, items, metrics=metrics, metadata=metadata,
-                             process_state=process_state, overwrite=overwrite, origin=origin)
+                             process_state=process_state, overwrite=overwrite, origin=origin,
+                             stage=(lambda tree: _keep(staged, stage_to_host(tree)))
+                             if local else None)
         if local:
             assert self.local is not None
             self._save_local(step, items, metrics=metrics, metadata=metadata,
-                             process_state=process_state, origin=origin)
+                             process_state=process_state, origin=origin,
+                             staged=staged[0] if staged else None)
         return persistent or local
 
     def _save_local(self, step: int, items: Mapping[str, Any], *,
                     metrics: Mapping[str, float] | None, metadata: Mapping[str, Any] | None,
-                    process_state: Any, origin: Mapping[str, Any] | None) -> None:
+                    process_state: Any, origin: Mapping[str, Any] | None,
+                    staged: dict[str, Any] | None = None) -> None:
         assert self.local is not None
         leaves = nnx_state.flatten_items(items)
         extra = {"metadata": dict(metadata or {}),
@@ -252,7 +276,10 @@ class CheckpointService:
                                                 origin=origin)}
         for name, value in extra.items():
             coordinator.encode_json(value, name)
-        self.local.save(step, leaves, extra=extra)
+        if staged is not None:  # the host copy the persistent save writes from: no new copy
+            leaves = [nnx_state.Leaf(leaf.path, nnx_state.lookup(
+                staged, tuple(str(k) for k in leaf.path))) for leaf in leaves]
+        self.local.save(step, leaves, extra=extra, private=staged is not None)
 
     def keep_forever(self, step: int) -> None:
         """Exempt a committed step from retention (every process calls it)."""
