@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -274,8 +275,8 @@ class LocalDir:
                                      f"{s['nbytes']}")
 
     def read_copy(self, step: int, name: str, wanted: Sequence[str] | None = None) -> Copy:
-        """Read a copy and check every shard of the `wanted` leaves (default all) against
-        its digest; raises ValueError naming the first shard that differs."""
+        """Map a copy's files and check every shard of the `wanted` leaves (default all)
+        against its checksum; raises ValueError naming the first shard that differs."""
         path = self.root / str(step) / name
         rec = self._record(path)
         self._check_files(path, rec)
@@ -292,7 +293,11 @@ class LocalDir:
             dtype = dtype_of(leaf["dtype"])
             for s, file in zip(leaf["shards"], leaf.pop("files"), strict=True):
                 shape = tuple(b - a for a, b in s.box)
-                s.data = np.fromfile(path / file, dtype=dtype).reshape(shape)
+                # Mapped, not read into a buffer: the restore copies each shard once, into
+                # its device buffer, so a restore's memory beyond the restored shards
+                # stays the page cache's (on a RAM disk, the copy already in RAM).
+                s.data = (np.memmap(path / file, dtype=dtype, mode="r", shape=shape)
+                          if math.prod(shape) else np.zeros(shape, dtype))
                 check_shard(leaf_name, s)
         return copy
 
