@@ -202,3 +202,27 @@ def test_a_step_due_in_both_tiers_is_staged_once_and_both_copies_restore(tmp_pat
         assert got["w"].sharding.memory_kind == values["w"].sharding.memory_kind
         assert _bits(got["w"]) == _bits(values["w"]) and int(got["n"]) == 3
         assert _bits(jax.random.key_data(got["key"])) == _bits(jax.random.key_data(values["key"]))
+
+
+def test_read_only_service_changes_nothing_in_the_local_tier(tmp_path):
+    svc, x, target = _save_two_steps(tmp_path)
+    svc.close()
+    (tmp_path / "local" / "3" / ".tmp-own-leftover").mkdir()
+
+    def tree():
+        return sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "local").rglob("*"))
+
+    before = tree()
+    for local in (tmp_path / "local", tmp_path / "absent"):
+        options = distckpt.CheckpointOptions(read_only=True, local_directory=str(local))
+        with distckpt.CheckpointService(str(tmp_path / "ckpt"), options) as ro:
+            restored = ro.restore(target)
+        assert restored.step == (3 if local.name == "local" else 2)
+    assert tree() == before and not (tmp_path / "absent").exists()
+
+
+def test_should_save_counts_the_local_interval(tmp_path):
+    options = distckpt.CheckpointOptions(save_interval_steps=10, local_interval_steps=3,
+                                         local_directory=str(tmp_path / "local"))
+    with distckpt.CheckpointService(str(tmp_path / "ckpt"), options) as svc:
+        assert [s for s in range(1, 13) if svc.should_save(s)] == [3, 6, 9, 10, 12]

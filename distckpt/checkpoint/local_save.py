@@ -105,10 +105,11 @@ def sharding_record(sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
 class LocalTier:
     """The local tier of one service on this host (see the module docstring)."""
 
-    def __init__(self, options: CheckpointOptions, job: str, nonce: str):
+    def __init__(self, options: CheckpointOptions, job: str, nonce: str, *,
+                 read_only: bool = False):
         assert options.local_directory is not None
         self.options = options
-        self.dir = LocalDir(expand(options.local_directory))
+        self.dir = LocalDir(expand(options.local_directory), read_only=read_only)
         self.timeout_s = min(options.timeout_s, options.local_timeout_s)
         self.link = peers.PeerLink(options.peer_bind_address, self.timeout_s)
         self.nonce = nonce

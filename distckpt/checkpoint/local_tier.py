@@ -168,18 +168,25 @@ def _safe(name: str) -> str:
 class LocalDir:
     """One host's local directory (see the module docstring)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, read_only: bool = False):
+        """`read_only` (a read-only service): nothing is created or removed; a machine
+        without a directory yet has an empty inventory and a uid of this process only."""
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.uid = self._identity()
-        for leftover in self.root.glob(f"*/{_TMP}*"):  # copies a crash left half-written
-            shutil.rmtree(leftover, ignore_errors=True)
+        if not read_only:
+            for leftover in self.root.glob(f"*/{_TMP}*"):  # copies a crash left half-written
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def _identity(self) -> str:
         path = self.root / HOST_FILE
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return str(json.loads(path.read_text())["uid"])
         uid = uuid.uuid4().hex[:16]
+        if self.read_only:
+            return uid
         tmp = path.with_suffix(f".{uid}.tmp")
         tmp.write_text(json.dumps({"uid": uid, "machine": machine_name()}))
         os.replace(tmp, path)
@@ -217,6 +224,8 @@ class LocalDir:
     # ------------------------------------------------------------------ read
     def copies(self) -> Iterator[tuple[int, str, Path]]:
         """(step, name, path) of every committed-looking copy (record present)."""
+        if not self.root.is_dir():
+            return
         for step_dir in self.root.iterdir():
             if not _STEP.match(step_dir.name) or not step_dir.is_dir():
                 continue
@@ -230,7 +239,7 @@ class LocalDir:
         if not root.is_dir():
             return {"uid": None, "own": {}, "peer": {}}
         view = cls.__new__(cls)
-        view.root = root
+        view.root, view.read_only = root, True
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             view.uid = str(json.loads((root / HOST_FILE).read_text())["uid"])
             return view.inventory()

@@ -159,7 +159,7 @@ class CheckpointService:
                 options = dataclasses.replace(
                     options, local_directory=f"/dev/shm/distckpt-{job}/{{host}}")
             job = self.primary.decide("init:local-tier:job", self._job_id)
-            self.local = LocalTier(options, job, opened.nonce)
+            self.local = LocalTier(options, job, opened.nonce, read_only=options.read_only)
         self._restores = 0
 
     def _job_id(self) -> str:
@@ -212,9 +212,14 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ save
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
-        """Whether save(step) would write this step: the interval or save_policy, or an
-        explicit step. With a save_policy every process must call it (or save()) with
-        the same steps; the decision is taken once per step and remembered."""
+        """Whether save(step) would write this step, in either tier: the interval or
+        save_policy, or an explicit step, or the local tier's interval. With a save_policy
+        every process must call it (or save()) with the same steps; the decision is taken
+        once per step and remembered."""
+        return self._persistent_due(step, metrics) or (
+            self.local is not None and self.local.due(step))
+
+    def _persistent_due(self, step: int, metrics: Mapping[str, float] | None) -> bool:
         return self._schedule.should_save(
             step, metrics, [] if self._saver is None else self._saver.stats)
 
@@ -245,7 +250,7 @@ class CheckpointService:
             raise CheckpointError(f"{self.directory} was opened read_only; it cannot be saved to")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        persistent = force or self.should_save(step, metrics)
+        persistent = force or self._persistent_due(step, metrics)
         local = self.local is not None and (persistent or self.local.due(step))
         staged: list[dict[str, Any]] = []
         if persistent:
