@@ -50,7 +50,8 @@ class CheckpointOptions:
     primary_host: int = 0
     """The process that writes shared metadata and takes filesystem decisions."""
     read_only: bool = False
-    """Never write, move or delete anything (evaluation, inspection, a drill's restore side)."""
+    """Never write, move or delete anything (evaluation, inspection, a drill's restore side),
+    in the checkpoint directory or the local tier."""
     allow_older_steps: bool = False
     """Let save() write a step below the newest committed one (else StepOrderError)."""
     verify: bool = True
@@ -237,4 +238,6 @@ class Restored:
     """Per process index: 'local', 'peer' or 'persistent'."""
     read_bytes: int = 0
     """Array bytes this process read from storage for the restored step: the byte ranges
-    of the saved chunks (what :func:`distckpt.plan_restore` predicts per host)."""
+    of the saved chunks (what :func:`distckpt.plan_restore` predicts per host). From the
+    local tier: the bytes of the copies it read (its own, and one it sent to a peer), or
+    pulled from a peer."""
