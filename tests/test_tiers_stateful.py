@@ -92,8 +92,8 @@ class Tiers(RuleBasedStateMachine):
     def flip_a_byte_of_the_newest_local_copy(self):
         assert self.svc is not None
         self.svc.wait()
-        if not self.local:
-            return
+        if not self.local or not self.local[max(self.local)]:
+            return  # (flipping the same byte again would repair it)
         newest = max(self.local)
         files = sorted((self.base / "local" / str(newest) / "own").glob("*.bin"))
         victim = max(files, key=lambda p: p.stat().st_size)
