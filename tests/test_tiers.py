@@ -1,8 +1,9 @@
 """The local tier: real processes through the launcher (gloo on CPU), real files, JAX's
 transfer server between the processes; nothing mocked.
 
-One 4x2 job saves steps 1..6 (a local step every step, a persistent one every 4th) and
-every test restores from its own copy of what it wrote: a lost host fed by its peer, a
+One 4x2 job saves steps 1..6 (a local step every step, a persistent one every 4th), then
+host 2 is SIGKILLed (the job dies with it), and every test restores from its own copy of
+what it left: a lost host fed by its peer, a
 host lost with its peer, a topology change, corrupted local bytes. A 2-host job checks
 that permuted process ids still restore locally. The plan every host computes
 (:func:`choose`) is checked against Hypothesis-generated losses.
@@ -62,7 +63,7 @@ def tree_state(path: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def saved_4x2(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("tier4x2")
-    run(work, "save", 4, 2)
+    run(work, "save", 4, 2, "--lose", "2", expect_rc=-9)  # host 2 SIGKILLed after step 6
     return work
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import distckpt  # noqa: E402
+from distckpt.multihost import coordinator  # noqa: E402
 from tests.mp_worker import factory, fingerprint, train_step  # noqa: E402
 
 
@@ -66,6 +68,12 @@ def save(a) -> None:
             ckpt.save(step, items, metadata={"step": step},
                       process_state={"process": jax.process_index(), "pos": step * 10})
         ckpt.wait()
+        if a.lose is not None:  # a machine dies once its last local step is copied
+            coordinator.barrier("tier-worker:lose", 120)
+            if jax.process_index() == a.lose:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(2)  # the others die with the job
+            os.kill(os.getpid(), signal.SIGKILL)
         failures = ckpt.local.failures if ckpt.local else []
     Path(a.out, f"save.{jax.process_index()}.json").write_text(json.dumps(
         {"failures": failures, "machine": os.environ.get("DISTCKPT_HOST")}))
@@ -99,6 +107,7 @@ def main() -> None:
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--other-hosts", dest="same_hosts", action="store_false")
     p.add_argument("--kill-at", help="a FaultPoint of the local tier")
+    p.add_argument("--lose", type=int, help="SIGKILL this process after the last save")
     p.add_argument("--kill-step", type=int, default=6)
     p.add_argument("--kill-process", type=int, default=1)
     a = p.parse_args()
