@@ -108,6 +108,7 @@ def test_drill_lose_host_with_a_local_tier_loses_nothing(tmp_path):
     assert report["recovery_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_drill_lose_host_persistent_only_loses_the_steps_since_the_last_save(tmp_path):
     res, report = _drill(tmp_path, "--fault", "lose-host", "--from", "2x2:data=2,fsdp=2")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
