@@ -1,4 +1,4 @@
-"""The ``distckpt`` command: drill, launch, train, inspect, import, remat-plan.
+"""The ``distckpt`` command: drill, launch, train, inspect, import, remat-plan, goodput.
 
 Thin on purpose: parse arguments, call the library, print. Logic lives in the
 modules the commands name.
@@ -203,6 +203,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec = MeshSpec.parse(args.mesh) if args.mesh is not None else None
         cfg = train.TrainConfig(model=ModelConfig(**_model_overrides(args)), batch=args.batch)
         check_directory(args.dir, empty=False)  # a checkpoint directory may be resumed
+        if args.local_every is not None and (args.local_dir is None or args.local_every < 1):
+            raise ValueError(f"--local-every {args.local_every}: give a step count >= 1, "
+                             "with --local-dir")
     except ValueError as e:
         print(f"distckpt train: error: {e}", file=sys.stderr)
         return 2
@@ -214,9 +217,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"distckpt train: error: {e}", file=sys.stderr)
         return 2
     delay = args.step_delay
+
+    def progress(fields: dict[str, Any]) -> None:  # one machine-readable line per event
+        if coordinator.is_primary():
+            print(f"{train.PROGRESS_PREFIX} {json.dumps(fields)}", flush=True)
+
+    if args.progress:
+        progress({"event": "init", "t": time.time()})
     result = train.run(args.dir, args.steps, args.save_every, mesh, cfg,
                        max_to_keep=args.max_to_keep, crash_after=args.crash_after,
-                       on_step=(lambda _step, _loss: time.sleep(delay)) if delay else None)
+                       on_step=(lambda _step, _loss: time.sleep(delay)) if delay else None,
+                       local_directory=args.local_dir, local_every=args.local_every,
+                       progress=progress if args.progress else None)
     if coordinator.is_primary():
         print(json.dumps({"start_step": result.start_step, "last_step": result.last_step,
                           "saved_steps": result.saved_steps,
@@ -301,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing: SIGKILL this process after that step's save commits")
     p.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
                    help="testing: sleep this long after each step (a slower step; same numbers)")
+    p.add_argument("--local-dir", metavar="DIR",
+                   help="host-local checkpoint tier ('{host}' becomes DISTCKPT_HOST, else the "
+                   "hostname); a peer keeps a copy of each host's steps")
+    p.add_argument("--local-every", type=int, default=None, metavar="K",
+                   help="with --local-dir: save to the local tier every K steps (default 1)")
+    p.add_argument("--progress", action="store_true",
+                   help="print a machine-readable line per event on the primary host: "
+                   "'TRAIN {json}' (restore, each step: times, saves)")
     _add_model_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -323,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     from distckpt.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
+    from distckpt.tools import goodput_cli
+
+    goodput_cli.add_parser(sub)
     return parser
 
 

@@ -28,13 +28,18 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
+from distckpt.checkpoint.options import Restored
 from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
+from distckpt.errors import NoCheckpointError
 from distckpt.multihost import coordinator
 from distckpt.multihost.preemption import PreemptionGuard
 from distckpt.state.mesh import DEFAULT_RULES, MeshSpec, Rules, abstract_target, init_sharded
 from distckpt.tools.model import ModelConfig, Transformer, next_token_loss, set_activation_sharding
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_PREFIX = "TRAIN"
+"""``distckpt train --progress`` prints each event as ``TRAIN {json}`` (primary host)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +152,19 @@ class RunResult:
     """The step every process saved on a preemption notice (None if not preempted)."""
 
 
+Progress = Callable[[dict[str, Any]], None]
+"""Receives run()'s events (every process): ``{"event": "resumed", "t", "step", "restore_s",
+"tier"}`` once after a restore, and ``{"event": "step", "t", "step", "train_s", "save_s",
+"saved", "committed"}`` after each step: `t` is time.time() when the step (its save call
+included) is done, `train_s` the update plus on_step, `save_s` the save() call,
+`committed` [[step, commit_s], ...] the saves seen committed since the last event."""
+
+
 def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfig,
         *, rules: Rules = DEFAULT_RULES, max_to_keep: int | None = 3,
         on_step: Callable[[int, float], None] | None = None,
-        crash_after: int | None = None) -> RunResult:
+        crash_after: int | None = None, local_directory: str | None = None,
+        local_every: int | None = None, progress: Progress | None = None) -> RunResult:
     """Train to `steps`, saving every `save_every`; resume from the newest committed step.
 
     On SIGTERM to any process, every process saves the same step, waits for its commit
@@ -158,26 +172,42 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
 
     `crash_after` (for tests and drills) waits until the in-flight save is committed
     after that step, then kills this process with SIGKILL, as a hardware failure would.
+
+    `local_directory` (may contain ``{host}``) adds the host-local tier, saved every
+    `local_every` steps with a copy on a peer (CheckpointOptions.local_directory); a
+    restore then takes the newest step any tier holds. `progress` gets the events
+    described at :data:`Progress`.
     """
-    options = CheckpointOptions(max_to_keep=max_to_keep, save_interval_steps=save_every)
+    tiers: dict[str, Any] = {}
+    if local_directory is not None:
+        tiers = {"local_directory": local_directory, "local_interval_steps": local_every or 1,
+                 "local_max_to_keep": 2, "peer_copies": True}
+    options = CheckpointOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
+                                **tiers)
     preempted_at: int | None = None
     with PreemptionGuard("train", timeout_s=options.timeout_s) as guard, \
             CheckpointService(directory, options) as ckpt:
         start = 0
-        if ckpt.all_steps():
-            restored = ckpt.restore(target(cfg, mesh, rules),
-                                    process_state_remap=remap_data_position)
+        t0 = time.perf_counter()
+        restored = _restore(ckpt, cfg, mesh, rules, local=bool(tiers))
+        if restored is not None:
             state, start = restored.items, restored.step
             expect = restored.process_state
             if expect is not None and expect.get("next_step") != start + 1:
                 raise RuntimeError(f"data position {expect} does not follow step {start}")
             logger.info("[process=%d] resumed from step %d", jax.process_index(), start)
+            if progress is not None:
+                # Restored.tier comes with the local tier; a persistent-only service has none.
+                progress({"event": "resumed", "t": time.time(), "step": start,
+                          "restore_s": time.perf_counter() - t0,
+                          "tier": getattr(restored, "tier", "persistent")})
         else:
             state = new_state(cfg, mesh, rules)
         model, optimizer = state["model"], state["optimizer"]
         train_step = make_train_step(mesh, rules)
         losses: dict[int, float] = {}
         saved: list[int] = []
+        reported: set[int] = set()
         for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             loss = float(train_step(model, optimizer, tokens_for_step(step, cfg, mesh, rules)))
@@ -186,11 +216,20 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                 logger.info("step %d loss %.6f (%.3fs)", step, loss, time.perf_counter() - t0)
             if on_step is not None:
                 on_step(step, loss)
+            t1 = time.perf_counter()
             preempted = guard.reached_sync_point(step, final=step == steps)
             # A forced save first waits for a save still in flight.
-            if ckpt.save(step, state, metrics={"loss": loss},
-                         process_state={"next_step": step + 1}, force=preempted):
+            did_save = ckpt.save(step, state, metrics={"loss": loss},
+                                 process_state={"next_step": step + 1}, force=preempted)
+            if did_save:
                 saved.append(step)
+            if progress is not None:
+                done = [[s.step, s.commit_s] for s in ckpt.save_stats
+                        if s.commit_s is not None and s.step not in reported]
+                reported.update(s for s, _ in done)
+                progress({"event": "step", "t": time.time(), "step": step,
+                          "train_s": t1 - t0, "save_s": time.perf_counter() - t1,
+                          "saved": did_save, "committed": done})
             if preempted:
                 ckpt.wait()
                 preempted_at = step
@@ -205,3 +244,21 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
         ckpt.wait()
     return RunResult(start_step=start, last_step=max(losses, default=start), losses=losses,
                      saved_steps=saved, preempted_at=preempted_at)
+
+
+def _restore(ckpt: CheckpointService, cfg: TrainConfig, mesh: Mesh, rules: Rules, *,
+             local: bool) -> Restored | None:
+    """The newest usable step restored, or None for a fresh start.
+
+    With the local tier a step may live there only (no persistent step yet), so the
+    restore is tried and "nothing anywhere" means a fresh start; without it an empty
+    directory means a fresh start and a restore that finds nothing usable raises.
+    """
+    if not (ckpt.all_steps() or local):
+        return None
+    try:
+        return ckpt.restore(target(cfg, mesh, rules), process_state_remap=remap_data_position)
+    except NoCheckpointError:
+        if not local or ckpt.all_steps():
+            raise
+        return None
