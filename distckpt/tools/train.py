@@ -224,9 +224,9 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
             if did_save:
                 saved.append(step)
             if progress is not None:
-                done = [[s.step, s.commit_s] for s in ckpt.save_stats
+                done = [(s.step, s.commit_s) for s in ckpt.save_stats
                         if s.commit_s is not None and s.step not in reported]
-                reported.update(s for s, _ in done)
+                reported.update(saved_step for saved_step, _ in done)
                 progress({"event": "step", "t": time.time(), "step": step,
                           "train_s": t1 - t0, "save_s": time.perf_counter() - t1,
                           "saved": did_save, "committed": done})

@@ -1,0 +1,471 @@
+"""``distckpt goodput``: the reference trainer under injected host failures, and its ETTR.
+
+For each configuration (persistent-only, then multi-tier: a host-local tier with a peer
+copy, plus the persistent one) the supervisor:
+
+1. **Calibrates** with two short jobs of ``distckpt train --progress`` on the same slice:
+   job A trains from scratch with a save every few steps and exits; then one host's local
+   tier is wiped, the persistent tier evicted from the page cache and job B restarts from
+   A's checkpoint; the supervisor SIGKILLs a host after B's third step. From their
+   ``TRAIN {json}`` lines it takes the step time, each tier's save stall and commit
+   latency, the start of a job, and the restart (kill -> torn down -> relaunched -> restored
+   -> training again). :mod:`distckpt.tools.goodput_model` turns these into the checkpoint
+   intervals (Young/Daly) and the predicted ETTR.
+2. **Runs** the job from scratch for exactly ``duration`` seconds of wall time under
+   failures: the failure times are exponential with mean ``mtbf`` (a Poisson process over
+   the whole wall time: a failure may hit a starting or restoring job, as in Daly's
+   model), each on a host drawn uniformly, all from ``seed``; both configurations get
+   the same schedule. A failure SIGKILLs that host's process group; the launcher stops
+   the others at once (SIGTERM then SIGKILL, no grace: a peer of a dead host cannot save);
+   the supervisor wipes the dead host's local tier (a replaced machine), evicts the
+   persistent tier from the page cache (a new host has nothing cached) and relaunches the
+   whole job, which restores the newest step any tier holds, as a cluster scheduler would.
+   At the deadline the job is stopped the same way.
+
+Every job of a run shares a JAX persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``
+in the run's directory, filled by calibration job A), so a restart loads the compiled
+training step instead of compiling it again, as production jobs do; the restart cost is
+still real: process start, ``jax.distributed`` initialization, restore, loading programs.
+
+**Definitions** (times are ``time.time()`` on this one machine, shared by every process):
+
+* *Productive steps*: the step the job had reached at the deadline (the last step of the
+  last attempt; if that attempt had not restored yet, the newest step reported saved and
+  committed, a lower bound). Work re-done after a failure counts once.
+* *ETTR* (effective training time ratio): productive steps x the calibrated failure-free,
+  save-free step time, over the duration. Save stalls, slower steps, restarts, restores,
+  compiles and re-done work all lower it.
+* *Steps lost* (per failure): the last step the killed attempt reached less the step the
+  next attempt resumed from (0 for an attempt killed before it resumed: it had not
+  trained past the checkpoint it would have restored).
+* *Recovery time* (per failure): from the relaunch to the first training step after the
+  restore; a failure whose next attempt was killed before that has none.
+* *Failures*: the kills the supervisor issued and the job died of (the report also counts
+  the kills issued, which must be equal).
+
+The multi-tier configuration passes ``--local-dir DIR/{host} --local-every K`` to the
+trainer (``CheckpointOptions.local_directory``, ``local_interval_steps``; the launcher sets
+``DISTCKPT_HOST=host<slot>``), so a wiped host is ``rm -rf DIR/host<slot>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from distckpt.tools import goodput_model as model
+
+PROGRESS = re.compile(r"^TRAIN (\{.*\})$")  # distckpt train --progress (train.PROGRESS_PREFIX)
+RUN_KINDS = {"persistent": ("persistent",), "multi": ("local", "persistent")}
+"""Configuration name -> the tiers it checkpoints to."""
+CAL_SAVE_EVERY = 4
+"""Calibration: persistent save interval (with the local tier: local every 2)."""
+CAL_STEPS = 16
+"""Calibration job A trains this many steps (four persistent saves)."""
+FOREVER = 10**9
+"""--steps of a run's job: it is stopped at the deadline, never finishes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodputConfig:
+    """One ``distckpt goodput`` invocation."""
+
+    duration_s: float
+    """Wall time of each run (calibration not included)."""
+    mtbf_s: float
+    """Mean time between injected failures."""
+    hosts: int = 4
+    """Simulated hosts (processes)."""
+    devices_per_host: int = 2
+    """CPU devices per host."""
+    seed: int = 0
+    """Seeds the failure schedule (times and hosts); both runs share it."""
+    step_delay_s: float = 0.2
+    """Sleep added to every training step, so that a step takes a controlled time."""
+    runs: tuple[str, ...] = ("persistent", "multi")
+    """Configurations to run, in order (keys of RUN_KINDS)."""
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides of distckpt.tools.model.ModelConfig fields."""
+    batch: int = 8
+    """Global batch size."""
+
+    def __post_init__(self):
+        if not (self.duration_s > 0 and math.isfinite(self.duration_s)):
+            raise ValueError(f"--duration must be a positive time, got {self.duration_s:g}s")
+        if not (self.mtbf_s > 0 and math.isfinite(self.mtbf_s)):
+            raise ValueError(f"--mtbf must be a positive time, got {self.mtbf_s:g}s")
+        if self.hosts < 1 or self.devices_per_host < 1:
+            raise ValueError(f"--hosts and --devices-per-host must be >= 1, got "
+                             f"{self.hosts}x{self.devices_per_host}")
+        if not (self.step_delay_s >= 0 and math.isfinite(self.step_delay_s)):
+            raise ValueError(f"--step-delay must be >= 0 seconds, got {self.step_delay_s:g}")
+        bad = [r for r in self.runs if r not in RUN_KINDS]
+        if bad or not self.runs or len(set(self.runs)) != len(self.runs):
+            raise ValueError(f"--runs {','.join(self.runs)}: give distinct names among "
+                             f"{', '.join(RUN_KINDS)}")
+
+
+def failure_schedule(seed: int, mtbf_s: float, duration_s: float, hosts: int
+                     ) -> list[tuple[float, int]]:
+    """(seconds from the run's start, host) of each failure before `duration_s`.
+
+    >>> failure_schedule(0, 10.0, 30.0, 4) == failure_schedule(0, 10.0, 30.0, 4)
+    True
+    >>> all(0 <= t < 30 and 0 <= h < 4 for t, h in failure_schedule(1, 5.0, 30.0, 4))
+    True
+    """
+    rng = random.Random(seed)
+    out: list[tuple[float, int]] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(1.0 / mtbf_s)
+        if t >= duration_s:
+            return out
+        out.append((t, rng.randrange(hosts)))
+
+
+# --------------------------------------------------------------------------- one job
+@dataclasses.dataclass
+class Attempt:
+    """One launch of the job: from its launch until it was killed, stopped or exited."""
+
+    launched: float
+    ended: float = 0.0
+    returncode: int | None = None
+    killed: tuple[float, int] | None = None
+    """(time, host) of the kill the supervisor issued in this attempt."""
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def steps(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == "step"]
+
+    def resumed(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e.get("event") == "resumed"), None)
+
+    def start_step(self) -> int | None:
+        """The step this attempt started training from: the one it restored, 0 for a
+        fresh start; None if it was stopped before either."""
+        resumed = self.resumed()
+        if resumed is not None:
+            return int(resumed["step"])
+        return 0 if self.steps() else None
+
+    def last_step(self) -> int | None:
+        """The newest step this attempt reached (or resumed from); None before either."""
+        steps = self.steps()
+        if steps:
+            return int(steps[-1]["step"])
+        resumed = self.resumed()
+        return None if resumed is None else int(resumed["step"])
+
+
+class Job:
+    """Launches ``distckpt train`` attempts on one slice, logging to one file."""
+
+    def __init__(self, config: GoodputConfig, command: Sequence[str], log: TextIO,
+                 compile_cache: Path):
+        self.config, self.command, self.log = config, list(command), log
+        # Restarts load the compiled programs, as production jobs do (JAX reads these).
+        self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+    def attempt(self, deadline: float, kill_at: tuple[float, int] | None = None,
+                kill_when: Callable[[dict[str, Any]], int | None] | None = None) -> Attempt:
+        """Run one attempt until it exits, fails, or `deadline` (time.time()) passes.
+
+        `kill_at` (time, host): SIGKILL that host at that time (at once if past).
+        `kill_when(event)`: a host to SIGKILL as soon as that progress event is seen.
+        """
+        from distckpt.tools.launcher import launch
+
+        attempt = Attempt(launched=time.time())
+        self.log.write(f"[goodput] launch at {attempt.launched:.3f}\n")
+        pids: list[int] = []
+        lock = threading.Lock()
+        timers: list[threading.Timer] = []
+        over = threading.Event()  # launch() returned: its hosts are reaped, no more kills
+
+        def kill(host: int) -> None:
+            with lock:
+                if attempt.killed is not None or over.is_set():
+                    return
+                try:
+                    os.killpg(pids[host], signal.SIGKILL)
+                except ProcessLookupError:
+                    return  # the host ended by itself meanwhile: no kill issued
+                attempt.killed = (time.time(), host)
+                self.log.write(f"[goodput] SIGKILL host {host} at {attempt.killed[0]:.3f}\n")
+
+        def on_start(started: list[int]) -> None:
+            pids.extend(started)
+            if kill_at is not None:
+                timer = threading.Timer(max(0.0, kill_at[0] - time.time()), kill, (kill_at[1],))
+                timer.daemon = True
+                timers.append(timer)
+                timer.start()
+
+        def on_line(_host: int, line: str) -> None:
+            match = PROGRESS.match(line)
+            if not match:
+                return
+            event = json.loads(match.group(1))
+            attempt.events.append(event)
+            if kill_when is not None and pids:
+                host = kill_when(event)
+                if host is not None:
+                    kill(host)
+
+        try:
+            result = launch(self.command, self.config.hosts, self.config.devices_per_host,
+                            env=self.env, out=self.log,
+                            timeout_s=max(0.1, deadline - time.time()),
+                            grace_s=0.0, line_callback=on_line, on_start=on_start)
+        finally:
+            for timer in timers:
+                timer.cancel()
+            with lock:
+                over.set()
+                attempt.ended = time.time()
+        attempt.returncode = result.returncode
+        return attempt
+
+
+def train_command(config: GoodputConfig, ckpt_dir: Path, steps: int, save_every: int,
+                  local_dir: Path | None, local_every: int | None) -> list[str]:
+    """The trainer's command line (every host runs the same one)."""
+    cmd = [sys.executable, "-m", "distckpt.tools.cli", "train", "--dir", str(ckpt_dir),
+           "--steps", str(steps), "--save-every", str(save_every), "--max-to-keep", "2",
+           "--step-delay", repr(config.step_delay_s), "--progress",
+           "--batch", str(config.batch)]
+    flags = {"d_model": "--d-model", "n_layers": "--layers", "n_heads": "--heads",
+             "n_kv_heads": "--kv-heads", "head_dim": "--head-dim", "d_ff": "--d-ff",
+             "vocab": "--vocab"}
+    for field, value in config.model.items():
+        cmd += [flags[field], str(value)]
+    if local_dir is not None:
+        cmd += ["--local-dir", str(local_dir / "{host}"), "--local-every", str(local_every)]
+    return cmd
+
+
+def replace_host(local_dir: Path | None, host: int, persistent: Path) -> None:
+    """What a replaced machine looks like: its local tier gone, nothing in the page cache
+    from the persistent tier (evicted for every host: they share this machine's cache)."""
+    from distckpt.bench.measure import evict, files_under
+
+    if local_dir is not None:
+        shutil.rmtree(local_dir / f"host{host}", ignore_errors=True)
+    if persistent.exists():
+        evict(files_under(persistent))
+
+
+class GoodputError(RuntimeError):
+    """A job failed by itself (not from an injected failure); the log says why."""
+
+
+def _failed(what: str, attempt: Attempt, log_path: Path) -> GoodputError:
+    return GoodputError(f"{what} exited {attempt.returncode} without an injected failure; "
+                        f"see {log_path}")
+
+
+# --------------------------------------------------------------------------- calibrate
+def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_path: Path,
+              compile_cache: Path, timeout_s: float = 600.0) -> model.Calibration:
+    """The warm-up jobs A and B of one configuration (see the module docstring)."""
+    local = kind == "multi"
+    ckpt, local_dir = workdir / "persistent", (workdir / "local" if local else None)
+    local_every = CAL_SAVE_EVERY // 2 if local else None
+    job = Job(config, train_command(config, ckpt, CAL_STEPS, CAL_SAVE_EVERY, local_dir,
+                                    local_every), log, compile_cache)
+    a = job.attempt(time.time() + timeout_s)
+    steps = a.steps()
+    if a.returncode != 0 or len(steps) < CAL_STEPS:
+        raise _failed(f"calibration job A ({kind})", a, log_path)
+    step_s = model.median([b["t"] - p["t"] - b["save_s"] for p, b in itertools.pairwise(steps)
+                           if not b["saved"]])
+    commits = {s: c for e in steps for s, c in e["committed"]}
+    # The first save of a process compiles its digests: left out of the medians.
+    both = [e for e in steps[1:] if e["saved"] and e["step"] % CAL_SAVE_EVERY == 0
+            and e["step"] > CAL_SAVE_EVERY]
+    only_local = [e for e in steps if e["saved"] and e["step"] % CAL_SAVE_EVERY
+                  and e["step"] > CAL_SAVE_EVERY]
+    stall = model.median([e["save_s"] for e in both])
+    commit = model.median([commits[e["step"]] for e in both if e["step"] in commits], stall)
+    local_stall = local_commit = None
+    if local:
+        local_stall = model.median([e["save_s"] for e in only_local])
+        local_commit = model.median([commits.get(e["step"], e["save_s"]) for e in only_local])
+
+    # Job B: a failure of the last host, exactly as in the run, then a restart.
+    replace_host(local_dir, config.hosts - 1, ckpt)
+    job.command = train_command(config, ckpt, FOREVER, CAL_SAVE_EVERY, local_dir, local_every)
+    relaunched = time.time()
+
+    def after_three_steps(event: dict[str, Any]) -> int | None:
+        return 0 if event.get("event") == "step" and event["step"] >= CAL_STEPS + 3 else None
+
+    b = job.attempt(time.time() + timeout_s, kill_when=after_three_steps)
+    resumed = b.resumed()
+    if b.killed is None or resumed is None or not b.steps():
+        raise _failed(f"calibration job B ({kind})", b, log_path)
+    replace_host(local_dir, b.killed[1], ckpt)
+    teardown = time.time() - b.killed[0]  # kill -> job gone -> host replaced
+    resume = max(0.0, b.steps()[0]["t"] - relaunched - step_s)
+    # The run's first start: B's, without the restore (the compile cache is warm by then).
+    start_s = max(0.0, resume - resumed["restore_s"])
+    restart = teardown + resume
+    return model.Calibration(step_s=step_s, start_s=start_s, restart_s=restart,
+                             stall_s=stall, commit_s=commit, local_stall_s=local_stall,
+                             local_commit_s=local_commit, restored_tier=resumed.get("tier"))
+
+
+# --------------------------------------------------------------------------- one run
+@dataclasses.dataclass
+class RunReport:
+    """One configuration's run; the first six fields are the JSON report's schema."""
+
+    tiers: list[str]
+    ettr: float
+    ettr_predicted: float
+    failures: int
+    steps_lost: int
+    recovery_seconds_median: float | None
+    name: str = ""
+    kills_issued: int = 0
+    final_step: int = 0
+    wall_seconds: float = 0.0
+    failure_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Per failure: at (s from start), host, steps_lost, recovery_s, restored_tier."""
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress: list[list[float]] = dataclasses.field(default_factory=list)
+    """[seconds from start, step] of every step and restore event, in order."""
+    restored_tiers: dict[str, int] = dataclasses.field(default_factory=dict)
+    """How many restores each tier served."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_one(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_path: Path,
+            on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunReport:
+    """Calibrate, plan, then run `kind` for the configured duration."""
+    local = kind == "multi"
+    cache = workdir / "compile-cache"
+    cal = calibrate(config, kind, workdir / "calibration", log, log_path, cache)
+    shutil.rmtree(workdir / "calibration", ignore_errors=True)
+    plan = model.plan(cal, config.mtbf_s, config.duration_s, local=local)
+    if on_event is not None:
+        on_event("planned", {"calibration": cal.to_json(), "plan": plan.to_json()})
+    ckpt, local_dir = workdir / "persistent", (workdir / "local" if local else None)
+    job = Job(config, train_command(config, ckpt, FOREVER, plan.save_every, local_dir,
+                                    plan.local_every), log, cache)
+    schedule = failure_schedule(config.seed, config.mtbf_s, config.duration_s, config.hosts)
+    t0 = time.time()
+    deadline = t0 + config.duration_s
+    attempts: list[Attempt] = []
+    pending = [(t0 + t, host) for t, host in schedule]
+    while time.time() < deadline:
+        attempt = job.attempt(deadline, kill_at=pending[0] if pending else None)
+        attempts.append(attempt)
+        if attempt.killed is not None:
+            pending.pop(0)
+            replace_host(local_dir, attempt.killed[1], ckpt)
+            if on_event is not None:
+                on_event("failure", {"at": attempt.killed[0] - t0, "host": attempt.killed[1],
+                                     "step": attempt.last_step()})
+        elif attempt.returncode != 124:  # 124: stopped at the deadline
+            raise _failed(f"the {kind} run's job", attempt, log_path)
+    return summarize(kind, attempts, t0, config.duration_s, cal, plan)
+
+
+def summarize(kind: str, attempts: Sequence[Attempt], t0: float, duration_s: float,
+              cal: model.Calibration, plan: model.Plan) -> RunReport:
+    """The report of one run from its attempts (see the module docstring's definitions)."""
+    deadline = t0 + duration_s
+    for a in attempts:  # a line printed after the deadline was not training time
+        a.events = [e for e in a.events if e["t"] <= deadline]
+    final = _final_step(attempts)
+    failures, lost, recoveries = [], 0, []
+    for i, a in enumerate(attempts):
+        if a.killed is None:
+            continue
+        after = attempts[i + 1] if i + 1 < len(attempts) else None
+        # The next attempt that got going: the drop from here to its start is this
+        # failure's (attempts in between were killed before they started training).
+        going = next((b for b in attempts[i + 1:] if b.start_step() is not None), None)
+        start = final if going is None else going.start_step()
+        reached = a.last_step()
+        this_lost = 0 if reached is None or start is None else max(0, reached - start)
+        first = after.steps()[0] if after is not None and after.steps() else None
+        recovery = None if first is None or after is None else first["t"] - after.launched
+        lost += this_lost
+        if recovery is not None:
+            recoveries.append(recovery)
+        resumed = None if after is None else after.resumed()
+        failures.append({"at": a.killed[0] - t0, "host": a.killed[1], "step": reached,
+                         "steps_lost": this_lost, "recovery_s": recovery,
+                         "restored_tier": None if resumed is None else resumed.get("tier")})
+    tiers: dict[str, int] = {}
+    progress: list[list[float]] = []
+    for a in attempts:
+        for e in a.events:
+            if e.get("event") == "resumed":
+                tiers[e.get("tier", "?")] = tiers.get(e.get("tier", "?"), 0) + 1
+            if e.get("event") in ("step", "resumed"):
+                progress.append([round(e["t"] - t0, 3), int(e["step"])])
+    return RunReport(
+        tiers=list(RUN_KINDS[kind]), ettr=final * cal.step_s / duration_s,
+        ettr_predicted=plan.ettr_predicted, failures=len(failures), steps_lost=lost,
+        recovery_seconds_median=model.median(recoveries) if recoveries else None, name=kind,
+        kills_issued=sum(a.killed is not None for a in attempts), final_step=final,
+        wall_seconds=(attempts[-1].ended - t0) if attempts else 0.0, failure_log=failures,
+        calibration=cal.to_json(), plan=plan.to_json(), progress=progress,
+        restored_tiers=tiers)
+
+
+def _final_step(attempts: Sequence[Attempt]) -> int:
+    """The step the job had reached at the deadline (see the definitions)."""
+    if not attempts:
+        return 0
+    last = attempts[-1].last_step()
+    if last is not None:
+        return last
+    durable = [int(s) for a in attempts for e in a.steps() for s, _ in e["committed"]]
+    return max(durable, default=0)
+
+
+# --------------------------------------------------------------------------- all runs
+def run_goodput(config: GoodputConfig, workdir: Path,
+                on_event: Callable[[str, dict[str, Any]], None] | None = None
+                ) -> list[RunReport]:
+    """Every configured run in turn, each in ``workdir/<name>`` (log: ``<name>.log``);
+    the checkpoints are removed after each run, the logs kept."""
+    reports = []
+    for kind in config.runs:
+        log_path = workdir / f"{kind}.log"
+        with open(log_path, "w") as log:
+            if on_event is not None:
+                on_event("start", {"run": kind, "log": str(log_path)})
+            try:
+                report = run_one(config, kind, workdir / kind, log, log_path,
+                                 on_event=on_event)
+            finally:
+                shutil.rmtree(workdir / kind, ignore_errors=True)
+        reports.append(report)
+        if on_event is not None:
+            on_event("done", report.to_json())
+    return reports

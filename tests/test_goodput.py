@@ -1,0 +1,216 @@
+"""`distckpt goodput`: the ETTR model, the failure schedule, the report's bookkeeping, bad
+input, and short real runs under injected failures (never asserting on timings or ETTR
+values: those depend on the machine; docs/goodput.md has measured figures)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distckpt.checkpoint.policy import young_daly_interval
+from distckpt.tools import goodput_model as gm
+from distckpt.tools.goodput import Attempt, GoodputConfig, failure_schedule, summarize
+from tests.test_cli_input import ROOT, assert_one_line_error, assert_untouched, place, run
+
+__all__ = ["place"]  # the fixture, imported for the CLI cases
+
+CLI = [sys.executable, "-m", "distckpt.tools.cli", "goodput"]
+SCHEMA = {"tiers": list, "ettr": float, "ettr_predicted": float, "failures": int,
+          "steps_lost": int, "recovery_seconds_median": (float, type(None))}
+
+
+# --------------------------------------------------------------------------- model
+def cal(**kw) -> gm.Calibration:
+    base = {"step_s": 0.5, "start_s": 5.0, "restart_s": 10.0, "stall_s": 0.5,
+            "commit_s": 1.0, "local_stall_s": 0.05, "local_commit_s": 0.05}
+    return gm.Calibration(**{**base, **kw})
+
+
+@pytest.mark.fast
+def test_persistent_interval_is_young_daly_of_the_stall_in_whole_steps():
+    plan = gm.plan(cal(), mtbf_s=100.0, duration_s=300.0, local=False)
+    assert young_daly_interval(0.5, 100.0) == 10.0
+    assert plan.save_every == 20 and plan.local_every is None and plan.tau_s == 10.0
+    # Never shorter than the commit latency.
+    assert gm.plan(cal(stall_s=0.001, commit_s=4.0), 100.0, 300.0, local=False).save_every == 8
+
+
+@pytest.mark.fast
+def test_multi_tier_plan_saves_locally_often_and_persistently_rarely():
+    plan = gm.plan(cal(), mtbf_s=100.0, duration_s=300.0, local=True)
+    assert plan.local_every == round(young_daly_interval(0.05, 100.0) / 0.5)
+    assert plan.save_every % plan.local_every == 0 and plan.save_every > plan.local_every
+    rare = young_daly_interval(0.45, 100.0 * gm.PERSISTENT_MTBF_FACTOR)
+    assert plan.save_every >= rare / 0.5 - plan.local_every
+    assert plan.cost_s == pytest.approx(0.05 + 0.45 * plan.local_every / plan.save_every)
+    with pytest.raises(ValueError, match="local tier"):
+        gm.plan(cal(local_stall_s=None), 100.0, 300.0, local=True)
+
+
+@pytest.mark.fast
+def test_predicted_ettr_matches_first_order_and_falls_with_failures():
+    tau, c, lat, r, m = 10.0, 0.2, 0.5, 5.0, 1000.0
+    first = 1 - c / tau - (tau / 2 + lat + r) / m
+    assert gm.predict_ettr(tau, c, lat, r, m) == pytest.approx(first, abs=2e-3)
+    assert gm.predict_ettr(tau, c, lat, r, 1e12) == pytest.approx(tau / (tau + c))
+    values = [gm.predict_ettr(tau, c, lat, r, m) for m in (20.0, 60.0, 200.0, 1000.0)]
+    assert values == sorted(values) and 0.0 <= values[0] < values[-1] < 1.0
+    # The start-up is charged once against the run's duration.
+    assert gm.predict_ettr(tau, c, lat, r, m, start_s=30.0, duration_s=300.0) == \
+        pytest.approx(0.9 * gm.predict_ettr(tau, c, lat, r, m))
+
+
+@pytest.mark.fast
+def test_failure_schedule_is_seeded_and_exponential():
+    assert failure_schedule(7, 10.0, 100.0, 4) == failure_schedule(7, 10.0, 100.0, 4)
+    assert failure_schedule(7, 10.0, 100.0, 4) != failure_schedule(8, 10.0, 100.0, 4)
+    times = [t for t, _ in failure_schedule(0, 1.0, 20000.0, 4)]
+    gaps = [b - a for a, b in itertools.pairwise([0.0] + times)]
+    assert statistics.fmean(gaps) == pytest.approx(1.0, rel=0.05)
+    assert statistics.median(gaps) == pytest.approx(math.log(2), rel=0.05)
+    hosts = {h for _, h in failure_schedule(0, 1.0, 200.0, 4)}
+    assert hosts == {0, 1, 2, 3}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("kw, needle", [
+    ({"duration_s": 0.0}, "--duration must be a positive time"),
+    ({"mtbf_s": -1.0}, "--mtbf must be a positive time"),
+    ({"mtbf_s": math.inf}, "--mtbf must be a positive time"),
+    ({"hosts": 0}, "--hosts and --devices-per-host must be >= 1"),
+    ({"runs": ("persistent", "persistent")}, "give distinct names"),
+    ({"runs": ("fast",)}, "give distinct names"),
+])
+def test_config_rejects(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        GoodputConfig(**{"duration_s": 10.0, "mtbf_s": 5.0, **kw})
+
+
+# --------------------------------------------------------------------------- bookkeeping
+def steps(first: int, last: int, t: float, dt: float = 1.0) -> list[dict]:
+    return [{"event": "step", "t": t + i * dt, "step": s, "save_s": 0.0, "saved": False,
+             "committed": []} for i, s in enumerate(range(first, last + 1))]
+
+
+@pytest.mark.fast
+def test_summary_counts_failures_steps_lost_and_recovery():
+    t0 = 1000.0
+    a1 = Attempt(launched=t0, ended=t0 + 20, returncode=-9, killed=(t0 + 19.5, 1),
+                 events=steps(1, 10, t0 + 10))  # reached 10, last save 8
+    a2 = Attempt(launched=t0 + 20, ended=t0 + 22, returncode=-9, killed=(t0 + 21.5, 0))
+    a3 = Attempt(launched=t0 + 22, ended=t0 + 40, returncode=-9, killed=(t0 + 39.5, 2),
+                 events=[{"event": "resumed", "t": t0 + 30, "step": 8, "tier": "persistent"},
+                         *steps(9, 12, t0 + 32)])
+    a4 = Attempt(launched=t0 + 40, ended=t0 + 60, returncode=124,
+                 events=[{"event": "resumed", "t": t0 + 48, "step": 12, "tier": "persistent"},
+                         *steps(13, 30, t0 + 50)])  # steps after t0 + 60 are left out
+    plan = gm.plan(cal(step_s=1.0), mtbf_s=20.0, duration_s=60.0, local=False)
+    report = summarize("persistent", [a1, a2, a3, a4], t0, 60.0, cal(step_s=1.0), plan)
+    assert report.failures == report.kills_issued == 3
+    assert [f["steps_lost"] for f in report.failure_log] == [2, 0, 0]
+    assert report.steps_lost == 2
+    assert [f["recovery_s"] for f in report.failure_log] == [None, 10.0, 10.0]
+    assert report.recovery_seconds_median == 10.0
+    assert report.final_step == 23  # step 23 at t0 + 60
+    assert report.ettr == pytest.approx(23 * 1.0 / 60.0)
+    assert report.restored_tiers == {"persistent": 2}
+    assert report.progress[0] == [10.0, 1] and report.progress[-1] == [60.0, 23]
+
+
+# --------------------------------------------------------------------------- CLI input
+@pytest.mark.parametrize("args, needle", [
+    (["--duration", "soon"], "--duration bad duration 'soon'"),
+    (["--duration", "0s"], "--duration must be a positive time"),
+    (["--mtbf=-5s"], "--mtbf bad duration '-5s'"),
+    (["--mtbf", "0"], "--mtbf must be a positive time"),
+    (["--hosts", "0"], "--hosts and --devices-per-host must be >= 1"),
+    (["--runs", "persistent,bogus"], "--runs persistent,bogus"),
+    (["--d-model", "7"], "does not fit mesh fsdp=8"),
+    (["--dir", "full"], "--dir full is not empty"),
+    (["--dir", "afile"], "--dir afile is a file"),
+])
+def test_goodput_rejects_bad_input_before_writing_anything(place, args, needle):
+    (place[0] / "full").mkdir()
+    (place[0] / "full" / "mine").write_text("mine")
+    (place[0] / "afile").write_text("mine")
+    res = run(place, "goodput", "--json", "out.json", *args)
+    assert res.returncode == 2
+    assert_one_line_error(res, "distckpt goodput: error: ", needle)
+    assert res.stdout == ""
+    assert_untouched(place, (["afile", "full", "full/mine"], []))
+
+
+# --------------------------------------------------------------------------- real runs
+def _goodput(tmp_path: Path, *args: str, timeout: float = 400):
+    out = tmp_path / "gp.json"
+    res = subprocess.run(CLI + ["--hosts", "2", "--devices-per-host", "2", "--dir",
+                                str(tmp_path / "work"), "--json", str(out), *args],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res, json.loads(out.read_text())
+
+
+def _check_report(report: dict, tmp_path: Path, duration_s: float, mtbf_s: float,
+                  seed: int) -> None:
+    scheduled = len(failure_schedule(seed, mtbf_s, duration_s, 2))
+    for r in report["runs"]:
+        for key, kind in SCHEMA.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert 0.0 <= r["ettr"] <= 1.0 and 0.0 <= r["ettr_predicted"] <= 1.0
+        # Every scheduled failure was injected, and each kill is one failure.
+        assert r["failures"] == r["kills_issued"] == scheduled == len(r["failure_log"])
+        assert r["steps_lost"] == sum(f["steps_lost"] for f in r["failure_log"]) >= 0
+        assert r["final_step"] == (r["progress"][-1][1] if r["progress"] else r["final_step"])
+        # Steps only go up, except where a restart restored an older step.
+        points = r["progress"]
+        assert [p[0] for p in points] == sorted(p[0] for p in points)
+        drops = sum(b[1] < a[1] for a, b in itertools.pairwise(points))
+        assert drops <= r["failures"]
+        assert all(0 <= p[0] <= duration_s for p in points)
+    png = tmp_path / "gp.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Checkpoints are removed after each run; the logs stay.
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        f"{r['name']}.log" for r in report["runs"])
+
+
+@pytest.mark.multiprocess
+def test_persistent_run_under_failures(tmp_path):
+    res, report = _goodput(tmp_path, "--duration", "25s", "--mtbf", "10s", "--seed", "4",
+                           "--runs", "persistent")
+    assert [r["tiers"] for r in report["runs"]] == [["persistent"]]
+    assert failure_schedule(4, 10.0, 25.0, 2)  # the seed gives this run failures
+    _check_report(report, tmp_path, 25.0, 10.0, 4)
+    assert "seed 4" in res.stdout and "persistent-only" in res.stdout
+
+
+def _has_local_tier() -> bool:
+    import dataclasses
+
+    from distckpt.checkpoint.options import CheckpointOptions
+
+    return "local_directory" in {f.name for f in dataclasses.fields(CheckpointOptions)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not _has_local_tier(),
+                    reason="multi-tier checkpointing (CheckpointOptions.local_directory) is "
+                    "not on main yet")
+def test_multi_tier_run_restores_from_the_local_tier(tmp_path):
+    _, report = _goodput(tmp_path, "--duration", "25s", "--mtbf", "10s", "--seed", "4",
+                         "--runs", "multi")
+    (run_,) = report["runs"]
+    assert run_["tiers"] == ["local", "persistent"]
+    _check_report(report, tmp_path, 25.0, 10.0, 4)
+    assert set(run_["restored_tiers"]) <= {"local", "peer", "persistent"}
+    assert run_["plan"]["local_every"] >= 1
