@@ -178,18 +178,16 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
     restore then takes the newest step any tier holds. `progress` gets the events
     described at :data:`Progress`.
     """
-    tiers: dict[str, Any] = {}
-    if local_directory is not None:
-        tiers = {"local_directory": local_directory, "local_interval_steps": local_every or 1,
-                 "local_max_to_keep": 2, "peer_copies": True}
     options = CheckpointOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
-                                **tiers)
+                                local_directory=local_directory,
+                                local_interval_steps=local_every or 1, local_max_to_keep=2,
+                                peer_copies=True)
     preempted_at: int | None = None
     with PreemptionGuard("train", timeout_s=options.timeout_s) as guard, \
             CheckpointService(directory, options) as ckpt:
         start = 0
         t0 = time.perf_counter()
-        restored = _restore(ckpt, cfg, mesh, rules, local=bool(tiers))
+        restored = _restore(ckpt, cfg, mesh, rules, local=local_directory is not None)
         if restored is not None:
             state, start = restored.items, restored.step
             expect = restored.process_state
@@ -197,10 +195,8 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                 raise RuntimeError(f"data position {expect} does not follow step {start}")
             logger.info("[process=%d] resumed from step %d", jax.process_index(), start)
             if progress is not None:
-                # Restored.tier comes with the local tier; a persistent-only service has none.
                 progress({"event": "resumed", "t": time.time(), "step": start,
-                          "restore_s": time.perf_counter() - t0,
-                          "tier": getattr(restored, "tier", "persistent")})
+                          "restore_s": time.perf_counter() - t0, "tier": restored.tier})
         else:
             state = new_state(cfg, mesh, rules)
         model, optimizer = state["model"], state["optimizer"]
