@@ -125,6 +125,22 @@ def test_summary_counts_failures_steps_lost_and_recovery():
     assert report.progress[0] == [10.0, 1] and report.progress[-1] == [60.0, 23]
 
 
+@pytest.mark.fast
+def test_a_run_counts_the_steps_gained_from_where_it_started():
+    t0 = 1000.0
+    a1 = Attempt(launched=t0, ended=t0 + 5, returncode=-9, killed=(t0 + 4.0, 3))
+    a2 = Attempt(launched=t0 + 5, ended=t0 + 30, returncode=124,
+                 events=[{"event": "resumed", "t": t0 + 15, "step": 16, "tier": "local"},
+                         *steps(17, 20, t0 + 20)])
+    c = cal(step_s=2.0)
+    plan = gm.plan(c, mtbf_s=20.0, duration_s=30.0, local=True)
+    report = summarize("multi", [a1, a2], t0, 30.0, c, plan)
+    assert (report.start_step, report.final_step, report.steps_lost) == (16, 20, 0)
+    assert report.ettr == pytest.approx(4 * 2.0 / 30.0)
+    assert report.failure_log[0]["restored_tier"] == "local"
+    assert report.failure_log[0]["recovery_s"] == 15.0
+
+
 # --------------------------------------------------------------------------- CLI input
 @pytest.mark.parametrize("args, needle", [
     (["--duration", "soon"], "--duration bad duration 'soon'"),
@@ -170,6 +186,7 @@ def _check_report(report: dict, tmp_path: Path, duration_s: float, mtbf_s: float
         assert r["failures"] == r["kills_issued"] == scheduled == len(r["failure_log"])
         assert r["steps_lost"] == sum(f["steps_lost"] for f in r["failure_log"]) >= 0
         assert r["final_step"] == (r["progress"][-1][1] if r["progress"] else r["final_step"])
+        assert 0 <= r["start_step"] <= r["final_step"]
         # Steps only go up, except where a restart restored an older step.
         points = r["progress"]
         assert [p[0] for p in points] == sorted(p[0] for p in points)
@@ -184,6 +201,7 @@ def _check_report(report: dict, tmp_path: Path, duration_s: float, mtbf_s: float
         f"{r['name']}.log" for r in report["runs"])
 
 
+@pytest.mark.slow  # ~60 s on 2 cores; the multi-tier run below covers the supervisor by default
 @pytest.mark.multiprocess
 def test_persistent_run_under_failures(tmp_path):
     res, report = _goodput(tmp_path, "--duration", "25s", "--mtbf", "10s", "--seed", "4",
@@ -214,3 +232,4 @@ def test_multi_tier_run_restores_from_the_local_tier(tmp_path):
     _check_report(report, tmp_path, 25.0, 10.0, 4)
     assert set(run_["restored_tiers"]) <= {"local", "peer", "persistent"}
     assert run_["plan"]["local_every"] >= 1
+    assert run_["calibration"]["local_commit_s"] > 0 and run_["calibration"]["local_stall_s"] > 0

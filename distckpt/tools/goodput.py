@@ -8,11 +8,14 @@ copy, plus the persistent one) the supervisor:
    tier is wiped, the persistent tier evicted from the page cache and job B restarts from
    A's checkpoint; the supervisor SIGKILLs a host after B's third step. From their
    ``TRAIN {json}`` lines it takes the step time, each tier's save stall and commit
-   latency, the start of a job, and the restart (kill -> torn down -> relaunched -> restored
-   -> training again). :mod:`distckpt.tools.goodput_model` turns these into the checkpoint
-   intervals (Young/Daly) and the predicted ETTR.
-2. **Runs** the job from scratch for exactly ``duration`` seconds of wall time under
-   failures: the failure times are exponential with mean ``mtbf`` (a Poisson process over
+   latency, the start of the job (B's launch until it trains), and the restart (kill ->
+   torn down -> host replaced -> relaunched -> restored -> training again).
+   :mod:`distckpt.tools.goodput_model` turns these into the checkpoint intervals
+   (Young/Daly) and the predicted ETTR.
+2. **Runs** the job for exactly ``duration`` seconds of wall time under failures, in the
+   same directories, so its first start is a restart from the calibration's checkpoint
+   like every later one (the start-up of a job is then the calibrated one, and the
+   productive steps are those gained during the run): the failure times are exponential with mean ``mtbf`` (a Poisson process over
    the whole wall time: a failure may hit a starting or restoring job, as in Daly's
    model), each on a host drawn uniformly, all from ``seed``; both configurations get
    the same schedule. A failure SIGKILLs that host's process group; the launcher stops
@@ -30,8 +33,9 @@ still real: process start, ``jax.distributed`` initialization, restore, loading 
 **Definitions** (times are ``time.time()`` on this one machine, shared by every process):
 
 * *Productive steps*: the step the job had reached at the deadline (the last step of the
-  last attempt; if that attempt had not restored yet, the newest step reported saved and
-  committed, a lower bound). Work re-done after a failure counts once.
+  last attempt; if that attempt had not restored yet, the newest step reported
+  committed, a lower bound) less the step the run started from. Work re-done after a
+  failure counts once.
 * *ETTR* (effective training time ratio): productive steps x the calibrated failure-free,
   save-free step time, over the duration. Save stalls, slower steps, restarts, restores,
   compiles and re-done work all lower it.
@@ -307,7 +311,8 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
     local_stall = local_commit = None
     if local:
         local_stall = model.median([e["save_s"] for e in only_local])
-        local_commit = model.median([commits.get(e["step"], e["save_s"]) for e in only_local])
+        written = {s: w for e in steps for s, w in e.get("local_written", [])}
+        local_commit = model.median([written.get(e["step"], e["save_s"]) for e in only_local])
 
     # Job B: a failure of the last host, exactly as in the run, then a restart.
     replace_host(local_dir, config.hosts - 1, ckpt)
@@ -324,8 +329,7 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
     replace_host(local_dir, b.killed[1], ckpt)
     teardown = time.time() - b.killed[0]  # kill -> job gone -> host replaced
     resume = max(0.0, b.steps()[0]["t"] - relaunched - step_s)
-    # The run's first start: B's, without the restore (the compile cache is warm by then).
-    start_s = max(0.0, resume - resumed["restore_s"])
+    start_s = resume  # the run's first start is such a restart, without a kill before it
     restart = teardown + resume
     return model.Calibration(step_s=step_s, start_s=start_s, restart_s=restart,
                              stall_s=stall, commit_s=commit, local_stall_s=local_stall,
@@ -346,6 +350,8 @@ class RunReport:
     name: str = ""
     kills_issued: int = 0
     final_step: int = 0
+    start_step: int = 0
+    """The step the run started from (the calibration's checkpoint)."""
     wall_seconds: float = 0.0
     failure_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per failure: at (s from start), host, steps_lost, recovery_s, restored_tier."""
@@ -365,8 +371,7 @@ def run_one(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_pa
     """Calibrate, plan, then run `kind` for the configured duration."""
     local = kind == "multi"
     cache = workdir / "compile-cache"
-    cal = calibrate(config, kind, workdir / "calibration", log, log_path, cache)
-    shutil.rmtree(workdir / "calibration", ignore_errors=True)
+    cal = calibrate(config, kind, workdir, log, log_path, cache)
     plan = model.plan(cal, config.mtbf_s, config.duration_s, local=local)
     if on_event is not None:
         on_event("planned", {"calibration": cal.to_json(), "plan": plan.to_json()})
@@ -398,7 +403,10 @@ def summarize(kind: str, attempts: Sequence[Attempt], t0: float, duration_s: flo
     deadline = t0 + duration_s
     for a in attempts:  # a line printed after the deadline was not training time
         a.events = [e for e in a.events if e["t"] <= deadline]
-    final = _final_step(attempts)
+    # Attempts killed before they resumed would have resumed from the same step.
+    first = next((a.start_step() for a in attempts if a.start_step() is not None), None)
+    final = _final_step(attempts, first or 0)
+    begin = final if first is None else first
     failures, lost, recoveries = [], 0, []
     for i, a in enumerate(attempts):
         if a.killed is None:
@@ -410,8 +418,8 @@ def summarize(kind: str, attempts: Sequence[Attempt], t0: float, duration_s: flo
         start = final if going is None else going.start_step()
         reached = a.last_step()
         this_lost = 0 if reached is None or start is None else max(0, reached - start)
-        first = after.steps()[0] if after is not None and after.steps() else None
-        recovery = None if first is None or after is None else first["t"] - after.launched
+        trained = after.steps()[0] if after is not None and after.steps() else None
+        recovery = None if trained is None or after is None else trained["t"] - after.launched
         lost += this_lost
         if recovery is not None:
             recoveries.append(recovery)
@@ -428,24 +436,23 @@ def summarize(kind: str, attempts: Sequence[Attempt], t0: float, duration_s: flo
             if e.get("event") in ("step", "resumed"):
                 progress.append([round(e["t"] - t0, 3), int(e["step"])])
     return RunReport(
-        tiers=list(RUN_KINDS[kind]), ettr=final * cal.step_s / duration_s,
+        tiers=list(RUN_KINDS[kind]), ettr=(final - begin) * cal.step_s / duration_s,
         ettr_predicted=plan.ettr_predicted, failures=len(failures), steps_lost=lost,
         recovery_seconds_median=model.median(recoveries) if recoveries else None, name=kind,
         kills_issued=sum(a.killed is not None for a in attempts), final_step=final,
+        start_step=begin,
         wall_seconds=(attempts[-1].ended - t0) if attempts else 0.0, failure_log=failures,
         calibration=cal.to_json(), plan=plan.to_json(), progress=progress,
         restored_tiers=tiers)
 
 
-def _final_step(attempts: Sequence[Attempt]) -> int:
+def _final_step(attempts: Sequence[Attempt], begin: int) -> int:
     """The step the job had reached at the deadline (see the definitions)."""
-    if not attempts:
-        return 0
-    last = attempts[-1].last_step()
+    last = attempts[-1].last_step() if attempts else None
     if last is not None:
         return last
     durable = [int(s) for a in attempts for e in a.steps() for s, _ in e["committed"]]
-    return max(durable, default=0)
+    return max(durable, default=begin)
 
 
 # --------------------------------------------------------------------------- all runs

@@ -139,7 +139,7 @@ def _print_event(kind: str, fields: dict[str, Any]) -> None:
         cal, plan = fields["calibration"], fields["plan"]
         local = (f", local save stall {cal['local_stall_s']:.3f}s every {plan['local_every']}"
                  if plan["local_every"] else "")
-        print(f"  step {cal['step_s']:.3f}s, cold start {cal['start_s']:.1f}s, restart "
+        print(f"  step {cal['step_s']:.3f}s, start {cal['start_s']:.1f}s, restart "
               f"{cal['restart_s']:.1f}s, save stall {cal['stall_s']:.3f}s commit "
               f"{cal['commit_s']:.3f}s{local}; persistent save every {plan['save_every']} "
               f"steps; predicted ETTR {plan['ettr_predicted']:.3f}; running", flush=True)
@@ -182,8 +182,8 @@ def write_png(report: dict[str, Any], path: str) -> None:
         ts = [p[0] for p in run["progress"]]
         steps = [p[1] for p in run["progress"]]
         ax.plot(ts, steps, drawstyle="steps-post", linewidth=1.2, label="step reached")
-        step_s = run["calibration"]["step_s"]
-        ax.plot([0, report["duration_s"]], [0, report["duration_s"] / step_s],
+        step_s, begin = run["calibration"]["step_s"], run["start_step"]
+        ax.plot([0, report["duration_s"]], [begin, begin + report["duration_s"] / step_s],
                 linestyle=":", color="grey", linewidth=1, label="failure-free")
         for i, f in enumerate(run["failure_log"]):
             ax.axvline(f["at"], color="tab:red", linewidth=0.9, alpha=0.8,

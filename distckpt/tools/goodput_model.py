@@ -69,7 +69,8 @@ class Calibration:
     local_stall_s: float | None = None
     """Median stall of a save to the local tier only (multi-tier)."""
     local_commit_s: float | None = None
-    """Median time until such a save is usable (its stall when it reports no commit)."""
+    """Median time from such a save's start until its own and its peer copy are written
+    (the primary host's; its stall where none was reported)."""
     restored_tier: str | None = None
     """The tier the calibration's restore used."""
 

@@ -155,9 +155,11 @@ class RunResult:
 Progress = Callable[[dict[str, Any]], None]
 """Receives run()'s events (every process): ``{"event": "resumed", "t", "step", "restore_s",
 "tier"}`` once after a restore, and ``{"event": "step", "t", "step", "train_s", "save_s",
-"saved", "committed"}`` after each step: `t` is time.time() when the step (its save call
-included) is done, `train_s` the update plus on_step, `save_s` the save() call,
-`committed` [[step, commit_s], ...] the saves seen committed since the last event."""
+"saved", "committed", "local_written"}`` after each step: `t` is time.time() when the step
+(its save call included) is done, `train_s` the update plus on_step, `save_s` the save()
+call, `committed` [[step, commit_s], ...] the saves seen committed since the last event,
+`local_written` [[step, seconds], ...] the local-tier saves whose own and peer copies were
+written since (seconds from their save() call; this host's)."""
 
 
 def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfig,
@@ -204,6 +206,7 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
         losses: dict[int, float] = {}
         saved: list[int] = []
         reported: set[int] = set()
+        local_reported = 0
         for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             loss = float(train_step(model, optimizer, tokens_for_step(step, cfg, mesh, rules)))
@@ -223,9 +226,11 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                 done = [(s.step, s.commit_s) for s in ckpt.save_stats
                         if s.commit_s is not None and s.step not in reported]
                 reported.update(saved_step for saved_step, _ in done)
+                local = [] if ckpt.local is None else ckpt.local.saved[local_reported:]
+                local_reported += len(local)
                 progress({"event": "step", "t": time.time(), "step": step,
                           "train_s": t1 - t0, "save_s": time.perf_counter() - t1,
-                          "saved": did_save, "committed": done})
+                          "saved": did_save, "committed": done, "local_written": local})
             if preempted:
                 ckpt.wait()
                 preempted_at = step
