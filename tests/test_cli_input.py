@@ -214,7 +214,7 @@ def test_bench_rejects_bad_input_before_writing_anything(place, args, needle):
 
 # --------------------------------------------------------------------------- help
 @pytest.mark.parametrize("command", ["drill", "launch", "train", "inspect", "verify",
-                                     "remat-plan", "bench"])
+                                     "remat-plan", "bench", "goodput"])
 def test_help_still_works(place, command):
     res = run(place, command, "--help")
     assert res.returncode == 0 and "usage: distckpt" in res.stdout, res.stderr

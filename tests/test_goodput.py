@@ -17,7 +17,8 @@ import pytest
 
 from distckpt.checkpoint.policy import young_daly_interval
 from distckpt.tools import goodput_model as gm
-from distckpt.tools.goodput import Attempt, GoodputConfig, failure_schedule, summarize
+from distckpt.tools.goodput import GoodputConfig, failure_schedule
+from distckpt.tools.goodput_report import Attempt, step_costs, summarize
 from tests.test_cli_input import ROOT, assert_one_line_error, assert_untouched, place, run
 
 __all__ = ["place"]  # the fixture, imported for the CLI cases
@@ -28,17 +29,18 @@ SCHEMA = {"tiers": list, "ettr": float, "ettr_predicted": float, "failures": int
 
 
 # --------------------------------------------------------------------------- model
-def cal(**kw) -> gm.Calibration:
+def cal(**kw) -> gm.Costs:
     base = {"step_s": 0.5, "start_s": 5.0, "restart_s": 10.0, "stall_s": 0.5,
             "commit_s": 1.0, "local_stall_s": 0.05, "local_commit_s": 0.05}
-    return gm.Calibration(**{**base, **kw})
+    return gm.Costs(**{**base, **kw})
 
 
 @pytest.mark.fast
 def test_persistent_interval_is_young_daly_of_the_stall_in_whole_steps():
     plan = gm.plan(cal(), mtbf_s=100.0, duration_s=300.0, local=False)
     assert young_daly_interval(0.5, 100.0) == 10.0
-    assert plan.save_every == 20 and plan.local_every is None and plan.tau_s == 10.0
+    assert plan.save_every == plan.restart_every == 20 and plan.local_every is None
+    assert gm.predict(cal(), plan) == gm.predict_ettr(10.0, 0.5, 1.0, 10.0, 100.0, 5.0, 300.0)
     # Never shorter than the commit latency.
     assert gm.plan(cal(stall_s=0.001, commit_s=4.0), 100.0, 300.0, local=False).save_every == 8
 
@@ -50,7 +52,10 @@ def test_multi_tier_plan_saves_locally_often_and_persistently_rarely():
     assert plan.save_every % plan.local_every == 0 and plan.save_every > plan.local_every
     rare = young_daly_interval(0.45, 100.0 * gm.PERSISTENT_MTBF_FACTOR)
     assert plan.save_every >= rare / 0.5 - plan.local_every
-    assert plan.cost_s == pytest.approx(0.05 + 0.45 * plan.local_every / plan.save_every)
+    # The persistent saves' extra stall is spread over the local intervals.
+    k, p = plan.local_every, plan.save_every
+    assert gm.predict(cal(), plan) == pytest.approx(
+        gm.predict_ettr(k * 0.5, 0.05 + 0.45 * k / p, 0.05, 10.0, 100.0, 5.0, 300.0))
     with pytest.raises(ValueError, match="local tier"):
         gm.plan(cal(local_stall_s=None), 100.0, 300.0, local=True)
 
@@ -113,7 +118,8 @@ def test_summary_counts_failures_steps_lost_and_recovery():
                  events=[{"event": "resumed", "t": t0 + 48, "step": 12, "tier": "persistent"},
                          *steps(13, 30, t0 + 50)])  # steps after t0 + 60 are left out
     plan = gm.plan(cal(step_s=1.0), mtbf_s=20.0, duration_s=60.0, local=False)
-    report = summarize("persistent", [a1, a2, a3, a4], t0, 60.0, cal(step_s=1.0), plan)
+    report = summarize("persistent", ["persistent"], [a1, a2, a3, a4], t0, 60.0,
+                       cal(step_s=3.0), plan)
     assert report.failures == report.kills_issued == 3
     assert [f["steps_lost"] for f in report.failure_log] == [2, 0, 0]
     assert report.steps_lost == 2
@@ -123,6 +129,33 @@ def test_summary_counts_failures_steps_lost_and_recovery():
     assert report.ettr == pytest.approx(23 * 1.0 / 60.0)
     assert report.restored_tiers == {"persistent": 2}
     assert report.progress[0] == [10.0, 1] and report.progress[-1] == [60.0, 23]
+    # The run's own costs: 1 s steps (not the calibration's 3 s); kill -> training again
+    # 32 - 21.5 and 50 - 39.5, less a step; the first start 10 s, less a step.
+    m = report.measured
+    assert (m["step_s"], m["restart_s"], m["start_s"]) == (1.0, 9.5, 9.0)
+    assert m["stall_s"] == 0.5  # no save measured: the calibration's
+    assert report.ettr_predicted == gm.predict(gm.Costs(**m), plan)
+    assert report.ettr_planned == gm.predict(cal(step_s=3.0), plan)
+
+
+@pytest.mark.fast
+def test_step_costs_leave_out_each_attempts_first_save_of_each_kind():
+    def attempt(saves: dict[int, float]) -> Attempt:
+        events, shift = steps(1, 12, 0.0), 0.0
+        for e in events:  # a save's stall delays its step and every later one
+            if e["step"] in saves:
+                e["saved"], e["save_s"] = True, saves[e["step"]]
+                shift += saves[e["step"]]
+            e["t"] += shift
+        events[-1]["committed"] = [[8, 0.9], [12, 0.7]]
+        events[-1]["local_written"] = [[6, 0.3], [10, 0.2]]
+        return Attempt(launched=0.0, events=events)
+
+    # Local every 2, persistent every 4: the first of each kind (2, 4) compiles.
+    got = step_costs([attempt({2: 9.0, 4: 9.0, 6: 0.1, 8: 0.5, 10: 0.1, 12: 0.7})], 4, 2)
+    assert got == {"step_s": 1.0, "stall_s": 0.6, "commit_s": 0.8, "local_stall_s": 0.1,
+                   "local_commit_s": 0.25}
+    assert step_costs([Attempt(launched=0.0)], 4, None)["stall_s"] is None
 
 
 @pytest.mark.fast
@@ -131,10 +164,10 @@ def test_a_run_counts_the_steps_gained_from_where_it_started():
     a1 = Attempt(launched=t0, ended=t0 + 5, returncode=-9, killed=(t0 + 4.0, 3))
     a2 = Attempt(launched=t0 + 5, ended=t0 + 30, returncode=124,
                  events=[{"event": "resumed", "t": t0 + 15, "step": 16, "tier": "local"},
-                         *steps(17, 20, t0 + 20)])
+                         *steps(17, 20, t0 + 20, dt=2.0)])
     c = cal(step_s=2.0)
     plan = gm.plan(c, mtbf_s=20.0, duration_s=30.0, local=True)
-    report = summarize("multi", [a1, a2], t0, 30.0, c, plan)
+    report = summarize("multi", ["local", "persistent"], [a1, a2], t0, 30.0, c, plan)
     assert (report.start_step, report.final_step, report.steps_lost) == (16, 20, 0)
     assert report.ettr == pytest.approx(4 * 2.0 / 30.0)
     assert report.failure_log[0]["restored_tier"] == "local"

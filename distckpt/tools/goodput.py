@@ -30,22 +30,7 @@ in the run's directory, filled by calibration job A), so a restart loads the com
 training step instead of compiling it again, as production jobs do; the restart cost is
 still real: process start, ``jax.distributed`` initialization, restore, loading programs.
 
-**Definitions** (times are ``time.time()`` on this one machine, shared by every process):
-
-* *Productive steps*: the step the job had reached at the deadline (the last step of the
-  last attempt; if that attempt had not restored yet, the newest step reported
-  committed, a lower bound) less the step the run started from. Work re-done after a
-  failure counts once.
-* *ETTR* (effective training time ratio): productive steps x the calibrated failure-free,
-  save-free step time, over the duration. Save stalls, slower steps, restarts, restores,
-  compiles and re-done work all lower it.
-* *Steps lost* (per failure): the last step the killed attempt reached less the step the
-  next attempt resumed from (0 for an attempt killed before it resumed: it had not
-  trained past the checkpoint it would have restored).
-* *Recovery time* (per failure): from the relaunch to the first training step after the
-  restore; a failure whose next attempt was killed before that has none.
-* *Failures*: the kills the supervisor issued and the job died of (the report also counts
-  the kills issued, which must be equal).
+The definitions of what is reported are in :mod:`distckpt.tools.goodput_report`.
 
 The multi-tier configuration passes ``--local-dir DIR/{host} --local-every K`` to the
 trainer (``CheckpointOptions.local_directory``, ``local_interval_steps``; the launcher sets
@@ -55,7 +40,6 @@ trainer (``CheckpointOptions.local_directory``, ``local_interval_steps``; the la
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -71,6 +55,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from distckpt.tools import goodput_model as model
+from distckpt.tools.goodput_report import Attempt, RunReport, step_costs, summarize
 
 PROGRESS = re.compile(r"^TRAIN (\{.*\})$")  # distckpt train --progress (train.PROGRESS_PREFIX)
 RUN_KINDS = {"persistent": ("persistent",), "multi": ("local", "persistent")}
@@ -142,40 +127,6 @@ def failure_schedule(seed: int, mtbf_s: float, duration_s: float, hosts: int
 
 
 # --------------------------------------------------------------------------- one job
-@dataclasses.dataclass
-class Attempt:
-    """One launch of the job: from its launch until it was killed, stopped or exited."""
-
-    launched: float
-    ended: float = 0.0
-    returncode: int | None = None
-    killed: tuple[float, int] | None = None
-    """(time, host) of the kill the supervisor issued in this attempt."""
-    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def steps(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == "step"]
-
-    def resumed(self) -> dict[str, Any] | None:
-        return next((e for e in self.events if e.get("event") == "resumed"), None)
-
-    def start_step(self) -> int | None:
-        """The step this attempt started training from: the one it restored, 0 for a
-        fresh start; None if it was stopped before either."""
-        resumed = self.resumed()
-        if resumed is not None:
-            return int(resumed["step"])
-        return 0 if self.steps() else None
-
-    def last_step(self) -> int | None:
-        """The newest step this attempt reached (or resumed from); None before either."""
-        steps = self.steps()
-        if steps:
-            return int(steps[-1]["step"])
-        resumed = self.resumed()
-        return None if resumed is None else int(resumed["step"])
-
-
 class Job:
     """Launches ``distckpt train`` attempts on one slice, logging to one file."""
 
@@ -287,7 +238,7 @@ def _failed(what: str, attempt: Attempt, log_path: Path) -> GoodputError:
 
 # --------------------------------------------------------------------------- calibrate
 def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_path: Path,
-              compile_cache: Path, timeout_s: float = 600.0) -> model.Calibration:
+              compile_cache: Path, timeout_s: float = 600.0) -> model.Costs:
     """The warm-up jobs A and B of one configuration (see the module docstring)."""
     local = kind == "multi"
     ckpt, local_dir = workdir / "persistent", (workdir / "local" if local else None)
@@ -295,24 +246,13 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
     job = Job(config, train_command(config, ckpt, CAL_STEPS, CAL_SAVE_EVERY, local_dir,
                                     local_every), log, compile_cache)
     a = job.attempt(time.time() + timeout_s)
-    steps = a.steps()
-    if a.returncode != 0 or len(steps) < CAL_STEPS:
+    if a.returncode != 0 or len(a.steps()) < CAL_STEPS:
         raise _failed(f"calibration job A ({kind})", a, log_path)
-    step_s = model.median([b["t"] - p["t"] - b["save_s"] for p, b in itertools.pairwise(steps)
-                           if not b["saved"]])
-    commits = {s: c for e in steps for s, c in e["committed"]}
-    # The first save of a process compiles its digests: left out of the medians.
-    both = [e for e in steps[1:] if e["saved"] and e["step"] % CAL_SAVE_EVERY == 0
-            and e["step"] > CAL_SAVE_EVERY]
-    only_local = [e for e in steps if e["saved"] and e["step"] % CAL_SAVE_EVERY
-                  and e["step"] > CAL_SAVE_EVERY]
-    stall = model.median([e["save_s"] for e in both])
-    commit = model.median([commits[e["step"]] for e in both if e["step"] in commits], stall)
-    local_stall = local_commit = None
-    if local:
-        local_stall = model.median([e["save_s"] for e in only_local])
-        written = {s: w for e in steps for s, w in e.get("local_written", [])}
-        local_commit = model.median([written.get(e["step"], e["save_s"]) for e in only_local])
+    got = step_costs([a], CAL_SAVE_EVERY, local_every)
+    step_s, stall = got["step_s"], got["stall_s"]
+    if step_s is None or stall is None or (local and got["local_stall_s"] is None):
+        raise GoodputError(f"calibration job A ({kind}) measured no steps or saves; see "
+                           f"{log_path}")
 
     # Job B: a failure of the last host, exactly as in the run, then a restart.
     replace_host(local_dir, config.hosts - 1, ckpt)
@@ -331,41 +271,13 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
     resume = max(0.0, b.steps()[0]["t"] - relaunched - step_s)
     start_s = resume  # the run's first start is such a restart, without a kill before it
     restart = teardown + resume
-    return model.Calibration(step_s=step_s, start_s=start_s, restart_s=restart,
-                             stall_s=stall, commit_s=commit, local_stall_s=local_stall,
-                             local_commit_s=local_commit, restored_tier=resumed.get("tier"))
+    local_stall = got["local_stall_s"]
+    return model.Costs(step_s=step_s, start_s=start_s, restart_s=restart, stall_s=stall,
+                       commit_s=got["commit_s"] or stall, local_stall_s=local_stall,
+                       local_commit_s=got["local_commit_s"] or local_stall)
 
 
 # --------------------------------------------------------------------------- one run
-@dataclasses.dataclass
-class RunReport:
-    """One configuration's run; the first six fields are the JSON report's schema."""
-
-    tiers: list[str]
-    ettr: float
-    ettr_predicted: float
-    failures: int
-    steps_lost: int
-    recovery_seconds_median: float | None
-    name: str = ""
-    kills_issued: int = 0
-    final_step: int = 0
-    start_step: int = 0
-    """The step the run started from (the calibration's checkpoint)."""
-    wall_seconds: float = 0.0
-    failure_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    """Per failure: at (s from start), host, steps_lost, recovery_s, restored_tier."""
-    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
-    plan: dict[str, Any] = dataclasses.field(default_factory=dict)
-    progress: list[list[float]] = dataclasses.field(default_factory=list)
-    """[seconds from start, step] of every step and restore event, in order."""
-    restored_tiers: dict[str, int] = dataclasses.field(default_factory=dict)
-    """How many restores each tier served."""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def run_one(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_path: Path,
             on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunReport:
     """Calibrate, plan, then run `kind` for the configured duration."""
@@ -374,7 +286,8 @@ def run_one(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_pa
     cal = calibrate(config, kind, workdir, log, log_path, cache)
     plan = model.plan(cal, config.mtbf_s, config.duration_s, local=local)
     if on_event is not None:
-        on_event("planned", {"calibration": cal.to_json(), "plan": plan.to_json()})
+        on_event("planned", {"calibration": cal.to_json(), "plan": plan.to_json(),
+                             "ettr_planned": model.predict(cal, plan)})
     ckpt, local_dir = workdir / "persistent", (workdir / "local" if local else None)
     job = Job(config, train_command(config, ckpt, FOREVER, plan.save_every, local_dir,
                                     plan.local_every), log, cache)
@@ -394,65 +307,7 @@ def run_one(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_pa
                                      "step": attempt.last_step()})
         elif attempt.returncode != 124:  # 124: stopped at the deadline
             raise _failed(f"the {kind} run's job", attempt, log_path)
-    return summarize(kind, attempts, t0, config.duration_s, cal, plan)
-
-
-def summarize(kind: str, attempts: Sequence[Attempt], t0: float, duration_s: float,
-              cal: model.Calibration, plan: model.Plan) -> RunReport:
-    """The report of one run from its attempts (see the module docstring's definitions)."""
-    deadline = t0 + duration_s
-    for a in attempts:  # a line printed after the deadline was not training time
-        a.events = [e for e in a.events if e["t"] <= deadline]
-    # Attempts killed before they resumed would have resumed from the same step.
-    first = next((a.start_step() for a in attempts if a.start_step() is not None), None)
-    final = _final_step(attempts, first or 0)
-    begin = final if first is None else first
-    failures, lost, recoveries = [], 0, []
-    for i, a in enumerate(attempts):
-        if a.killed is None:
-            continue
-        after = attempts[i + 1] if i + 1 < len(attempts) else None
-        # The next attempt that got going: the drop from here to its start is this
-        # failure's (attempts in between were killed before they started training).
-        going = next((b for b in attempts[i + 1:] if b.start_step() is not None), None)
-        start = final if going is None else going.start_step()
-        reached = a.last_step()
-        this_lost = 0 if reached is None or start is None else max(0, reached - start)
-        trained = after.steps()[0] if after is not None and after.steps() else None
-        recovery = None if trained is None or after is None else trained["t"] - after.launched
-        lost += this_lost
-        if recovery is not None:
-            recoveries.append(recovery)
-        resumed = None if after is None else after.resumed()
-        failures.append({"at": a.killed[0] - t0, "host": a.killed[1], "step": reached,
-                         "steps_lost": this_lost, "recovery_s": recovery,
-                         "restored_tier": None if resumed is None else resumed.get("tier")})
-    tiers: dict[str, int] = {}
-    progress: list[list[float]] = []
-    for a in attempts:
-        for e in a.events:
-            if e.get("event") == "resumed":
-                tiers[e.get("tier", "?")] = tiers.get(e.get("tier", "?"), 0) + 1
-            if e.get("event") in ("step", "resumed"):
-                progress.append([round(e["t"] - t0, 3), int(e["step"])])
-    return RunReport(
-        tiers=list(RUN_KINDS[kind]), ettr=(final - begin) * cal.step_s / duration_s,
-        ettr_predicted=plan.ettr_predicted, failures=len(failures), steps_lost=lost,
-        recovery_seconds_median=model.median(recoveries) if recoveries else None, name=kind,
-        kills_issued=sum(a.killed is not None for a in attempts), final_step=final,
-        start_step=begin,
-        wall_seconds=(attempts[-1].ended - t0) if attempts else 0.0, failure_log=failures,
-        calibration=cal.to_json(), plan=plan.to_json(), progress=progress,
-        restored_tiers=tiers)
-
-
-def _final_step(attempts: Sequence[Attempt], begin: int) -> int:
-    """The step the job had reached at the deadline (see the definitions)."""
-    last = attempts[-1].last_step() if attempts else None
-    if last is not None:
-        return last
-    durable = [int(s) for a in attempts for e in a.steps() for s, _ in e["committed"]]
-    return max(durable, default=begin)
+    return summarize(kind, RUN_KINDS[kind], attempts, t0, config.duration_s, cal, plan)
 
 
 # --------------------------------------------------------------------------- all runs

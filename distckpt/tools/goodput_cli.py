@@ -142,7 +142,7 @@ def _print_event(kind: str, fields: dict[str, Any]) -> None:
         print(f"  step {cal['step_s']:.3f}s, start {cal['start_s']:.1f}s, restart "
               f"{cal['restart_s']:.1f}s, save stall {cal['stall_s']:.3f}s commit "
               f"{cal['commit_s']:.3f}s{local}; persistent save every {plan['save_every']} "
-              f"steps; predicted ETTR {plan['ettr_predicted']:.3f}; running", flush=True)
+              f"steps; planned ETTR {fields['ettr_planned']:.3f}; running", flush=True)
     elif kind == "failure":
         print(f"  failure at {fields['at']:.1f}s: host {fields['host']} killed at step "
               f"{fields['step']}", flush=True)
@@ -153,19 +153,22 @@ def _print_table(reports) -> None:
     from rich.table import Table
 
     table = Table(title="goodput under injected failures", header_style="bold")
-    for column in ("run", "ETTR", "predicted", "failures", "steps lost",
-                   "recovery (median)", "final step", "restores by tier"):
+    for column in ("run", "ETTR", "predicted", "planned", "failures", "steps lost",
+                   "recovery (median)", "step", "restores by tier"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for r in reports:
         recovery = r.recovery_seconds_median
         table.add_row(NAMES[r.name], f"{r.ettr:.3f}", f"{r.ettr_predicted:.3f}",
-                      f"{r.failures} ({r.kills_issued} kills)", str(r.steps_lost),
-                      "-" if recovery is None else f"{recovery:.1f}s", str(r.final_step),
+                      f"{r.ettr_planned:.3f}", f"{r.failures} ({r.kills_issued} kills)",
+                      str(r.steps_lost), "-" if recovery is None else f"{recovery:.1f}s",
+                      f"{r.start_step} -> {r.final_step}",
                       ", ".join(f"{k} {v}" for k, v in sorted(r.restored_tiers.items())) or "-")
     console = Console(highlight=False)
     if not console.is_terminal:
         console.width = 160
     console.print(table)
+    print("ETTR: productive steps x the run's step time / wall time; predicted: Daly's model "
+          "with the run's measured costs; planned: with the calibration's (docs/goodput.md)")
 
 
 def write_png(report: dict[str, Any], path: str) -> None:
@@ -182,7 +185,7 @@ def write_png(report: dict[str, Any], path: str) -> None:
         ts = [p[0] for p in run["progress"]]
         steps = [p[1] for p in run["progress"]]
         ax.plot(ts, steps, drawstyle="steps-post", linewidth=1.2, label="step reached")
-        step_s, begin = run["calibration"]["step_s"], run["start_step"]
+        step_s, begin = run["measured"]["step_s"], run["start_step"]
         ax.plot([0, report["duration_s"]], [begin, begin + report["duration_s"] / step_s],
                 linestyle=":", color="grey", linewidth=1, label="failure-free")
         for i, f in enumerate(run["failure_log"]):

@@ -1,7 +1,8 @@
 """What ``distckpt goodput`` predicts: checkpoint intervals and ETTR from measured costs.
 
-Everything here is arithmetic on a :class:`Calibration` (what a short warm-up job measured)
-and the MTBF; the formulas are :mod:`distckpt.checkpoint.policy`'s, not new ones.
+Everything here is arithmetic on :class:`Costs` (measured by short warm-up jobs to
+:func:`plan` a run's intervals, and in the run itself to :func:`predict` its ETTR) and the
+MTBF; the formulas are :mod:`distckpt.checkpoint.policy`'s, not new ones.
 
 **Interval.** Saves are asynchronous: a save blocks training for its *stall* ``C`` and
 its step becomes usable (committed) ``L`` seconds after the save began. Between saves
@@ -27,11 +28,15 @@ interval is ``C_local + (C_both - C_local) * K/P`` (``K``, ``P``: the intervals 
 :func:`~distckpt.checkpoint.policy.expected_loss_fraction`) with the interval ``tau``, the
 stall ``C``, the MTBF and the restart ``R + L`` (the commit latency is lost work at every
 failure, like the restart), times the fraction of the run left after the job's first
-(cold) start, which the steady-state model does not include::
+start ``S``, which the steady-state model does not include::
 
     ETTR = (1 - S/T) * (1 - expected_loss_fraction(tau, C, M, R + L))
 
-To first order this is ``1 - S/T - C/tau - (tau/2 + L + R)/M``.
+To first order this is ``1 - S/T - C/tau - (tau/2 + L + R)/M``. The run's report gives it
+twice: *planned*, from the calibration's costs (what the plan expected), and *predicted*,
+from the costs measured in the run itself (the same intervals): on a shared machine
+steps, saves and restarts can be slower during the run than during the calibration, and
+the model is checked against the costs the run actually had.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ the local tier too (host and peer copy); see the module docstring."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Calibration:
-    """What the warm-up jobs of one run measured, in seconds."""
+class Costs:
+    """What a job's steps, saves and restarts cost, in seconds: measured by the warm-up
+    jobs (to plan a run) or in the run itself (to predict its ETTR)."""
 
     step_s: float
     """Failure-free, save-free time of one training step (median)."""
@@ -71,31 +77,25 @@ class Calibration:
     local_commit_s: float | None = None
     """Median time from such a save's start until its own and its peer copy are written
     (the primary host's; its stall where none was reported)."""
-    restored_tier: str | None = None
-    """The tier the calibration's restore used."""
-
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A run's checkpoint intervals and the ETTR the model predicts for them."""
+    """A run's checkpoint intervals, chosen from its calibration before it starts."""
 
     save_every: int
     """Persistent save interval, in steps."""
     local_every: int | None
     """Local-tier save interval, in steps (None: persistent only)."""
-    tau_s: float
-    """Work between the saves a restart comes back from (the local ones with the local
-    tier), in seconds: the interval in steps times the step time."""
-    cost_s: float
-    """Stall charged to each such interval."""
-    latency_s: float
-    """Commit latency of those saves."""
-    ettr_predicted: float
     mtbf_s: float
     duration_s: float
+
+    @property
+    def restart_every(self) -> int:
+        """Steps between the saves a restart comes back from (the local ones, if any)."""
+        return self.local_every or self.save_every
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,27 +143,34 @@ def predict_ettr(tau_s: float, cost_s: float, latency_s: float, restart_s: float
     return max(0.0, 1.0 - start_s / duration_s) * (1.0 - lost)
 
 
-def plan(cal: Calibration, mtbf_s: float, duration_s: float, *, local: bool) -> Plan:
-    """The intervals of a run from its calibration, and the ETTR they should give."""
-    persistent_tau = interval_s(cal.stall_s, cal.commit_s, mtbf_s)
+def plan(costs: Costs, mtbf_s: float, duration_s: float, *, local: bool) -> Plan:
+    """The intervals of a run from its calibration's costs (see the module docstring)."""
     if not local:
-        every = steps_for(persistent_tau, cal.step_s)
-        tau = every * cal.step_s
-        return Plan(save_every=every, local_every=None, tau_s=tau, cost_s=cal.stall_s,
-                    latency_s=cal.commit_s, mtbf_s=mtbf_s, duration_s=duration_s,
-                    ettr_predicted=predict_ettr(tau, cal.stall_s, cal.commit_s,
-                                                cal.restart_s, mtbf_s, cal.start_s,
-                                                duration_s))
-    if cal.local_stall_s is None or cal.local_commit_s is None:
+        every = steps_for(interval_s(costs.stall_s, costs.commit_s, mtbf_s), costs.step_s)
+        return Plan(save_every=every, local_every=None, mtbf_s=mtbf_s, duration_s=duration_s)
+    if costs.local_stall_s is None or costs.local_commit_s is None:
         raise ValueError("a multi-tier plan needs the local tier's measured costs")
-    local_every = steps_for(interval_s(cal.local_stall_s, cal.local_commit_s, mtbf_s),
-                            cal.step_s)
-    extra = max(0.0, cal.stall_s - cal.local_stall_s)
-    rare = interval_s(extra, cal.commit_s, mtbf_s * PERSISTENT_MTBF_FACTOR)
-    save_every = local_every * max(1, math.ceil(steps_for(rare, cal.step_s) / local_every))
-    tau = local_every * cal.step_s
-    cost = cal.local_stall_s + extra * local_every / save_every
-    return Plan(save_every=save_every, local_every=local_every, tau_s=tau, cost_s=cost,
-                latency_s=cal.local_commit_s, mtbf_s=mtbf_s, duration_s=duration_s,
-                ettr_predicted=predict_ettr(tau, cost, cal.local_commit_s, cal.restart_s,
-                                            mtbf_s, cal.start_s, duration_s))
+    local_every = steps_for(interval_s(costs.local_stall_s, costs.local_commit_s, mtbf_s),
+                            costs.step_s)
+    extra = max(0.0, costs.stall_s - costs.local_stall_s)
+    rare = interval_s(extra, costs.commit_s, mtbf_s * PERSISTENT_MTBF_FACTOR)
+    save_every = local_every * max(1, math.ceil(steps_for(rare, costs.step_s) / local_every))
+    return Plan(save_every=save_every, local_every=local_every, mtbf_s=mtbf_s,
+                duration_s=duration_s)
+
+
+def predict(costs: Costs, plan: Plan) -> float:
+    """The ETTR Daly's model expects of `plan`'s intervals at these costs: the interval
+    ``tau`` is the restart interval in steps times the step time; with the local tier the
+    stall per interval is the local one plus the persistent saves' extra, spread."""
+    tau = plan.restart_every * costs.step_s
+    if plan.local_every is None:
+        cost, latency = costs.stall_s, costs.commit_s
+    else:
+        if costs.local_stall_s is None or costs.local_commit_s is None:
+            raise ValueError("a multi-tier prediction needs the local tier's measured costs")
+        extra = max(0.0, costs.stall_s - costs.local_stall_s)
+        cost = costs.local_stall_s + extra * plan.local_every / plan.save_every
+        latency = costs.local_commit_s
+    return predict_ettr(tau, cost, latency, costs.restart_s, plan.mtbf_s, costs.start_s,
+                        plan.duration_s)
