@@ -11,26 +11,27 @@ copy, plus the persistent one) the supervisor:
    latency, the start of the job (B's launch until it trains), and the restart (kill ->
    torn down -> host replaced -> relaunched -> restored -> training again).
    :mod:`distckpt.tools.goodput_model` turns these into the checkpoint intervals
-   (Young/Daly) and the predicted ETTR.
+   (Young/Daly) and the ETTR the plan expects.
 2. **Runs** the job for exactly ``duration`` seconds of wall time under failures, in the
    same directories, so its first start is a restart from the calibration's checkpoint
-   like every later one (the start-up of a job is then the calibrated one, and the
-   productive steps are those gained during the run): the failure times are exponential with mean ``mtbf`` (a Poisson process over
-   the whole wall time: a failure may hit a starting or restoring job, as in Daly's
-   model), each on a host drawn uniformly, all from ``seed``; both configurations get
-   the same schedule. A failure SIGKILLs that host's process group; the launcher stops
-   the others at once (SIGTERM then SIGKILL, no grace: a peer of a dead host cannot save);
-   the supervisor wipes the dead host's local tier (a replaced machine), evicts the
-   persistent tier from the page cache (a new host has nothing cached) and relaunches the
-   whole job, which restores the newest step any tier holds, as a cluster scheduler would.
-   At the deadline the job is stopped the same way.
+   like every later one (productive steps are those gained during the run). Failure
+   times are exponential with mean ``mtbf`` (a Poisson process over the whole wall time:
+   a failure may hit a starting or restoring job, as in Daly's model), each on a host
+   drawn uniformly, all from ``seed``; both configurations get the same schedule. A
+   failure SIGKILLs that host's process group; the launcher stops the others at once
+   (SIGTERM then SIGKILL, no grace: a peer of a dead host cannot save); the supervisor
+   wipes the dead host's local tier (a replaced machine), evicts the persistent tier from
+   the page cache (a new host has nothing cached) and relaunches the whole job, which
+   restores the newest step any tier holds, as a cluster scheduler would. At the
+   deadline the job is stopped the same way.
 
 Every job of a run shares a JAX persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``
 in the run's directory, filled by calibration job A), so a restart loads the compiled
 training step instead of compiling it again, as production jobs do; the restart cost is
 still real: process start, ``jax.distributed`` initialization, restore, loading programs.
 
-The definitions of what is reported are in :mod:`distckpt.tools.goodput_report`.
+What is reported (ETTR, steps lost, recovery time, the costs measured in the run and the
+ETTR predicted from them) is defined in :mod:`distckpt.tools.goodput_report`.
 
 The multi-tier configuration passes ``--local-dir DIR/{host} --local-every K`` to the
 trainer (``CheckpointOptions.local_directory``, ``local_interval_steps``; the launcher sets
