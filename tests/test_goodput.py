@@ -245,18 +245,7 @@ def test_persistent_run_under_failures(tmp_path):
     assert "seed 4" in res.stdout and "persistent-only" in res.stdout
 
 
-def _has_local_tier() -> bool:
-    import dataclasses
-
-    from distckpt.checkpoint.options import CheckpointOptions
-
-    return "local_directory" in {f.name for f in dataclasses.fields(CheckpointOptions)}
-
-
 @pytest.mark.multiprocess
-@pytest.mark.skipif(not _has_local_tier(),
-                    reason="multi-tier checkpointing (CheckpointOptions.local_directory) is "
-                    "not on main yet")
 def test_multi_tier_run_restores_from_the_local_tier(tmp_path):
     _, report = _goodput(tmp_path, "--duration", "25s", "--mtbf", "10s", "--seed", "4",
                          "--runs", "multi")
