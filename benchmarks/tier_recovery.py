@@ -39,7 +39,7 @@ def worker(phase: str, ckpt: str, local: str, size_mib: int, out: str) -> None:
 
     import distckpt
 
-    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"))
+    logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"), force=True)
     distckpt.initialize()
     mesh = distckpt.make_mesh(f"fsdp={jax.device_count()}")
     sharding = NamedSharding(mesh, PartitionSpec("fsdp"))
