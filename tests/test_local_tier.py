@@ -226,3 +226,16 @@ def test_should_save_counts_the_local_interval(tmp_path):
                                          local_directory=str(tmp_path / "local"))
     with distckpt.CheckpointService(str(tmp_path / "ckpt"), options) as svc:
         assert [s for s in range(1, 13) if svc.should_save(s)] == [3, 6, 9, 10, 12]
+
+
+def test_plan_restore_of_the_local_tier(tmp_path):
+    from distckpt.tools.plan import plan_restore
+
+    svc, _, target = _save_two_steps(tmp_path)
+    with pytest.raises(ValueError, match="only the field"):
+        plan_restore(tmp_path / "ckpt", "1x8", local_directory=str(tmp_path / "{oops}"))
+    plan = plan_restore(tmp_path / "ckpt", "1x8", local_directory=str(tmp_path / "local"))
+    assert plan.step == 3 and [h.tier for h in plan.hosts] == ["local"]
+    restored = svc.restore(target)
+    svc.close()
+    assert restored.step == 3 and restored.read_bytes == plan.hosts[0].bytes > 0

@@ -75,11 +75,11 @@ def machine_name() -> str:
     return os.environ.get("DISTCKPT_HOST") or socket.gethostname()
 
 
-def expand(template: str) -> Path:
-    """A local_directory template with ``{host}`` replaced by :func:`machine_name`,
-    resolved against the working directory."""
+def expand(template: str, host: str | None = None) -> Path:
+    """A local_directory template with ``{host}`` replaced by `host` (default
+    :func:`machine_name`), resolved against the working directory."""
     try:
-        text = template.format(host=machine_name())
+        text = template.format(host=machine_name() if host is None else host)
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"local_directory {template!r} may use only the field {{host}}; "
                          f"got {e}") from e

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -177,17 +176,18 @@ def _plan_local(directory: epath.PathLike | storage.Location, slice_: SliceSpec,
                 read_gbps: float | None, memory_mb: int) -> RestorePlan | None:
     """The local tier's plan (None: the restore would read the persistent tier)."""
     from distckpt.checkpoint.local_restore import choose
-    from distckpt.checkpoint.local_tier import RECORD, LocalDir
+    from distckpt.checkpoint.local_tier import RECORD, LocalDir, expand
     from distckpt.checkpoint.service import JOB_FILE
 
     names = list(host_names) if host_names else [f"host{i}" for i in range(slice_.hosts)]
     if len(names) != slice_.hosts:
         raise ValueError(f"{len(names)} host names for a slice of {slice_.hosts} hosts")
+    expand(template, names[0])  # a bad template is a ValueError before anything is read
     _, path = storage.open_directory(directory)
     job_file = path / JOB_FILE
     if not job_file.exists():
         return None  # no local tier was ever used with this directory
-    roots = [Path(os.path.abspath(os.path.expanduser(template.format(host=n)))) for n in names]
+    roots = [expand(template, n) for n in names]
     inventories = [LocalDir.peek(root) for root in roots]
     steps = committed.committed_steps(path)
     job = {"process_count": slice_.hosts, "devices_per_process": slice_.devices,
