@@ -26,7 +26,7 @@ safety net, and a restore only ever uses copies whose records and digests check 
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import threading
 import time
@@ -87,16 +87,24 @@ def stage(leaves: Sequence[nnx_state.Leaf], private: bool = False) -> dict[str, 
     return out
 
 
+@functools.cache
+def _local_indices() -> dict[jax.Device, list[int]]:
+    """[process index, index among that process's devices] of every device (by id)."""
+    seen: dict[int, int] = {}
+    out: dict[jax.Device, list[int]] = {}
+    for d in sorted(jax.devices(), key=lambda d: d.id):
+        out[d] = [d.process_index, seen.get(d.process_index, 0)]
+        seen[d.process_index] = out[d][1] + 1
+    return out
+
+
 def sharding_record(sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
     """A NamedSharding as JSON: the mesh as (process index, local device index) per
     position, its axis names and the spec (None for other shardings)."""
     if not isinstance(sharding, NamedSharding):
         return None
-    local: dict[jax.Device, list[int]] = {}
-    for d in sorted(jax.devices(), key=lambda d: d.id):
-        local[d] = [d.process_index, sum(1 for e in local if e.process_index == d.process_index)]
-    grid = np.vectorize(lambda d: json.dumps(local[d]), otypes=[object])(sharding.mesh.devices)
-    return {"mesh": [json.loads(c) for c in grid.ravel()],
+    local = _local_indices()
+    return {"mesh": [local[d] for d in sharding.mesh.devices.ravel()],
             "mesh_shape": list(sharding.mesh.devices.shape),
             "axes": [str(a) for a in sharding.mesh.axis_names],
             "spec": [list(a) if isinstance(a, tuple) else a for a in sharding.spec]}
@@ -163,10 +171,14 @@ class LocalTier:
                     seal(s)
             n, me, step = jax.process_count(), jax.process_index(), copy.step
             self._fault(FaultPoint.LOCAL_STAGED, step)
+            offer_error: Exception | None = None
             if self.peer_copies:
                 arrays = [s.data for leaf in copy.leaves.values() for s in leaf["shards"]]
-                self.link.offer(self._key(seq, me), arrays,
-                                meta=copy.record(_names(copy)))
+                try:  # the own copy is written whatever happens to the peer's
+                    self.link.offer(self._key(seq, me), arrays,
+                                    meta=copy.record(_names(copy)))
+                except Exception as e:
+                    offer_error = e
             self._fault(FaultPoint.LOCAL_OFFERED, step)
             after_file = lambda: self._fault(FaultPoint.LOCAL_FILE, step)  # noqa: E731
             self.dir.write(copy, after_file=after_file)
@@ -181,6 +193,9 @@ class LocalTier:
                 self.dir.write(peer, f"peer-{peer.owner}", after_file=after_file)
                 self._fault(FaultPoint.LOCAL_PEER_WRITTEN, step)
             self.dir.retain(self.options.local_max_to_keep)
+            if offer_error is not None:
+                raise RuntimeError(f"offering this host's shards to its peer failed: "
+                                   f"{offer_error}") from offer_error
             self.saved.append((copy.step, time.perf_counter() - t0))
         except Exception as e:  # never stops training: the persistent tier is the safety net
             logger.warning("[process=%d] local save of step %d did not complete: %s",
