@@ -37,6 +37,7 @@ def test_default_drill_verifies(tmp_path):
     assert "verified" in res.stdout
 
 
+@pytest.mark.slow  # the default suite stays under 15 minutes; CI runs it
 def test_drill_onto_one_host(tmp_path):
     res, report = _drill(tmp_path, "--from", "4x2", "--to", "1x4", "--steps", "4",
                          "--save-every", "2")

@@ -245,6 +245,7 @@ def test_persistent_run_under_failures(tmp_path):
     assert "seed 4" in res.stdout and "persistent-only" in res.stdout
 
 
+@pytest.mark.slow  # ~60 s on 2 cores; the default suite stays under 15 minutes
 @pytest.mark.multiprocess
 def test_multi_tier_run_restores_from_the_local_tier(tmp_path):
     _, report = _goodput(tmp_path, "--duration", "25s", "--mtbf", "10s", "--seed", "4",

@@ -248,6 +248,7 @@ def test_recomputing_row_parallel_projections_re_runs_their_all_reduce(measured)
     assert choice.plan.name == "save_out_proj"
 
 
+@pytest.mark.slow  # the default suite stays under 15 minutes; CI runs it
 def test_selector_sweep_picks_a_fitting_plan_with_the_least_flops(measured):
     """Budgets between adjacent presets' measured bytes; recompute priced by FLOPs alone.
 

@@ -160,10 +160,6 @@ def _crash_then_restore(tmp_path: Path, point: FaultPoint) -> None:
     assert all(r["verified"] for r in got)
 
 
-def test_killed_while_writing_a_local_copy_ends_on_a_verified_step(tmp_path):
-    _crash_then_restore(tmp_path, FaultPoint.LOCAL_FILE)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("point", LOCAL_POINTS, ids=[p.value for p in LOCAL_POINTS])
 def test_killed_at_every_point_of_a_local_save(tmp_path, point):
