@@ -94,6 +94,7 @@ def test_drill_fault_needs_two_saves(tmp_path):
     assert res.returncode == 2 and "needs two saves" in res.stderr and report is None
 
 
+@pytest.mark.slow  # the default suite stays under 15 minutes; CI runs it
 def test_drill_lose_host_with_a_local_tier_loses_nothing(tmp_path):
     """A host is SIGKILLed after its last step and comes back with an empty local tier:
     it gets its shards from its peer's copy, the others read their own; bit-exact."""

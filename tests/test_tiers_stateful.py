@@ -163,6 +163,6 @@ class Tiers(RuleBasedStateMachine):
 def test_tiers_state_machine():
     print(f"DISTCKPT_HYPOTHESIS_SEED={SEED}")
     run_state_machine_as_test(seed(SEED)(Tiers), settings=settings(
-        max_examples=20, stateful_step_count=15, deadline=None, derandomize=True,
+        max_examples=12, stateful_step_count=15, deadline=None, derandomize=True,
         database=None, print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]))
