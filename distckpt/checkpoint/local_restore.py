@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distckpt.checkpoint import peers
 from distckpt.checkpoint.local_save import LocalTier, _from_note
-from distckpt.checkpoint.local_tier import Copy
+from distckpt.checkpoint.local_tier import Copy, box_of
 from distckpt.checkpoint.target import check_target
 from distckpt.multihost import coordinator
 from distckpt.state import nnx_state
@@ -154,7 +154,7 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
                 held = tier.dir.read_copy(s, src[2], check=False)  # the receiver checks
                 read_bytes += held.nbytes
                 arrays = [sh.data for leaf in held.leaves.values() for sh in leaf["shards"]]
-                tier.link.offer(_key(tier, key, f), arrays, meta=held.record(_files(held)))
+                tier.link.offer(_key(tier, key, f), arrays, meta=held.offer_record())
         src = sources[me]
         if src[0] == "fetch":
             note = tier.link.note(_key(tier, key, me))
@@ -184,9 +184,8 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
                        me, s, why)
         return f"local copies: {why}"
     assert copy is not None
-    values = {leaf.name: nnx_state.rebuild_value(
-        leaf, _assemble(leaf, copy.leaves[leaf.name], buffers[leaf.name], roles))
-        for leaf in wanted}
+    values = {leaf.name: nnx_state.rebuild_value(leaf, _assemble(leaf, *buffers[leaf.name]))
+              for leaf in wanted}
     jax.block_until_ready(list(values.values()))
     marks.append(("assembled", time.perf_counter()))
     logger.info("[process=%d] local restore of step %d: %s", me, s, ", ".join(
@@ -200,11 +199,6 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
 
 def _key(tier: LocalTier, attempt: str, process: int) -> str:
     return peers.exchange_key(tier.nonce, "restore", attempt, process)
-
-
-def _files(copy: Copy) -> dict[tuple[str, int], tuple[str, int]]:
-    return {(name, k): (str(k), s.data.nbytes if s.data is not None else 0)
-            for name, leaf in copy.leaves.items() for k, s in enumerate(leaf["shards"])}
 
 
 def _devices_by_process() -> dict[int, list[jax.Device]]:
@@ -245,8 +239,9 @@ def _find(by_box: Mapping[tuple[tuple[int, int], ...], np.ndarray],
 
 
 def _buffers(leaf: nnx_state.Leaf, copy: Copy, roles: Sequence[int | None]
-             ) -> list[tuple[jax.Device, np.ndarray]]:
-    """(device, host data) for each of this process's devices in the source sharding."""
+             ) -> tuple[jax.sharding.Sharding, list[tuple[jax.Device, np.ndarray]]]:
+    """The source sharding, and (device, host data) for each of this process's devices in
+    it."""
     target = nnx_state.target_of(leaf)
     saved = copy.leaves[leaf.name]
     if tuple(saved["shape"]) != tuple(target.shape):
@@ -256,20 +251,17 @@ def _buffers(leaf: nnx_state.Leaf, copy: Copy, roles: Sequence[int | None]
     out = []
     for device, index in sharding.addressable_devices_indices_map(target.shape).items():
         assert index is not None
-        box = tuple((sl.start or 0, n if sl.stop is None else sl.stop)
-                    for sl, n in zip(index, target.shape, strict=True))
+        box = box_of(index, target.shape)
         data = _find(by_box, box)
         if data is None:
             raise ValueError(f"{leaf.name}: the local copy has no shard {[list(b) for b in box]}")
         out.append((device, data))
-    return out
+    return sharding, out
 
 
-def _assemble(leaf: nnx_state.Leaf, saved: Mapping[str, Any],
-              buffers: list[tuple[jax.Device, np.ndarray]], roles: Sequence[int | None]
-              ) -> jax.Array:
+def _assemble(leaf: nnx_state.Leaf, sharding: jax.sharding.Sharding,
+              buffers: list[tuple[jax.Device, np.ndarray]]) -> jax.Array:
     target = nnx_state.target_of(leaf)
-    sharding = _source(saved, target.sharding, roles)
     arrays = [jax.device_put(data, device) for device, data in buffers]
     array = jax.make_array_from_single_device_arrays(target.shape, sharding, arrays)
     if sharding != target.sharding:

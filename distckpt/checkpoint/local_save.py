@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from distckpt.checkpoint import peers
-from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, check_shard, expand, seal
+from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, box_of, check_shard, expand, seal
 from distckpt.checkpoint.options import CheckpointOptions
 from distckpt.multihost import coordinator
 from distckpt.state import nnx_state
@@ -47,11 +47,6 @@ from distckpt.state.process_state import FaultPoint
 logger = logging.getLogger(__name__)
 
 __all__ = ["LocalTier", "stage"]
-
-
-def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((s.start or 0, n if s.stop is None else s.stop)
-                 for s, n in zip(index, shape, strict=True))
 
 
 def stage(leaves: Sequence[nnx_state.Leaf], private: bool = False) -> dict[str, dict[str, Any]]:
@@ -70,7 +65,7 @@ def stage(leaves: Sequence[nnx_state.Leaf], private: bool = False) -> dict[str, 
         shape = tuple(value.shape)
         by_box: dict[tuple[tuple[int, int], ...], Shard] = {}
         for shard in value.addressable_shards:
-            box = _box(shard.index, shape)
+            box = box_of(shard.index, shape)
             if box in by_box:
                 by_box[box].devices += (local[shard.device],)
                 continue
@@ -176,7 +171,7 @@ class LocalTier:
                 arrays = [s.data for leaf in copy.leaves.values() for s in leaf["shards"]]
                 try:  # the own copy is written whatever happens to the peer's
                     self.link.offer(self._key(seq, me), arrays,
-                                    meta=copy.record(_names(copy)))
+                                    meta=copy.offer_record())
                 except Exception as e:
                     offer_error = e
             self._fault(FaultPoint.LOCAL_OFFERED, step)
@@ -214,11 +209,6 @@ class LocalTier:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-
-def _names(copy: Copy) -> dict[tuple[str, int], tuple[str, int]]:
-    return {(name, k): (f"{k}", s.data.nbytes if s.data is not None else 0)
-            for name, leaf in copy.leaves.items() for k, s in enumerate(leaf["shards"])}
 
 
 def _from_note(meta: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> Copy:

@@ -58,7 +58,7 @@ from distckpt.state import digest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "Copy", "LocalDir", "Shard", "expand", "machine_name"]
+__all__ = ["FORMAT", "Copy", "LocalDir", "Shard", "box_of", "expand", "machine_name"]
 
 FORMAT = "distckpt-local/1"
 RECORD = "record.json"
@@ -138,6 +138,12 @@ class Copy:
         return {"format": FORMAT, "step": self.step, "role": self.role, "owner": self.owner,
                 "job": self.job, "leaves": leaves, **self.extra}
 
+    def offer_record(self) -> dict[str, Any]:
+        """The record of this copy's shards as they travel to a peer (files by index)."""
+        return self.record({(name, k): (str(k), s.data.nbytes if s.data is not None else 0)
+                            for name, leaf in self.leaves.items()
+                            for k, s in enumerate(leaf["shards"])})
+
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Copy:
         if rec.get("format") != FORMAT:
@@ -159,6 +165,12 @@ class Copy:
     def nbytes(self) -> int:
         return sum(s.data.nbytes for leaf in self.leaves.values() for s in leaf["shards"]
                    if s.data is not None)
+
+
+def box_of(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """A shard's index (slices of the global array) as [start, stop) per dimension."""
+    return tuple((s.start or 0, n if s.stop is None else s.stop)
+                 for s, n in zip(index, shape, strict=True))
 
 
 def _safe(name: str) -> str:
