@@ -40,7 +40,7 @@ def run(workdir: Path, phase: str, hosts: int, devices: int, *args: str,
     buf = io.StringIO()
     result = launch([sys.executable, WORKER, phase, str(out), "--dir", str(workdir / "ckpt"),
                      "--local", str(workdir / "local" / "{host}"), *args], hosts, devices,
-                    out=buf, timeout_s=240, forward_signals=False, process_ids=process_ids,
+                    out=buf, timeout_s=600, forward_signals=False, process_ids=process_ids,
                     env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == expect_rc, buf.getvalue()[-6000:]
     return buf.getvalue()

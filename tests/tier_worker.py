@@ -32,7 +32,7 @@ from tests.mp_worker import factory, fingerprint, train_step  # noqa: E402
 def options(a, **kw) -> distckpt.CheckpointOptions:
     return distckpt.CheckpointOptions(
         max_to_keep=None, save_interval_steps=a.persist_every, local_directory=a.local,
-        local_interval_steps=1, local_timeout_s=60, timeout_s=120, **kw)
+        local_interval_steps=1, local_timeout_s=300, timeout_s=300, **kw)
 
 
 def kill_hook(a):
