@@ -434,6 +434,83 @@ def scenario_decisions(a) -> None:
     mine(a.out, got)
 
 
+def scenario_gathers(a) -> None:
+    """Many gathers back to back, under one name and under alternating names, and from
+    two threads at once: every process gets every value of every gather, fresh."""
+    import threading
+
+    from distckpt.multihost import coordinator
+
+    distckpt.initialize()
+    me = jax.process_index()
+    got = {"same": [], "alternating": [], "thread": []}
+    for i in range(a.steps):
+        got["same"].append(coordinator.all_gather("test:same", [i, me]))
+        got["alternating"].append(coordinator.all_gather(f"test:alt{i % 2}", [i, me]))
+
+    def other() -> None:
+        for i in range(a.steps):
+            got["thread"].append(coordinator.all_gather("test:thread", [i, me]))
+
+    t = threading.Thread(target=other)
+    t.start()
+    for i in range(a.steps):
+        coordinator.all_gather("test:main", [i, me])
+    t.join()
+    mine(a.out, got)
+
+
+def scenario_peers(a) -> None:
+    """Process 0 offers copies to process 1 over the transfer server, in several groups
+    (zero-size shards among them); process 1 pulls and checks them: an intact copy comes
+    back bit for bit, a copy with one byte changed after its CRC was taken is refused."""
+    from distckpt.checkpoint import local_save, peers
+    from distckpt.checkpoint.local_tier import Copy, Shard, seal
+
+    distckpt.initialize()
+    peers.GROUP_BYTES = 3000  # many groups from small shards
+    rng = np.random.default_rng(a.steps)
+    shapes = [(100, 7), (0, 3), (1000,), (5, 0), (33, 33), (1,), (2000,)]
+    datas = [rng.integers(0, 256, s, dtype=np.uint8).astype(np.float32) for s in shapes]
+
+    def copy_of(flip: int | None) -> Copy:
+        leaves = {}
+        for k, d in enumerate(datas):
+            s = Shard(tuple((0, n) for n in d.shape), (0,), d.copy())
+            seal(s)
+            if flip == k:
+                s.data.reshape(-1)[s.data.size // 2] += 1
+            leaves[f"leaf{k}"] = {"shape": d.shape, "dtype": "float32", "sharding": None,
+                                  "shards": [s]}
+        return Copy(step=3, role=0, owner="host-a", job={"n": 1}, leaves=leaves, extra={})
+
+    link = peers.PeerLink(None, 60.0)
+    out = {}
+    for case, flip in (("intact", None), ("flipped", 4)):
+        key = f"test-peers-{case}"
+        if jax.process_index() == 0:
+            c = copy_of(flip)
+            link.offer(key, [s.data for leaf in c.leaves.values() for s in leaf["shards"]],
+                       meta=c.offer_record())
+        else:
+            note = link.note(key)
+            try:
+                got = local_save.pull_copy(link, note)
+                out[case] = {"groups": len(note["groups"]), "equal": [
+                    bool(np.array_equal(got.leaves[f"leaf{k}"]["shards"][0].data, d))
+                    for k, d in enumerate(datas)]}
+            except ValueError as e:
+                out[case] = {"groups": len(note["groups"]), "error": str(e)}
+        coordinator_barrier(f"peers:{case}")
+    mine(a.out, out)
+
+
+def coordinator_barrier(name: str) -> None:
+    from distckpt.multihost import coordinator
+
+    coordinator.barrier(name, 60.0)
+
+
 def _global_bytes(value) -> bytes:
     """The whole array's bytes (key arrays: their key data), on every process."""
     from jax.experimental import multihost_utils

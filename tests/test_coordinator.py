@@ -28,6 +28,22 @@ def test_barrier_timeout_names_missing_process(tmp_path, run_hosts):
 
 
 @pytest.mark.multiprocess
+def test_gathers_back_to_back_get_every_value_fresh(tmp_path, run_hosts):
+    """A gather's value is deleted at the process's next gather (no second barrier):
+    gathers under one name, alternating names and from two threads never see a value
+    that is missing or stale."""
+    out = tmp_path / "gathers"
+    steps = 150
+    run_hosts(3, 1, "gathers", str(out), "--steps", str(steps)).check()
+    for pid in range(3):
+        got = json.loads((tmp_path / f"gathers.{pid}").read_text())
+        for kind in ("same", "alternating", "thread"):
+            want = [[[i, p] for p in range(3)] for i in range(steps)]
+            bad = [(i, g) for i, (g, w) in enumerate(zip(got[kind], want)) if g != w]
+            assert len(got[kind]) == steps and not bad, (pid, kind, bad[:5])
+
+
+@pytest.mark.multiprocess
 def test_decisions_under_one_name_never_read_an_earlier_value(tmp_path, run_hosts):
     """300 decisions named alike, back to back: a peer leaving one decision's barrier
     before the primary deleted its value used to read it again as the next one."""

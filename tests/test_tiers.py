@@ -223,3 +223,16 @@ def test_plan_prefers_a_newer_persistent_step():
     assert choose(invs, job, newest_persistent=None, step=5)["step"] == 5
     other = {**job, "process_count": 3}
     assert choose(invs, other, newest_persistent=None) is None  # another job shape
+
+
+@pytest.mark.multiprocess
+def test_peer_copy_pulled_in_groups_is_checked_group_by_group(tmp_path, run_hosts):
+    """A copy offered in many groups (zero-size shards among them) arrives bit for bit;
+    one byte changed after its CRC was taken is refused, naming the shard."""
+    out = tmp_path / "peers"
+    run_hosts(2, 1, "peers", str(out), "--steps", "7").check()
+    got = json.loads((tmp_path / "peers.1").read_text())
+    assert got["intact"]["groups"] > 3 and all(got["intact"]["equal"]), got
+    assert got["flipped"]["groups"] > 3, got
+    assert "leaf4 box [[0, 33], [0, 33]] differs from what was saved" in \
+        got["flipped"]["error"], got

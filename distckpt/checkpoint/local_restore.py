@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distckpt.checkpoint import peers
-from distckpt.checkpoint.local_save import LocalTier, _from_note
+from distckpt.checkpoint.local_save import LocalTier, pull_copy
 from distckpt.checkpoint.local_tier import Copy, box_of
 from distckpt.checkpoint.target import check_target
 from distckpt.multihost import coordinator
@@ -155,10 +155,13 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
                 read_bytes += held.nbytes
                 arrays = [sh.data for leaf in held.leaves.values() for sh in leaf["shards"]]
                 tier.link.offer(_key(tier, key, f), arrays, meta=held.offer_record())
+                marks.append(("offered", time.perf_counter()))
         src = sources[me]
         if src[0] == "fetch":
             note = tier.link.note(_key(tier, key, me))
-            copy = _from_note(note["meta"], tier.link.pull(note))
+            marks.append(("noted", time.perf_counter()))
+            copy = pull_copy(tier.link, note)
+            marks.append(("pulled and checked", time.perf_counter()))
             coordinator.clear_note(_key(tier, key, me))
         else:
             copy = tier.dir.read_copy(s, "own" if src[0] == "own" else src[1])

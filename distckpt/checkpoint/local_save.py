@@ -181,9 +181,8 @@ class LocalTier:
             if self.peer_copies:
                 key = self._key(seq, (me - 1) % n)
                 note = self.link.note(key)
-                got = self.link.pull(note)
+                peer = pull_copy(self.link, note)
                 coordinator.clear_note(key)
-                peer = _from_note(note["meta"], got)
                 self._fault(FaultPoint.LOCAL_PULLED, step)
                 self.dir.write(peer, f"peer-{peer.owner}", after_file=after_file)
                 self._fault(FaultPoint.LOCAL_PEER_WRITTEN, step)
@@ -211,13 +210,25 @@ class LocalTier:
             self._thread = None
 
 
-def _from_note(meta: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> Copy:
-    """A copy from an offer's record and the pulled arrays, every shard checked."""
-    copy = Copy.from_record(meta)
-    it = iter(arrays)
+def pull_copy(link: peers.PeerLink, note: Mapping[str, Any]) -> Copy:
+    """Pull the copy an offer's note describes, every shard checked (each group of
+    shards while the next one travels)."""
+    copy = Copy.from_record(note["meta"])
+    shards = []
     for name, leaf in copy.leaves.items():
         leaf.pop("files", None)
-        for s in leaf["shards"]:
-            s.data = next(it)
+        shards += [(name, s) for s in leaf["shards"]]
+
+    def arrived(first: int, arrays: Sequence[np.ndarray]) -> None:
+        for (name, s), data in zip(shards[first:first + len(arrays)], arrays, strict=True):
+            s.data = data
+            check_shard(name, s)
+
+    got = link.pull(dict(note), arrived)
+    if len(got) != len(shards):
+        raise ValueError(f"the offer holds {len(got)} arrays, its record {len(shards)}")
+    for (name, s), data in zip(shards, got, strict=True):
+        if s.data is None:  # zero-size: not pulled
+            s.data = data
             check_shard(name, s)
     return copy

@@ -21,12 +21,13 @@ Arrays are offered from a CPU device: the staged host copy, not the accelerators
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +39,14 @@ from distckpt.multihost import coordinator
 logger = logging.getLogger(__name__)
 
 __all__ = ["PeerLink", "bind_address"]
+
+TRANSPORTS = 8
+"""Parallel streams of a transfer server (each a bulk-transport socket): one pull's
+arrays travel over all of them at once, in chunks of TRANSFER_BYTES."""
+TRANSFER_BYTES = 1 << 20
+GROUP_BYTES = 16 << 20
+"""An offer is pulled in groups of about this many bytes: the receiver checks a group
+while the next one travels."""
 
 
 def bind_address() -> str:
@@ -79,46 +88,79 @@ class PeerLink:
             self._device = _cpu_device()
             host = self._bind or bind_address()
             self._server = transfer.start_transfer_server(
-                self._device.client, f"{host}:0", [f"{host}:0"])
+                self._device.client, f"{host}:0", [f"{host}:0"] * TRANSPORTS,
+                transfer_size=TRANSFER_BYTES)
             logger.info("[process=%d] transfer server on %s", jax.process_index(),
                         self._server.address())
         return self._server
 
     def offer(self, key: str, arrays: Sequence[np.ndarray], meta: Any = None) -> None:
         """Offer `arrays` (host copies) for one pull by whoever reads note `key`; `meta`
-        (JSON) travels with the note."""
+        (JSON) travels with the note. The arrays are offered in groups of about
+        GROUP_BYTES, each under its own id, so the receiver can check one group while the
+        next one travels."""
         server = self._start()
-        sendable = [a for a in arrays if a.size]
-        uid = secrets.randbits(62)
-        on_device = [jax.device_put(a, self._device) for a in sendable]
-        if on_device:
-            server.await_pull(uid, on_device)
+        groups: list[list[np.ndarray]] = []
+        size = GROUP_BYTES
+        for a in arrays:
+            if not a.size:
+                continue
+            if size + a.nbytes > GROUP_BYTES and (not groups or groups[-1]):
+                groups.append([])
+                size = 0
+            groups[-1].append(a)
+            size += a.nbytes
+        uids = [secrets.randbits(62) for _ in groups]
+        for uid, group in zip(uids, groups, strict=True):
+            server.await_pull(uid, [jax.device_put(a, self._device) for a in group])
         coordinator.publish(key, json.dumps({
-            "address": server.address(), "uuid": uid, "meta": meta,
-            "arrays": [[list(a.shape), str(a.dtype)] for a in arrays]}))
+            "address": server.address(), "uuids": uids, "groups": [len(g) for g in groups],
+            "meta": meta, "arrays": [[list(a.shape), str(a.dtype)] for a in arrays]}))
 
     def note(self, key: str) -> dict[str, Any]:
         """The note of an offer (blocks up to timeout_s)."""
         return json.loads(coordinator.wait_note(key, self.timeout_s))
 
-    def pull(self, note: dict[str, Any]) -> list[np.ndarray]:
-        """Pull the arrays an offer's note describes; returns host copies."""
+    def pull(self, note: dict[str, Any],
+             arrived: Callable[[int, list[np.ndarray]], None] | None = None
+             ) -> list[np.ndarray]:
+        """Pull the arrays an offer's note describes; returns host copies (views of the
+        pulled buffers). `arrived(first, arrays)`, when given, is called in a worker
+        thread with each group as it arrives (`first`: its first array's index in the
+        note's list, zero-size arrays included) while the next group is pulled; its
+        exception is raised here."""
         self._start()
         from distckpt.checkpoint.local_tier import dtype_of
 
         shapes = [(tuple(s), dtype_of(d)) for s, d in note["arrays"]]
-        specs = [jax.ShapeDtypeStruct(s, d, sharding=jax.sharding.SingleDeviceSharding(
-            self._device)) for s, d in shapes if int(np.prod(s, dtype=np.int64))]
-        got: list[Any] = []
-        if specs:
-            address = note["address"]
-            if address not in self._connections:
-                self._connections[address] = self._server.connect(address)
-            got = list(self._connections[address].pull(note["uuid"], specs))
-        out, it = [], iter(got)
-        for shape, dtype in shapes:
-            out.append(np.array(next(it)) if int(np.prod(shape, dtype=np.int64))
-                       else np.zeros(shape, dtype))
+        sized = [i for i, (s, _) in enumerate(shapes) if int(np.prod(s, dtype=np.int64))]
+        out: list[np.ndarray] = [np.zeros(s, d) for s, d in shapes]
+        address = note["address"]
+        if sized and address not in self._connections:
+            self._connections[address] = self._server.connect(address)
+        done = 0
+        with concurrent.futures.ThreadPoolExecutor(1) as checker:
+            checks = []
+            for uid, count in zip(note["uuids"], note["groups"], strict=True):
+                which = sized[done:done + count]
+                done += count
+                specs = [jax.ShapeDtypeStruct(shapes[i][0], shapes[i][1],
+                                              sharding=jax.sharding.SingleDeviceSharding(
+                                                  self._device)) for i in which]
+                got = self._connections[address].pull(uid, specs)
+                # Views of the pulled buffers, not copies: on CPU they are aligned memory
+                # that jax.device_put takes without copying again.
+                for i, a in zip(which, got, strict=True):
+                    out[i] = np.asarray(a)
+                if arrived is not None:
+                    first = which[0]
+                    group = out[first:which[-1] + 1]
+                    checks.append(checker.submit(arrived, first, group))
+            if done != len(sized):
+                raise ValueError(f"offer {note['uuids']} holds {done} arrays, its note "
+                                 f"lists {len(sized)}")
+            for c in checks:
+                c.result()
         return out
 
 

@@ -381,6 +381,8 @@ class CheckpointService:
         newest = self.primary.decide(f"restore:{self._restores}:newest-persistent",
                                      self.latest_step)
         leaves = nnx_state.flatten_items(target)
+        logger.info("[process=%d] local restore: newest persistent step agreed after %.3fs",
+                    jax.process_index(), time.perf_counter() - t0)
         read, failed = restore_local(self.local, leaves, partial=partial,
                                      newest_persistent=newest,
                                      step=step if isinstance(step, int) else None,

@@ -433,19 +433,29 @@ def primary_decides(name: str, decide: Callable[[], T], timeout_s: float = DEFAU
     return payload["value"]
 
 
+_gathers = threading.local()
+"""``key``: the value this thread wrote in its last all_gather, not deleted yet."""
+
+
 def all_gather(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Every process contributes a small JSON value; every process gets the list by index."""
     if jax.process_count() == 1:
         encode_json(value, name)
         return [value]
     client = _distributed_client()
+    # Each use of a name is a gather of its own: a fast process's next value under the
+    # same name never overwrites one a slow process has not read yet.
+    name = _decision_key(f"gather:{name}")
     prefix = f"{_KV_PREFIX}/gather/{name}/"
-    client.key_value_set(prefix + str(jax.process_index()), encode_json(value, name),
-                         allow_overwrite=True)
-    barrier(f"gather:{name}:written", timeout_s)
+    mine = prefix + str(jax.process_index())
+    client.key_value_set(mine, encode_json(value, name), allow_overwrite=True)
+    barrier(f"{name}:written", timeout_s)
     entries = dict(client.key_value_dir_get(prefix))
-    barrier(f"gather:{name}:read", timeout_s)
-    client.key_value_delete(prefix + str(jax.process_index()))
+    # No second barrier before deleting: this process's value is deleted at its next
+    # gather (of this thread), whose barrier shows that every process is past reading it.
+    previous, _gathers.key = getattr(_gathers, "key", None), mine
+    if previous is not None and previous != mine:
+        client.key_value_delete(previous)
     out = []
     for p in range(jax.process_count()):
         text = entries.get(prefix + str(p))
