@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--dir", help="work directory (default: a new temp directory)")
     p.add_argument("--s3", action="store_true",
                    help="persistent tier on s3:// (a local SeaweedFS server, started here)")
+    p.add_argument("--only", choices=("restore", "stall"),
+                   help="measure only the restores or only the save stalls")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -139,7 +141,6 @@ def main() -> None:
 
 
 def run(a, shm: Path, ckpt: Path | str, local: str, out: Path, env) -> None:
-    from distckpt.bench.measure import evict, files_under
     from distckpt.tools.launcher import launch
 
     def job(phase: str) -> None:
@@ -147,6 +148,20 @@ def run(a, shm: Path, ckpt: Path | str, local: str, out: Path, env) -> None:
                     str(a.size_mib), str(out)], a.hosts, a.devices, env=env, timeout_s=900)
         if r.returncode:
             raise SystemExit(f"{phase} job failed ({r.returncode})")
+
+    if a.only != "stall":
+        restores(a, shm, ckpt, out, job)
+    if a.only != "restore":
+        job("stall")
+        stalls = [json.loads((out / f"stall.{i}.json").read_text()) for i in range(a.hosts)]
+        for name, what in (("local", "a local-only save"), ("both", "a save due in both tiers"),
+                           ("persistent", "a persistent-only save")):
+            print(f"save() stall of {what}: {max(s[name] for s in stalls):.3f} s "
+                  "(slowest host, median of 3)")
+
+
+def restores(a, shm: Path, ckpt: Path | str, out: Path, job) -> None:
+    from distckpt.bench.measure import evict, files_under
 
     job("save")
     rows = {}
@@ -162,12 +177,6 @@ def run(a, shm: Path, ckpt: Path | str, local: str, out: Path, env) -> None:
     print(json.dumps({"size_mib": a.size_mib, "hosts": a.hosts, "devices": a.devices,
                       "persistent": "s3" if a.s3 else "local disk", "restore": rows},
                      indent=1))
-    job("stall")
-    stalls = [json.loads((out / f"stall.{i}.json").read_text()) for i in range(a.hosts)]
-    for name, what in (("local", "a local-only save"), ("both", "a save due in both tiers"),
-                       ("persistent", "a persistent-only save")):
-        print(f"save() stall of {what}: {max(s[name] for s in stalls):.3f} s "
-              "(slowest host, median of 3)")
     base = rows["persistent"]["seconds"]
     for phase in ("local", "peer"):
         print(f"{phase}: {rows[phase]['seconds']:.3f} s, persistent {base:.3f} s: "

@@ -45,6 +45,13 @@ class CheckpointOptions:
     host decides and every host follows."""
     async_save: bool = True
     """Commit in the background; save() returns once arrays are staged."""
+    save_in_background: bool = True
+    """With async_save: save() copies the arrays to host memory itself (``pinned_host``,
+    the same sharding) and hands that copy to Orbax in a background thread, so Orbax's
+    per-save work (its items, threads and barriers) is not part of the stall. An error
+    there surfaces at the next save(), wait() or close(), like a failed write. False:
+    save() calls Orbax and returns after Orbax staged the arrays (on an accelerator, one
+    host copy less at a time)."""
     timeout_s: float = 600.0
     """Limit for barriers, decisions and a background commit."""
     primary_host: int = 0
@@ -116,8 +123,8 @@ class CheckpointOptions:
     fault_hook: per_process.FaultHook | None = None
     """Tests and drills: fault_hook(point, step) runs at named save points; raising there
     injects a failure, os.kill there simulates a crash. Points: a
-    :class:`~distckpt.state.process_state.FaultPoint` (a ``str``): 'save:staged' (save(),
-    after staging), 'process_state:write' (background, every process),
+    :class:`~distckpt.state.process_state.FaultPoint` (a ``str``): 'save:staged' (after
+    Orbax's save() call returned: in save(), or in its background thread), 'process_state:write' (background, every process),
     'commit:renamed' (primary, after the rename and fsync, before the commit record),
     'commit:recorded' (primary, after the commit record, before retention)."""
 

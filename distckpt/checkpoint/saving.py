@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,7 +50,41 @@ logger = logging.getLogger(__name__)
 
 ITEMS = ("state", "metadata", "provenance", "process_state")
 
-__all__ = ["ITEMS", "Saver", "StepSlot"]
+__all__ = ["ITEMS", "Saver", "StepSlot", "stage_to_host"]
+
+
+def stage_to_host(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of every array in host memory with the same sharding (the copies start
+    together and run asynchronously): ``pinned_host`` memory on an accelerator; on CPU,
+    where device memory is host memory, a plain copy (it stays "device" memory, which
+    Orbax splits between data-parallel replicas; it does not split small pinned_host
+    arrays)."""
+
+    def copy(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        sharding = x.sharding
+        if any(_platform(d) != "cpu" for d in sharding.device_set):
+            sharding = sharding.with_memory_kind("pinned_host")
+        return jax.device_put(x, sharding, may_alias=False)
+
+    return jax.tree.map(copy, tree)
+
+
+def _platform(device: Any) -> str:
+    return str(device.platform)
+
+
+def _can_stage(tree: dict[str, Any]) -> bool:
+    """Whether every array's devices have host memory to stage into: CPU devices, or
+    accelerators with ``pinned_host`` memory."""
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            for d in x.sharding.addressable_devices:
+                if _platform(d) != "cpu" and "pinned_host" not in {
+                        m.kind for m in d.addressable_memories()}:  # type: ignore[attr-defined]
+                    return False
+    return True
 
 
 class StepSlot(enum.StrEnum):
@@ -77,6 +112,7 @@ class Saver:
         self.stats: list[SaveStats] = []
         self.failures = SaveFailures(opened.nonce, primary)
         self._last_step: int | None = None  # the save whose outcome is not reported yet
+        self._writer: threading.Thread | None = None  # Orbax's save() call, in background
         self._name_format = commit.CommittedNameFormat()
         self._metrics = StepMetrics(self.directory)
         o = options
@@ -189,8 +225,15 @@ class Saver:
         pending = digest.dispatch([nnx_state.lookup(saveable, tuple(str(k) for k in leaf.path))
                                    for leaf in leaves], defer=True)
         digest_s = time.perf_counter() - t_digest
+        background = (self.options.async_save and self.options.save_in_background
+                      and _can_stage(saveable))
         if stage is not None:
             saveable = stage(saveable)
+        elif background:
+            saveable = stage_to_host(saveable)
+        if background:
+            # Training may overwrite or donate the device buffers once save() returns.
+            jax.block_until_ready(saveable)
         args = ocp.args.Composite(
             state=per_process.ReportingPyTreeSave(saveable),
             metadata=ocp.args.JsonSave({"user": metadata_json, "metrics": metrics_json}),
@@ -204,31 +247,78 @@ class Saver:
         self._last_step = step
         self._metrics.forget(step)  # an overwritten step's metrics change
         self.failures.begin()
+        if background:
+            self._writer = threading.Thread(
+                target=self._hand_to_orbax, args=(step, args, metrics_json, where),
+                name=f"distckpt-save-{step}", daemon=True)
+            self._writer.start()
+            what = "staging to host"
+        else:
+            try:
+                self._orbax_save(step, args, metrics_json, where)
+            except Exception as e:
+                # Raised here, and not again by the next call when no peer can be waiting
+                # on this save (a synchronous save, or a single process). Peers of an async
+                # save learn it at the next save(), wait() or close(), where every process
+                # raises.
+                if not self.options.async_save or jax.process_count() == 1:
+                    self.failures.forget()
+                    self._last_step = None
+                raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; "
+                                      "committed steps are intact") from e
+            self._fault(per_process.FaultPoint.SAVE_STAGED, step)
+            what = "staging (orbax)"
+        stats.stall_s = time.perf_counter() - t0
+        logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
+                    "%.3fs, step decision + digests %.3fs, %s %.3fs",
+                    jax.process_index(), step, stats.stall_s, t_agreed - t0,
+                    t_decided - t_agreed, what, time.perf_counter() - t_decided)
+        if not self.options.async_save and stats.commit_s is None:
+            stats.commit_s = stats.stall_s
+
+    def _orbax_save(self, step: int, args: ocp.args.Composite, metrics: dict[str, float],
+                    where: StepSlot) -> None:
+        """Hand the step to Orbax's CheckpointManager; on failure report it (the peers'
+        next wait() stops at it instead of the commit's barrier), put back a step an
+        overwrite held, and raise."""
         try:
-            self.manager.save(step, args=args, metrics=metrics_json or None, force=True)
+            self.manager.save(step, args=args, metrics=metrics or None, force=True)
         except Exception as e:
-            # The peers' next wait() stops at this failure instead of the commit's barrier.
             self.failures.report(e)
             if where is StepSlot.OVERWRITE and self.primary.is_me():
                 self._put_back_held()
-            # Raised here, and not again by the next call when no peer can be waiting on
-            # this save (a synchronous save, or a single process). Peers of an async save
-            # learn it at the next save(), wait() or close(), where every process raises.
-            if not self.options.async_save or jax.process_count() == 1:
-                self.failures.forget()
-                self._last_step = None
-            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; "
-                                  "committed steps are intact") from e
+            raise
         finally:
             self._name_format.hidden = frozenset()
-        self._fault(per_process.FaultPoint.SAVE_STAGED, step)
-        stats.stall_s = time.perf_counter() - t0
-        logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
-                    "%.3fs, step decision + digests %.3fs, staging (orbax) %.3fs",
-                    jax.process_index(), step, stats.stall_s, t_agreed - t0,
-                    t_decided - t_agreed, time.perf_counter() - t_decided)
-        if not self.options.async_save and stats.commit_s is None:
-            stats.commit_s = stats.stall_s
+
+    def _hand_to_orbax(self, step: int, args: ocp.args.Composite, metrics: dict[str, float],
+                       where: StepSlot) -> None:
+        """The background thread of a save: Orbax's save() call from the host copy. Its
+        failure is reported (the next save(), wait() or close() raises it everywhere)."""
+        try:
+            try:
+                # Orbax raises a failed save's error once per thread that waits on it; this
+                # thread is new, and that failure was already raised on every process.
+                self.manager.wait_until_finished()
+            except Exception as e:
+                logger.info("[process=%d] the previous save's failure (already reported): "
+                            "%s: %s", jax.process_index(), type(e).__name__, e)
+            try:
+                self._orbax_save(step, args, metrics, where)
+            except Exception as e:  # reported by _orbax_save
+                logger.warning("[process=%d] handing step %d to Orbax failed: %s: %s",
+                               jax.process_index(), step, type(e).__name__, e)
+                return
+            self._fault(per_process.FaultPoint.SAVE_STAGED, step)
+        except BaseException as e:  # this thread has no caller to raise to
+            self.failures.report(e, step)
+
+    def join_writer(self) -> None:
+        """Wait until the background Orbax save() call (if any) has returned. (A failure
+        on any process ends that call's barriers: it cannot wait on a failed peer.)"""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
 
     def _prepare_step_dir(self, step: int, overwrite: bool) -> dict[str, Any]:
         """Primary: {'where': a StepSlot, 'newest': the newest committed step}; moves an
@@ -284,6 +374,7 @@ class Saver:
         for our own commit would last until the async timeout. Instead, while waiting,
         a failure on any process (reported on the coordination service) ends the wait.
         """
+        self.join_writer()
         step = self._last_step
         if step is None:
             return None
@@ -367,6 +458,7 @@ class Saver:
         """After a failed save, on every process: let Orbax's threads end (their barriers
         stop at the failure note), clear their errors, put back a step an overwrite held,
         and forget the failure, so the next save() starts clean."""
+        self.join_writer()
         for call in (self.manager.wait_until_finished, self.manager.check_for_errors):
             try:
                 call()
@@ -403,6 +495,7 @@ class Saver:
     def close(self, *, failed: bool = False) -> None:
         """Close the manager. After a failure, an error closing it is logged, not raised,
         so that it cannot mask the error that says why."""
+        self.join_writer()
         if failed:
             try:
                 self.manager.close()

@@ -49,7 +49,7 @@ import jax
 from etils import epath
 
 from distckpt import compat, storage
-from distckpt.checkpoint import committed, restoring, retention
+from distckpt.checkpoint import committed, restoring, retention, saving
 from distckpt.checkpoint.local_restore import restore_local
 from distckpt.checkpoint.local_save import LocalTier
 from distckpt.checkpoint.opening import open_shared
@@ -83,18 +83,6 @@ __all__ = ["CheckpointError", "CheckpointOptions", "CheckpointService", "FormatV
            "NoCheckpointError", "Restored", "SaveFailedError", "SaveStats", "StepExistsError",
            "StepOrderError", "StepUnusableError", "StorageNotSharedError",
            "TargetMismatchError", "check_target"]
-
-
-def stage_to_host(tree: dict[str, Any]) -> dict[str, Any]:
-    """A copy of every array in host memory with the same sharding (``pinned_host``; the
-    copies start together and run asynchronously)."""
-
-    def copy(x: Any) -> Any:
-        if not isinstance(x, jax.Array):
-            return x
-        return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"), may_alias=False)
-
-    return jax.tree.map(copy, tree)
 
 
 def _keep(box: list[Any], value: Any) -> Any:
@@ -203,6 +191,7 @@ class CheckpointService:
     def reload(self) -> None:
         """Re-read the list of committed steps from storage (writers' Orbax manager)."""
         if self._saver is not None:
+            self._saver.join_writer()  # the Orbax save() call of the last save() has returned
             self._saver.manager.reload()
 
     @property
@@ -258,7 +247,7 @@ class CheckpointService:
             # sharding, and both tiers write from that copy.
             self._saver.save(step, items, metrics=metrics, metadata=metadata,
                              process_state=process_state, overwrite=overwrite, origin=origin,
-                             stage=(lambda tree: _keep(staged, stage_to_host(tree)))
+                             stage=(lambda tree: _keep(staged, saving.stage_to_host(tree)))
                              if local else None)
         if local:
             assert self.local is not None

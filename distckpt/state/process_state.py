@@ -44,7 +44,8 @@ class FaultPoint(enum.StrEnum):
     """save(), on every process, after the primary decided the step may be written and
     before Orbax starts (where a concurrent writer's step could appear)."""
     SAVE_STAGED = "save:staged"
-    """save(), on every process, after Orbax staged the arrays."""
+    """Every process, after Orbax's save() call returned (it staged the arrays): in
+    save(), or with save_in_background in the thread that makes that call."""
     PROCESS_STATE_WRITE = "process_state:write"
     """The background commit, on every process, before this process's record is written."""
     COMMIT_RENAMED = "commit:renamed"
