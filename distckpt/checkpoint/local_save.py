@@ -77,8 +77,11 @@ def stage(leaves: Sequence[nnx_state.Leaf], private: bool = False) -> dict[str, 
                           "shards": sorted(by_box.values(), key=lambda s: s.box),
                           "sharding": sharding_record(value.sharding)}
     for s, data in pending:
-        # A copy (training may overwrite or donate the device buffer), unless private.
-        s.data = np.asarray(data) if private else np.array(data)
+        # A copy (training may overwrite or donate the device buffer), unless private or
+        # on CPU: there a NumPy view is the buffer itself, and a buffer with a view cannot
+        # be donated (a step that donates it computes into a new one).
+        on_cpu = all(d.platform == "cpu" for d in data.devices())
+        s.data = np.asarray(data) if private or on_cpu else np.array(data)
     return out
 
 

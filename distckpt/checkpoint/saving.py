@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -54,16 +55,25 @@ __all__ = ["ITEMS", "Saver", "StepSlot", "stage_to_host"]
 
 
 def stage_to_host(tree: dict[str, Any]) -> dict[str, Any]:
-    """A copy of every array in host memory with the same sharding (the copies start
-    together and run asynchronously): ``pinned_host`` memory on an accelerator; on CPU,
-    where device memory is host memory, a plain copy (it stays "device" memory, which
-    Orbax splits between data-parallel replicas; it does not split small pinned_host
-    arrays)."""
+    """A host copy of every array that training cannot change, with the same sharding
+    (the copies start together and run asynchronously).
+
+    On an accelerator: a copy in ``pinned_host`` memory. On CPU, where device memory is
+    host memory: new arrays over the same buffers, through NumPy views of them (no bytes
+    copied). A buffer with such a view cannot be donated: a jitted step that donates it
+    computes into a new buffer instead, as it does for the views plain Orbax takes on CPU.
+    The arrays stay "device" memory, which Orbax splits between data-parallel replicas (it
+    does not split small pinned_host arrays)."""
 
     def copy(x: Any) -> Any:
         if not isinstance(x, jax.Array):
             return x
         sharding = x.sharding
+        if all(_platform(d) == "cpu" for d in sharding.device_set) and \
+                not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+            shards = [jax.device_put(np.asarray(s.data), s.device)
+                      for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
         if any(_platform(d) != "cpu" for d in sharding.device_set):
             sharding = sharding.with_memory_kind("pinned_host")
         return jax.device_put(x, sharding, may_alias=False)
@@ -216,7 +226,9 @@ class Saver:
         # not count it as taken (it refuses to save a step it lists).
         self._name_format.hidden = frozenset({step}) if where is StepSlot.OVERWRITE else frozenset()
         self._fault(per_process.FaultPoint.SAVE_DECIDED, step)
+        t_slot = time.perf_counter()
         self.manager.reload()
+        t_reload = time.perf_counter()
         record = provenance.build(step, leaves, has_process_state=process_state is not None,
                                   origin=origin)
         saveable = nnx_state.to_saveable(leaves)
@@ -231,6 +243,7 @@ class Saver:
             saveable = stage(saveable)
         elif background:
             saveable = stage_to_host(saveable)
+        t_staged = time.perf_counter()
         if background:
             # Training may overwrite or donate the device buffers once save() returns.
             jax.block_until_ready(saveable)
@@ -270,9 +283,12 @@ class Saver:
             what = "staging (orbax)"
         stats.stall_s = time.perf_counter() - t0
         logger.info("[process=%d] save step %d blocked %.3fs: previous commit + agreement "
-                    "%.3fs, step decision + digests %.3fs, %s %.3fs",
+                    "%.3fs, step decision %.3fs, manager reload %.3fs, provenance + digests "
+                    "%.3fs, staging started %.3fs, staged %.3fs, %s %.3fs",
                     jax.process_index(), step, stats.stall_s, t_agreed - t0,
-                    t_decided - t_agreed, what, time.perf_counter() - t_decided)
+                    t_slot - t_agreed, t_reload - t_slot, t_digest + digest_s - t_reload,
+                    t_staged - t_digest - digest_s, t_decided - t_staged, what,
+                    time.perf_counter() - t_decided)
         if not self.options.async_save and stats.commit_s is None:
             stats.commit_s = stats.stall_s
 
