@@ -39,7 +39,8 @@ def test_gathers_back_to_back_get_every_value_fresh(tmp_path, run_hosts):
         got = json.loads((tmp_path / f"gathers.{pid}").read_text())
         for kind in ("same", "alternating", "thread"):
             want = [[[i, p] for p in range(3)] for i in range(steps)]
-            bad = [(i, g) for i, (g, w) in enumerate(zip(got[kind], want)) if g != w]
+            bad = [(i, g) for i, (g, w) in enumerate(zip(got[kind], want, strict=False))
+                   if g != w]
             assert len(got[kind]) == steps and not bad, (pid, kind, bad[:5])
 
 
