@@ -307,8 +307,10 @@ def test_two_hosts_save_restore_on_one_host(s3_env, s3_url, s3_server, tmp_path,
     S3) and restore in the same job; then 1 host x 8 devices (this process) restores
     bit-exact (a separate 1 x 4 job: test_restore_from_s3_onto_another_job, slow)."""
     saved_out = tmp_path / "save.json"
+    # fsdp over both hosts: each host holds shards only it can write (with a data axis
+    # across the hosts, replica 0's host writes the replicated shards: replica_parallel).
     save = run_hosts(2, 2, "save", str(saved_out), "--dir", s3_url, "--mesh",
-                     "data=2,fsdp=2", timeout=500).check()
+                     "fsdp=4", timeout=500).check()
     saved = json.loads(saved_out.read_text())
     assert saved["steps"] == [1, 2, 3] and saved["restored_step"] == 3
     assert saved["same_topology"] == saved["fingerprints"]["3"]

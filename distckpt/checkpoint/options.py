@@ -49,9 +49,10 @@ class CheckpointOptions:
     """With async_save: save() copies the arrays to host memory itself (``pinned_host``,
     the same sharding) and hands that copy to Orbax in a background thread, so Orbax's
     per-save work (its items, threads and barriers) is not part of the stall. An error
-    there surfaces at the next save(), wait() or close(), like a failed write. False:
-    save() calls Orbax and returns after Orbax staged the arrays (on an accelerator, one
-    host copy less at a time)."""
+    there surfaces at the next save(), wait() or close(), like a failed write. Data-parallel
+    replicas then do not split the writes of a replicated array (see replica_parallel).
+    False: save() calls Orbax and returns after Orbax staged the arrays (on an
+    accelerator, one host copy less at a time)."""
     timeout_s: float = 600.0
     """Limit for barriers, decisions and a background commit."""
     primary_host: int = 0
@@ -79,7 +80,10 @@ class CheckpointOptions:
     use_zarr3: bool = False
     """Write zarr v3 instead of v2 (Orbax's default is v2)."""
     replica_parallel: bool = True
-    """Data-parallel replicas split the writes of a replicated array."""
+    """Data-parallel replicas split the writes of a replicated array. Not with
+    save_in_background (the default): then the hosts of replica 0 write it, since the
+    split runs JAX ops that, from the background thread, deadlocked against training's
+    collectives."""
     save_concurrent_gb: float | None = None
     """Cap on bytes (GB, 1e9) being written at once per process; None: Orbax's default."""
     restore_concurrent_gb: float | None = None
@@ -182,7 +186,11 @@ class CheckpointOptions:
         """ocp.PyTreeCheckpointHandler keyword arguments for the array item."""
         return tuning.pytree_handler_kwargs(
             compression=self.compression, use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3,
-            replica_parallel=self.replica_parallel,
+            # Orbax splits a replicated array between replicas by slicing it with JAX ops;
+            # from save_in_background's thread those deadlocked against the training
+            # step's collectives (2 hosts, data=2 across them: the save never committed).
+            replica_parallel=self.replica_parallel and not (self.async_save
+                                                            and self.save_in_background),
             save_concurrent_gb=self.save_concurrent_gb,
             restore_concurrent_gb=self.restore_concurrent_gb)
 
