@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from distckpt.checkpoint import peers
 from distckpt.checkpoint.local_tier import Copy, LocalDir, Shard, box_of, check_shard, expand, seal
 from distckpt.checkpoint.options import CheckpointOptions
+from distckpt.checkpoint.saving import on_cpu
 from distckpt.multihost import coordinator
 from distckpt.state import nnx_state
 from distckpt.state.process_state import FaultPoint
@@ -80,8 +81,7 @@ def stage(leaves: Sequence[nnx_state.Leaf], private: bool = False) -> dict[str, 
         # A copy (training may overwrite or donate the device buffer), unless private or
         # on CPU: there a NumPy view is the buffer itself, and a buffer with a view cannot
         # be donated (a step that donates it computes into a new one).
-        on_cpu = all(d.platform == "cpu" for d in data.devices())
-        s.data = np.asarray(data) if private or on_cpu else np.array(data)
+        s.data = np.asarray(data) if private or on_cpu(data) else np.array(data)
     return out
 
 

@@ -22,6 +22,7 @@ A background failure travels one way (:mod:`distckpt.checkpoint.failures`).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import threading
@@ -69,12 +70,11 @@ def stage_to_host(tree: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(x, jax.Array):
             return x
         sharding = x.sharding
-        if all(_platform(d) == "cpu" for d in sharding.device_set) and \
-                not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+        if on_cpu(x) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
             shards = [jax.device_put(np.asarray(s.data), s.device)
                       for s in x.addressable_shards]
             return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
-        if any(_platform(d) != "cpu" for d in sharding.device_set):
+        if not on_cpu(x):
             sharding = sharding.with_memory_kind("pinned_host")
         return jax.device_put(x, sharding, may_alias=False)
 
@@ -85,16 +85,23 @@ def _platform(device: Any) -> str:
     return str(device.platform)
 
 
+def on_cpu(array: jax.Array) -> bool:
+    """Whether every device of `array` is a CPU device (device memory is host memory)."""
+    return all(_platform(d) == "cpu" for d in array.sharding.device_set)
+
+
+@functools.cache
+def _has_host_memory(device: Any) -> bool:
+    """A CPU device, or an accelerator with ``pinned_host`` memory (asked once per
+    device, not at every save)."""
+    return _platform(device) == "cpu" or "pinned_host" in {
+        m.kind for m in device.addressable_memories()}
+
+
 def _can_stage(tree: dict[str, Any]) -> bool:
-    """Whether every array's devices have host memory to stage into: CPU devices, or
-    accelerators with ``pinned_host`` memory."""
-    for x in jax.tree.leaves(tree):
-        if isinstance(x, jax.Array):
-            for d in x.sharding.addressable_devices:
-                if _platform(d) != "cpu" and "pinned_host" not in {
-                        m.kind for m in d.addressable_memories()}:  # type: ignore[attr-defined]
-                    return False
-    return True
+    """Whether every array's devices have host memory to stage into."""
+    return all(_has_host_memory(d) for x in jax.tree.leaves(tree)
+               if isinstance(x, jax.Array) for d in x.sharding.addressable_devices)
 
 
 class StepSlot(enum.StrEnum):

@@ -454,7 +454,7 @@ def all_gather(name: str, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> l
     # No second barrier before deleting: this process's value is deleted at its next
     # gather (of this thread), whose barrier shows that every process is past reading it.
     previous, _gathers.key = getattr(_gathers, "key", None), mine
-    if previous is not None and previous != mine:
+    if previous is not None:  # never `mine`: every use of a name has its own keys
         client.key_value_delete(previous)
     out = []
     for p in range(jax.process_count()):
