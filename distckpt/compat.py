@@ -86,6 +86,22 @@ def jax_distributed_client() -> Any:
     return _distributed.global_state.client
 
 
+
+def private_cpu_device() -> Any:
+    """A CPU device of a PJRT client of its own, not one of JAX's backends.
+
+    For the transfer server of peer copies (:mod:`distckpt.checkpoint.peers`): an array
+    offered or pulled on a device that training uses waits behind the computations queued
+    there, and a training step's collective can wait for the very host that waits for the
+    pull (a deadlock across hosts; ``tests/test_tiers.py``). This client runs nothing
+    else. Public stand-in: none (``jax.local_devices(backend="cpu")`` are the training
+    devices when the job trains on CPU).
+    """
+    from jax._src.lib import xla_client
+
+    client: Any = xla_client.make_cpu_client(asynchronous=True, num_devices=1)
+    return client.devices()[0]
+
 def jax_coordinator_address() -> str | None:
     """The coordinator's ``host:port`` this process connected to (None before
     ``jax.distributed.initialize``). Public stand-in: none."""

@@ -505,6 +505,39 @@ def scenario_peers(a) -> None:
     mine(a.out, out)
 
 
+def scenario_peerorder(a) -> None:
+    """A peer copy must not wait behind training. Process 0 dispatches a step whose
+    all-reduce needs process 1, then offers its copy; process 1 pulls that copy before it
+    joins the step (its main thread waits for its last local save). If the offer or the
+    pull went through a device that the step occupies, neither could finish."""
+    from distckpt.checkpoint import peers
+
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(f"fsdp={jax.device_count()}")
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    x = jax.device_put(jnp.arange(mesh.size * 256, dtype=jnp.float32), sharding)
+    step = jax.jit(lambda x: x * 0.5 + jnp.mean(x))  # the mean all-reduces over both
+    jax.block_until_ready(step(x))  # compiled before the race
+    link = peers.PeerLink(None, a.timeout)
+    data = [np.arange(100_000, dtype=np.float32) + k for k in range(3)]
+    out: dict = {}
+    if jax.process_index() == 0:
+        y = step(x)  # in flight: waits for process 1
+        link.offer("test-peerorder", data)
+        jax.block_until_ready(y)
+    else:
+        note = link.note("test-peerorder")
+        t0 = time.perf_counter()
+        try:
+            got = link.pull(note)
+            out["equal"] = all(np.array_equal(g, d) for g, d in zip(got, data, strict=True))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out["error"] = f"{type(e).__name__}: {e}"
+        out["pull_s"] = time.perf_counter() - t0
+        jax.block_until_ready(step(x))
+    mine(a.out, out)
+
+
 def coordinator_barrier(name: str) -> None:
     from distckpt.multihost import coordinator
 
@@ -604,6 +637,36 @@ def scenario_readonce(a) -> None:
     out["unique"] = sum(p.stat().st_size for p in Path(a.dir, "1").rglob("*") if p.is_file())
     out["array_bytes"] = sum(len(b.tobytes()) for b in saved.values())
     mine(a.out, out)
+
+
+def scenario_bgtrain(a) -> None:
+    """Save every step in the background while the main thread keeps running a step whose
+    all-reduce spans every process (the collectives a real training step issues). Writes
+    whether the newest step restored bit-exact."""
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    x = jax.device_put(jnp.arange(mesh.size * 1024, dtype=jnp.float32), sharding)
+
+    @jax.jit
+    def step(x):
+        return x * 0.5 + jnp.mean(x)  # the mean all-reduces across every process
+
+    local = str(Path(a.dir).parent / "local" / "{host}") if a.crash else None
+    options = distckpt.CheckpointOptions(max_to_keep=2, save_in_background=True,
+                                         timeout_s=a.timeout, local_directory=local,
+                                         save_interval_steps=2 if local else 1)
+    with distckpt.CheckpointService(a.dir, options) as ckpt:
+        for i in range(1, a.steps + 1):
+            x = step(x)
+            for _ in range(3):  # collectives in flight while Orbax's save() call runs
+                x = step(step(x)) - step(x) + x
+            ckpt.save(i, {"x": x})
+        ckpt.wait()
+        restored = ckpt.restore({"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)})
+        same = _global_bytes(restored.items["x"]).tobytes() == _global_bytes(x).tobytes()
+    write(a.out, {"step": restored.step, "same": same})
 
 
 def main() -> None:

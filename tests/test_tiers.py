@@ -236,3 +236,15 @@ def test_peer_copy_pulled_in_groups_is_checked_group_by_group(tmp_path, run_host
     assert got["flipped"]["groups"] > 3, got
     assert "leaf4 box [[0, 33], [0, 33]] differs from what was saved" in \
         got["flipped"]["error"], got
+
+
+@pytest.mark.multiprocess
+def test_peer_copy_does_not_wait_behind_a_training_step(tmp_path, run_hosts):
+    """Host 0 has a step in flight whose all-reduce needs host 1 when it offers its copy;
+    host 1 pulls before joining that step. Offered and pulled on a device training used,
+    the pull waited behind the step, which waited for host 1: the job hung (in test_tiers'
+    4x2 fixture, 4 runs in 21). Now the pull arrives and the step runs."""
+    out = tmp_path / "order"
+    run_hosts(2, 2, "peerorder", str(out), "--timeout", "30", timeout=180).check()
+    got = json.loads((tmp_path / "order.1").read_text())
+    assert got.get("equal") is True, got

@@ -16,7 +16,15 @@ network that can reach the port, and learns a live id from the coordination serv
 could read the shards offered at that moment (one host's shards of one step). Run
 the job on a network only its hosts can reach, as for the coordinator itself.
 
-Arrays are offered from a CPU device: the staged host copy, not the accelerators.
+Arrays are offered from, and pulled into, a CPU device of a client of their own
+(:func:`distckpt.compat.private_cpu_device`): the staged host copy, not the accelerators,
+and never a device training uses. On a job that trains on CPU devices an offer or a pull
+on one of them waited behind the computations queued there; a training step whose
+collective needed the pulling host, itself waiting for that pull, deadlocked the job.
+
+A pull that has not arrived within ``timeout_s`` raises (the local save records the
+failure; training goes on) and its connection is dropped; JAX's own pull timeout did not
+end a pull whose offer never came, so the wait is ours.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,13 +73,6 @@ def bind_address() -> str:
         return "127.0.0.1"
 
 
-def _cpu_device() -> jax.Device:
-    try:
-        return jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # no CPU backend in this process: offer from the first device
-        return jax.local_devices()[0]
-
-
 class PeerLink:
     """This process's transfer server (started on first use) and its connections."""
 
@@ -85,7 +87,7 @@ class PeerLink:
         if self._server is None:
             from jax.experimental import transfer
 
-            self._device = _cpu_device()
+            self._device = compat.private_cpu_device()
             host = self._bind or bind_address()
             self._server = transfer.start_transfer_server(
                 self._device.client, f"{host}:0", [f"{host}:0"] * TRANSPORTS,
@@ -139,6 +141,7 @@ class PeerLink:
         if sized and address not in self._connections:
             self._connections[address] = self._server.connect(address)
         done = 0
+        deadline = time.monotonic() + self.timeout_s
         with concurrent.futures.ThreadPoolExecutor(1) as checker:
             checks = []
             for uid, count in zip(note["uuids"], note["groups"], strict=True):
@@ -148,6 +151,7 @@ class PeerLink:
                                               sharding=jax.sharding.SingleDeviceSharding(
                                                   self._device)) for i in which]
                 got = self._connections[address].pull(uid, specs)
+                self._wait_ready(got, address, deadline)
                 # Views of the pulled buffers, not copies: on CPU they are aligned memory
                 # that jax.device_put takes without copying again.
                 for i, a in zip(which, got, strict=True):
@@ -162,6 +166,19 @@ class PeerLink:
             for c in checks:
                 c.result()
         return out
+
+
+    def _wait_ready(self, arrays: Sequence[Any], address: str, deadline: float) -> None:
+        """Until the pulled `arrays` have arrived (a pull returns at once), or raise
+        TimeoutError at `deadline` and drop the connection (its pull stays pending)."""
+        pause = 0.0005
+        while not all(a.is_ready() for a in arrays):
+            if time.monotonic() > deadline:
+                self._connections.pop(address, None)
+                raise TimeoutError(f"a peer copy from {address} did not arrive within "
+                                   f"{self.timeout_s:g}s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def exchange_key(nonce: str, *parts: Any) -> str:
