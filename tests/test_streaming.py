@@ -319,3 +319,13 @@ def test_restore_peak_rss_is_shards_plus_budget(tmp_path):
     overhead = 16 << 20
     print(f"growth={growth / 2**20:.1f} MiB, bound={(shards + budget + overhead) / 2**20} MiB")
     assert growth < shards + budget + overhead, figures
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("held_mib,want_mib", [(0, 8), (64, 8), (256, 16), (1024, 64),
+                                               (4096, 256), (1 << 20, 256)])
+def test_default_budget_is_a_sixteenth_of_the_restore_within_8_and_256_mib(held_mib, want_mib):
+    from distckpt.checkpoint.streaming import budget
+
+    assert budget(None, held_mib << 20) == want_mib << 20
+    assert budget(3 << 20, held_mib << 20) == 3 << 20  # given: used as is

@@ -91,10 +91,12 @@ class CheckpointOptions:
     """Orbax's cap on bytes (GB) being read at once per process (None: Orbax's default).
     distckpt's own restores stream within restore_memory_mb instead; this only reaches
     Orbax's handler (plain-Orbax reads of the same steps)."""
-    restore_memory_mb: int = 256
+    restore_memory_mb: int | None = None
     """Host memory (MiB) a restore may use beyond the restored shards: arrays are
-    streamed into their device buffers in pieces of at most an eighth of it, with a
-    quarter of it in reads in flight (see distckpt.checkpoint.streaming). A step saved
+    streamed into their device buffers in pieces of at most an eighth of the budget,
+    with a quarter of it in reads in flight (see distckpt.checkpoint.streaming). None
+    (default): 256 MiB, or a sixteenth of the bytes the process restores when that is
+    less, never below 8 MiB (a 256 MiB restore streams within 16 MiB). A step saved
     with compression=True is read a whole saved chunk (one saved shard) at a time."""
     restore_read_once: bool = False
     """Read each shard index once per replica group: where the target mesh gives several
@@ -165,9 +167,10 @@ class CheckpointOptions:
 
         if not isinstance(self.restore_read_once, bool):
             raise TypeError(f"restore_read_once must be a bool, got {self.restore_read_once!r}")
-        if (isinstance(self.restore_memory_mb, bool) or not isinstance(self.restore_memory_mb, int)
-                or self.restore_memory_mb < 1):
-            raise ValueError(f"restore_memory_mb must be an int >= 1 (MiB), got "
+        if self.restore_memory_mb is not None and (
+                isinstance(self.restore_memory_mb, bool)
+                or not isinstance(self.restore_memory_mb, int) or self.restore_memory_mb < 1):
+            raise ValueError(f"restore_memory_mb must be None or an int >= 1 (MiB), got "
                              f"{self.restore_memory_mb!r}")
         self._check_local()
 

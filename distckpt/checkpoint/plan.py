@@ -261,22 +261,26 @@ def _host_boxes(leaf: LeafTarget, mesh: MeshSpec, hosts: int
 
 
 def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[LeafTarget],
-               mesh: MeshSpec, hosts: int, *, memory_bytes: int, bytes_per_s: float
+               mesh: MeshSpec, hosts: int, *, memory_bytes: int | None, bytes_per_s: float
                ) -> tuple[list[HostPlan], bool]:
     """Every host's plan, and whether its bytes are exact (every array in raw chunks)."""
     if mesh.size % hosts:
         raise ValueError(f"mesh {mesh} has {mesh.size} devices, not a multiple of {hosts} hosts")
     layouts = _Layouts(step_dir, state_dir, leaves)
-    piece_bytes = max(1, memory_bytes // 8)
     exact = all(layouts.opened[leaf.name].raw is not None for leaf in leaves)
     tasks: list[list[_Task]] = [[] for _ in range(hosts)]
     files: list[collections.Counter[str]] = [collections.Counter() for _ in range(hosts)]
     shards: list[list[_Held]] = [[] for _ in range(hosts)]
+    boxes_of = {leaf.name: _host_boxes(leaf, mesh, hosts) for leaf in leaves}
+    budgets = [streaming.budget(memory_bytes, sum(
+        _size(box) * np.dtype(leaf.dtype).itemsize for leaf in leaves
+        for box, _ in boxes_of[leaf.name][host])) for host in range(hosts)]
     for leaf in leaves:
         raw = layouts.opened[leaf.name].raw
         dtype = np.dtype(leaf.dtype)
         item = dtype.itemsize
-        for host, boxes in enumerate(_host_boxes(leaf, mesh, hosts)):
+        for host, boxes in enumerate(boxes_of[leaf.name]):
+            piece_bytes = max(1, budgets[host] // 8)
             for box, copies in boxes:
                 extent = [h - a for a, h in zip(*box, strict=True)]
                 if raw is not None:
@@ -292,7 +296,7 @@ def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[Lea
     for host in range(hosts):
         total = sum(files[host].values())
         shard_bytes = sum(s.nbytes * s.copies for s in shards[host])
-        peak = memory_profile(tasks[host], shards[host], memory_bytes)
+        peak = memory_profile(tasks[host], shards[host], budgets[host])
         out.append(HostPlan(process=host, tier=TIER_PERSISTENT, bytes=total,
                             files=dict(sorted(files[host].items())), shard_bytes=shard_bytes,
                             peak_memory_bytes=max(peak, shard_bytes),

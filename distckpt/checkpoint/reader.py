@@ -122,13 +122,13 @@ class StepReader:
 
     # ------------------------------------------------------------------ arrays
     def read_arrays(self, requests: Sequence[streaming.Request], *, verify: bool,
-                    memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20,
+                    memory_bytes: int | None = None,
                     read_once: bool = False,
                     agree: Callable[[Any], list[Any]] | None = None,
                     read_bytes: dict[str, int] | None = None,
                     ) -> tuple[dict[str, jax.Array], dict[str, digest.Partial] | None]:
         """The requested arrays in their targets' shardings, streamed through a host
-        budget of `memory_bytes` beyond the shards (:mod:`distckpt.checkpoint.streaming`);
+        budget of `memory_bytes` beyond the shards (None: :func:`streaming.budget`'s);
         with `verify`, also this process's partial digest of each (by name). With
         `read_once`, a shard index several processes hold is read by one of them and
         sent to the others (every process must call this alike); `agree` all-gathers a
@@ -144,7 +144,7 @@ class StepReader:
                 f"({_short(e)})", kind=StepProblem.UNREADABLE) from e
 
     def restore_arrays(self, tree: Mapping[str, Any], *,
-                       memory_bytes: int = streaming.DEFAULT_MEMORY_MB << 20) -> Any:
+                       memory_bytes: int | None = None) -> Any:
         """Restore the nested tree of ShapeDtypeStructs (with shardings) from the state item."""
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         requests = []

@@ -204,7 +204,8 @@ def _read_arrays(svc: CheckpointService, reader: StepReader, wanted: list[nnx_st
 
     read_bytes: dict[str, int] = {}
     raw, partials = reader.read_arrays(
-        requests, verify=verify, memory_bytes=svc.options.restore_memory_mb << 20,
+        requests, verify=verify, memory_bytes=(None if svc.options.restore_memory_mb is None
+                      else svc.options.restore_memory_mb << 20),
         read_once=svc.options.restore_read_once, agree=agree, read_bytes=read_bytes)
     saved_json = reader.user_json()
     records = reader.process_records()

@@ -67,7 +67,34 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MEMORY_MB", "Request", "read"]
 
 DEFAULT_MEMORY_MB = 256
-"""Default restore memory budget (MiB) beyond the restored shards."""
+"""Default restore memory budget (MiB) beyond the restored shards: its cap (see budget)."""
+BUDGET_SHARE = 16
+"""A restore's budget is at most 1/BUDGET_SHARE of the bytes the process restores..."""
+BUDGET_FLOOR = 8 << 20
+"""...and at least this (all three: when restore_memory_mb is not given)."""
+
+
+def budget(memory_bytes: int | None, held_bytes: int) -> int:
+    """The budget a restore of `held_bytes` (the shards one process restores) streams
+    within: `memory_bytes` when given (``restore_memory_mb``); by default 256 MiB for a
+    large restore, a sixteenth of `held_bytes` for a smaller one, never below 8 MiB. A
+    fixed 256 MiB doubled the peak memory of a 256 MiB restore, for no speed (measured:
+    1.6-2.0x the shard bytes against 1.1x with 8-16 MiB; ``docs/benchmarks.md``)."""
+    if memory_bytes is not None:
+        return memory_bytes
+    return min(DEFAULT_MEMORY_MB << 20, max(BUDGET_FLOOR, held_bytes // BUDGET_SHARE))
+
+
+def held_bytes(requests: Sequence[Request]) -> int:
+    """The bytes of the distinct shard indices this process holds of `requests`."""
+    total = 0
+    for r in requests:
+        t = r.target
+        boxes = {_box(index, tuple(t.shape)) for index in
+                 t.sharding.addressable_devices_indices_map(tuple(t.shape)).values()}
+        total += sum(math.prod(h - a for a, h in zip(*b, strict=True)) for b in boxes
+                     ) * np.dtype(t.dtype).itemsize
+    return total
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 """A block of an array: (inclusive lower corner, exclusive upper corner), global coords."""
@@ -379,7 +406,7 @@ def _plan(leaves: list[_Leaf], piece_bytes: int,
     return tasks
 
 
-def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: int,
+def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: int | None,
          verify: bool, read_once: bool = False,
          agree: Callable[[Any], list[Any]] | None = None,
          read_bytes: dict[str, int] | None = None,
@@ -395,6 +422,7 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
     (:class:`distckpt.checkpoint.read_once.Once`); `agree(value)` all-gathers a small JSON value over the processes
     (default: a JAX collective) to check first that every process opened the step alike.
     """
+    memory_bytes = budget(memory_bytes, held_bytes(requests))
     piece_bytes = max(1, memory_bytes // 8)
     nproc = jax.process_count()
     once = None

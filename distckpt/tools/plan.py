@@ -40,7 +40,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from distckpt import storage
-from distckpt.checkpoint import committed, plan, reader, streaming, target
+from distckpt.checkpoint import committed, plan, reader, target
 from distckpt.errors import NoCheckpointError, StepProblem, StepUnusableError
 from distckpt.state import nnx_state
 from distckpt.state.mesh import MeshSpec
@@ -77,8 +77,10 @@ class RestorePlan:
     exact: bool
     """Whether ``bytes`` is what storage serves (raw zarr v2 chunks) rather than the
     decoded bytes of chunks TensorStore reads itself (compressed or zarr3)."""
-    memory_mb: int
-    """The restore memory budget planned with (``CheckpointOptions.restore_memory_mb``)."""
+    memory_mb: int | None
+    """The restore memory budget planned with (``CheckpointOptions.restore_memory_mb``;
+    None: the default, which depends on each host's bytes, see
+    :func:`distckpt.checkpoint.streaming.budget`)."""
     read_gbps: float
     """The read bandwidth per host the times assume (GB/s, 1e9 bytes)."""
     read_gbps_measured: bool
@@ -104,7 +106,7 @@ class RestorePlan:
 
 def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSpec,
                  step: int | None = None, *, target: Mapping[str, Any] | None = None,
-                 memory_mb: int = streaming.DEFAULT_MEMORY_MB,
+                 memory_mb: int | None = None,
                  read_gbps: float | None = None, local_directory: str | None = None,
                  host_names: Sequence[str] | None = None) -> RestorePlan:
     """Plan restoring `step` (default: the newest committed) of `directory` onto the slice
@@ -133,8 +135,9 @@ def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSp
                             read_gbps, memory_mb)
         if local is not None:
             return local
-    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 1:
-        raise ValueError(f"memory_mb must be an int >= 1 (MiB), got {memory_mb!r}")
+    if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int)
+                                  or memory_mb < 1):
+        raise ValueError(f"memory_mb must be None or an int >= 1 (MiB), got {memory_mb!r}")
     if read_gbps is not None and not 0 < read_gbps < float("inf"):
         raise ValueError(f"read_gbps must be a positive number of GB/s, got {read_gbps!r}")
     _, path = storage.open_directory(directory)
@@ -152,7 +155,8 @@ def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSp
     try:
         hosts, exact = plan.plan_hosts(
             step_reader.path, step_reader.path / reader.STATE_ITEM, leaves, slice_.mesh,
-            slice_.hosts, memory_bytes=memory_mb << 20, bytes_per_s=read_gbps * 1e9)
+            slice_.hosts, memory_bytes=None if memory_mb is None else memory_mb << 20,
+            bytes_per_s=read_gbps * 1e9)
     except Exception as e:  # TensorStore/Orbax errors: the step's array metadata
         raise StepUnusableError(step, f"array metadata is unreadable ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})",
@@ -173,7 +177,7 @@ def plan_restore(directory: epath.PathLike | storage.Location, to: str | SliceSp
 
 def _plan_local(directory: epath.PathLike | storage.Location, slice_: SliceSpec,
                 step: int | None, template: str, host_names: Sequence[str] | None,
-                read_gbps: float | None, memory_mb: int) -> RestorePlan | None:
+                read_gbps: float | None, memory_mb: int | None) -> RestorePlan | None:
     """The local tier's plan (None: the restore would read the persistent tier)."""
     from distckpt.checkpoint.local_restore import choose
     from distckpt.checkpoint.local_tier import RECORD, LocalDir, expand

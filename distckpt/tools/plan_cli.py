@@ -32,7 +32,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return fail(f"--step {args.step}: give a committed step number >= 0")
     if args.read_gbps is not None and not 0 < args.read_gbps < float("inf"):
         return fail(f"--read-gbps {args.read_gbps:g}: give a positive number of GB/s")
-    if args.memory_mb < 1:
+    if args.memory_mb is not None and args.memory_mb < 1:
         return fail(f"--memory-mb {args.memory_mb}: give the restore budget in MiB, >= 1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # plans touch no accelerator
     from distckpt.errors import CheckpointError
@@ -106,8 +106,10 @@ def _print(r: dict[str, Any]) -> None:
     console.print(files)
     how = "measured from the step's data now" if r["read_gbps_measured"] else "given"
     console.print(f"total {r['bytes']:,} bytes; read times at {r['read_gbps']:.3g} GB/s per "
-                  f"host ({how}; --read-gbps sets it), memory with a {r['memory_mb']} MiB "
-                  "restore budget (--memory-mb)")
+                  f"host ({how}; --read-gbps sets it), memory with "
+                  + (f"a {r['memory_mb']} MiB restore budget" if r["memory_mb"] is not None
+                     else "the default restore budget (256 MiB, or 1/16 of a host's bytes if "
+                     "less, at least 8 MiB)") + " (--memory-mb)")
     if not r["exact"]:
         console.print("[yellow]bytes are decoded bytes: the step's chunks are compressed or "
                       "zarr3, which TensorStore reads itself[/]")
@@ -120,9 +122,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--to", required=True, metavar="SLICE",
                    help="target slice, HOSTSxDEVICES[:AXIS=SIZE,...], e.g. 2x4:fsdp=8")
     p.add_argument("--step", type=int, help="step to plan (default: the newest committed)")
-    p.add_argument("--memory-mb", type=int, default=256,
+    p.add_argument("--memory-mb", type=int, default=None,
                    help="restore memory budget in MiB, CheckpointOptions.restore_memory_mb "
-                   "(default %(default)s)")
+                   "(default: 256, or 1/16 of a host's bytes if less, at least 8)")
     p.add_argument("--read-gbps", type=float, default=None,
                    help="read bandwidth per host in GB/s (default: measured from up to 16 MiB "
                    "of the step's data)")
