@@ -12,7 +12,12 @@ saved the step:
   device. A bigger one gets its device buffer allocated once (zeros, on the device),
   then pieces of at most an eighth of the budget (slabs along the leading dimension, or
   deeper when one row is larger) are read and written into the buffer in place (a
-  jitted ``dynamic_update_slice`` with the buffer donated: no second copy).
+  jitted ``dynamic_update_slice`` with the buffer donated: no second copy). On a CPU
+  device, whose memory is host memory, the shard is assembled in an aligned NumPy array
+  instead (a memcpy per piece, no kernel per piece), which the device then takes
+  without a copy: a 256 MiB restore on one process took 0.35-0.41 s at 1.02-1.03x the
+  shard bytes with the default budget (16 MiB there), against 0.48-0.51 s and
+  2.0-2.3x with a fixed 256 MiB.
 * Reads run ahead while the bytes in flight stay under a quarter of the budget; the
   rest is for the piece on the host, its copy on the device and the digest kernel's
   temporaries (a few piece-sized uint32 arrays; measured: 64 MiB restored with an 8 MiB
@@ -70,6 +75,8 @@ DEFAULT_MEMORY_MB = 256
 """Default restore memory budget (MiB) beyond the restored shards: its cap (see budget)."""
 BUDGET_SHARE = 16
 """A restore's budget is at most 1/BUDGET_SHARE of the bytes the process restores..."""
+PIECE_KERNEL_ELEMENTS = 1 << 16
+"""Pieces of a multi-piece shard larger than this are digested by the XLA kernel."""
 BUDGET_FLOOR = 8 << 20
 """...and at least this (all three: when restore_memory_mb is not given)."""
 
@@ -154,6 +161,8 @@ class _Shard:
     """Whether this process holds the index's replica 0 (its lanes count in the digest)."""
     pieces: list[Box] = dataclasses.field(default_factory=list)
     buffer: jax.Array | None = None
+    host: np.ndarray | None = None
+    """The shard assembled in host memory, piece by piece (CPU devices; see _land)."""
     lanes: list[jax.Array | np.ndarray] = dataclasses.field(default_factory=list)
 
 
@@ -474,6 +483,16 @@ def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool) -> None:
     if len(shard.pieces) == 1:
         shard.buffer = jax.device_put(host, device)
         piece = shard.buffer
+    elif device.platform == "cpu":
+        # Device memory is host memory: assemble the shard in an aligned host array that
+        # the device then adopts without a copy (_assemble); no kernel per piece.
+        if shard.host is None:
+            shard.host = aligned_empty(tuple(h - a_ for a_, h in zip(*shard.box, strict=True)),
+                                       shard.leaf.dtype)
+        at = tuple(slice(a - b, a - b + n) for a, b, n in
+                   zip(lo, shard.box[0], host.shape, strict=True))
+        shard.host[at] = host
+        piece = jax.device_put(shard.host[at], device)  # no copy where aligned
     else:
         piece = jax.device_put(host, device)
         if shard.buffer is None:
@@ -482,9 +501,23 @@ def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool) -> None:
         rel = np.array([a - b for a, b in zip(lo, shard.box[0], strict=True)], np.int32)
         shard.buffer = _write(shard.buffer, piece, rel)
     if verify and shard.counts and host.size:
-        shard.lanes.append(digest.block_lanes(host, piece, starts))
+        # A shard's pieces have one shape (and a tail): the kernel compiles once for them.
+        small = digest.SMALL_ELEMENTS if len(shard.pieces) == 1 else PIECE_KERNEL_ELEMENTS
+        shard.lanes.append(digest.block_lanes(host, piece, starts, small=small))
     if len(shard.pieces) > 1:
-        shard.buffer.block_until_ready()  # the piece's host and device copies go now
+        if shard.host is None:
+            shard.buffer.block_until_ready()  # the piece's host and device copies go now
+        elif shard.lanes and isinstance(shard.lanes[-1], jax.Array):
+            shard.lanes[-1].block_until_ready()  # the piece's copy, if any, goes now
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialized C-order array whose data starts on an `align`-byte boundary (what
+    a CPU device needs to take a NumPy array without copying it)."""
+    n = max(1, math.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype)[:math.prod(shape)].reshape(shape)
 
 
 def _assemble(leaf: _Leaf, verify: bool, *, by_reader: bool = False
@@ -495,6 +528,8 @@ def _assemble(leaf: _Leaf, verify: bool, *, by_reader: bool = False
     target = leaf.request.target
     buffers = []
     for shard in leaf.shards:
+        if shard.host is not None:  # assembled on the host (a CPU device): adopted as is
+            shard.buffer, shard.host = jax.device_put(shard.host, shard.devices[0]), None
         assert shard.buffer is not None
         if shard.buffer.dtype != leaf.dtype:  # assembled in its carrier dtype
             shard.buffer = _reinterpret(shard.buffer, leaf.dtype)

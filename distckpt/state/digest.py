@@ -173,11 +173,12 @@ in its first save, while NumPy digests 2**20 elements in about 15 ms here."""
 
 
 def block_lanes(host: np.ndarray, on_device: jax.Array | None,
-                starts: np.ndarray) -> jax.Array | np.ndarray:
+                starts: np.ndarray, *, small: int = SMALL_ELEMENTS) -> jax.Array | np.ndarray:
     """The lane sums ([2] uint32) of one block of an array, given as a host copy and (when
-    it is on a device) that device's copy: small blocks in NumPy, large ones by the XLA
-    kernel on the device."""
-    if host.size <= SMALL_ELEMENTS or on_device is None:
+    it is on a device) that device's copy: blocks of at most `small` elements in NumPy
+    (no kernel compiled for their shape; about half the kernel's speed on CPU), larger
+    ones by the XLA kernel on the device."""
+    if host.size <= small or on_device is None:
         return np.array(host_lanes(host, starts), dtype=np.uint32)
     return _shard_lanes(on_device, starts)
 
