@@ -653,7 +653,7 @@ def scenario_bgtrain(a) -> None:
     def step(x):
         return x * 0.5 + jnp.mean(x)  # the mean all-reduces across every process
 
-    local = str(Path(a.dir).parent / "local" / "{host}") if a.crash else None
+    local = str(Path(a.dir).parent / "local" / "{host}") if a.tiers == "both" else None
     options = distckpt.CheckpointOptions(max_to_keep=2, save_in_background=True,
                                          timeout_s=a.timeout, local_directory=local,
                                          save_interval_steps=2 if local else 1)
@@ -681,6 +681,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--crash", action="store_true")
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--tiers", default="persistent", choices=["persistent", "both"])
     a = p.parse_args()
     globals()[f"scenario_{a.scenario}"](a)
 

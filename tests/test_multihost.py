@@ -107,3 +107,17 @@ def test_background_failure_surfaces_on_every_process(tmp_path, run_hosts):
         assert "process 1" in got["error"] and "injected write failure" in got["error"]
         assert got["steps"] == [1]  # the failed step is never listed
         assert got["elapsed"] < timeout  # heard promptly, not at the async timeout
+
+
+@pytest.mark.parametrize("tiers", ["persistent", "both"])
+def test_saves_in_background_while_a_training_step_all_reduces(tmp_path, run_hosts, tiers):
+    """Every step saved (both tiers: persistent every 2nd, local every step, peer copies)
+    while the next steps' all-reduces across all 4 hosts are in flight, on a mesh with a
+    data axis across hosts (replicated shards). Nothing the save does from its threads
+    may queue behind those steps: the job ends, and the newest step restores bit-exact."""
+    out = tmp_path / "bgtrain"
+    run_hosts(4, 2, "bgtrain", str(out), "--dir", str(tmp_path / "ckpt"),
+              "--mesh", "data=2,fsdp=4", "--steps", "12", "--tiers", tiers,
+              "--timeout", "120", timeout=400).check()
+    got = json.loads(out.read_text())
+    assert got == {"step": 12, "same": True}, got

@@ -45,9 +45,8 @@ class CheckpointOptions:
     host decides and every host follows."""
     async_save: bool = True
     """Commit in the background; save() returns once arrays are staged."""
-    save_in_background: bool = False
-    """Off by default: a 4x2 save job with both tiers once committed no persistent step in
-    600 s with it on (test_tiers, 2026-12-01), cause not found yet. With async_save: save() copies the arrays to host memory itself (``pinned_host``,
+    save_in_background: bool = True
+    """With async_save: save() copies the arrays to host memory itself (``pinned_host``,
     the same sharding) and hands that copy to Orbax in a background thread, so Orbax's
     per-save work (its items, threads and barriers) is not part of the stall. An error
     there surfaces at the next save(), wait() or close(), like a failed write. Data-parallel
@@ -82,7 +81,7 @@ class CheckpointOptions:
     """Write zarr v3 instead of v2 (Orbax's default is v2)."""
     replica_parallel: bool = True
     """Data-parallel replicas split the writes of a replicated array. Not with
-    save_in_background: then the hosts of replica 0 write it, since the
+    save_in_background (the default): then the hosts of replica 0 write it, since the
     split runs JAX ops that, from the background thread, deadlocked against training's
     collectives."""
     save_concurrent_gb: float | None = None

@@ -505,7 +505,7 @@ def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool) -> None:
         small = digest.SMALL_ELEMENTS if len(shard.pieces) == 1 else PIECE_KERNEL_ELEMENTS
         shard.lanes.append(digest.block_lanes(host, piece, starts, small=small))
     if len(shard.pieces) > 1:
-        if shard.host is None:
+        if shard.host is None and shard.buffer is not None:
             shard.buffer.block_until_ready()  # the piece's host and device copies go now
         elif shard.lanes and isinstance(shard.lanes[-1], jax.Array):
             shard.lanes[-1].block_until_ready()  # the piece's copy, if any, goes now
