@@ -30,10 +30,12 @@ def test_failed_save_is_raised_once_promptly_and_the_service_saves_again(tmp_pat
     for got in _per_process(out):
         assert "injected write failure of step 2" in got["wait_error"]
         assert "raised once" in got["wait_error"]
-        assert got["wait_s"] < 10, got
+        # The only sign of the old bug is waiting out the timeout: half of it is a bound a
+        # loaded machine does not reach by accident (a prompt raise takes ~1 s here).
+        assert got["wait_s"] < timeout / 2, got
         assert got["saved_3"] and got["steps"] == [1, 3]  # usable again
         assert "injected write failure of step 4" in got["close_error"]
-        assert got["close_s"] < 10, got  # close() returns promptly, raising the failure
+        assert got["close_s"] < timeout / 2, got  # close() raises the failure, no wait
         assert got["steps_after"] == [1, 3]
 
 
@@ -121,7 +123,7 @@ def test_primary_that_cannot_write_fails_every_host_fast(tmp_path, run_hosts):
         assert "the primary host (process 0) cannot write to the checkpoint directory" \
             in got["error"] and "PermissionError" in got["error"], got["error"]
         assert "read_only=True" in got["error"]
-        assert got["elapsed"] < 10, got
+        assert got["elapsed"] < timeout / 2, got  # not the probe barrier's timeout
     assert os.listdir(ckpt_dir) == []
 
 
