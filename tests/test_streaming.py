@@ -327,5 +327,5 @@ def test_restore_peak_rss_is_shards_plus_budget(tmp_path):
 def test_default_budget_is_a_sixteenth_of_the_restore_within_8_and_256_mib(held_mib, want_mib):
     from distckpt.checkpoint.streaming import budget
 
-    assert budget(None, held_mib << 20) == want_mib << 20
-    assert budget(3 << 20, held_mib << 20) == 3 << 20  # given: used as is
+    assert budget(None, held_mib << 20) == (want_mib << 20, max(4, want_mib // 8) << 20)
+    assert budget(3 << 20, held_mib << 20) == (3 << 20, (3 << 20) // 8)  # given: as is

@@ -95,7 +95,8 @@ class CheckpointOptions:
     streamed into their device buffers in pieces of at most an eighth of the budget,
     with a quarter of it in reads in flight (see distckpt.checkpoint.streaming). None
     (default): 256 MiB, or a sixteenth of the bytes the process restores when that is
-    less, never below 8 MiB (a 256 MiB restore streams within 16 MiB). A step saved
+    less, never below 8 MiB (a 256 MiB restore streams within 16 MiB), with pieces of at
+    least 4 MiB (smaller ones made a fresh process's restore slower). A step saved
     with compression=True is read a whole saved chunk (one saved shard) at a time."""
     restore_read_once: bool = False
     """Read each shard index once per replica group: where the target mesh gives several

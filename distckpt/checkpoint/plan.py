@@ -280,7 +280,7 @@ def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[Lea
         dtype = np.dtype(leaf.dtype)
         item = dtype.itemsize
         for host, boxes in enumerate(boxes_of[leaf.name]):
-            piece_bytes = max(1, budgets[host] // 8)
+            piece_bytes = budgets[host][1]
             for box, copies in boxes:
                 extent = [h - a for a, h in zip(*box, strict=True)]
                 if raw is not None:
@@ -296,7 +296,7 @@ def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[Lea
     for host in range(hosts):
         total = sum(files[host].values())
         shard_bytes = sum(s.nbytes * s.copies for s in shards[host])
-        peak = memory_profile(tasks[host], shards[host], budgets[host])
+        peak = memory_profile(tasks[host], shards[host], budgets[host][0])
         out.append(HostPlan(process=host, tier=TIER_PERSISTENT, bytes=total,
                             files=dict(sorted(files[host].items())), shard_bytes=shard_bytes,
                             peak_memory_bytes=max(peak, shard_bytes),

@@ -15,9 +15,9 @@ saved the step:
   jitted ``dynamic_update_slice`` with the buffer donated: no second copy). On a CPU
   device, whose memory is host memory, the shard is assembled in an aligned NumPy array
   instead (a memcpy per piece, no kernel per piece), which the device then takes
-  without a copy: a 256 MiB restore on one process took 0.35-0.41 s at 1.02-1.03x the
-  shard bytes with the default budget (16 MiB there), against 0.48-0.51 s and
-  2.0-2.3x with a fixed 256 MiB.
+  without a copy: a 256 MiB restore on one process took 0.40-0.49 s at 1.03-1.05x the
+  shard bytes with the default budget (16 MiB there, 4 MiB pieces), against 0.43-0.51 s
+  and 1.9-2.3x with a fixed 256 MiB.
 * Reads run ahead while the bytes in flight stay under a quarter of the budget; the
   rest is for the piece on the host, its copy on the device and the digest kernel's
   temporaries (a few piece-sized uint32 arrays; measured: 64 MiB restored with an 8 MiB
@@ -79,17 +79,25 @@ PIECE_KERNEL_ELEMENTS = 1 << 16
 """Pieces of a multi-piece shard larger than this are digested by the XLA kernel."""
 BUDGET_FLOOR = 8 << 20
 """...and at least this (all three: when restore_memory_mb is not given)."""
+PIECE_FLOOR = 4 << 20
+"""The smallest piece of a default budget."""
 
 
-def budget(memory_bytes: int | None, held_bytes: int) -> int:
-    """The budget a restore of `held_bytes` (the shards one process restores) streams
-    within: `memory_bytes` when given (``restore_memory_mb``); by default 256 MiB for a
-    large restore, a sixteenth of `held_bytes` for a smaller one, never below 8 MiB. A
-    fixed 256 MiB doubled the peak memory of a 256 MiB restore, for no speed (measured:
-    1.6-2.0x the shard bytes against 1.1x with 8-16 MiB; ``docs/benchmarks.md``)."""
+def budget(memory_bytes: int | None, held_bytes: int) -> tuple[int, int]:
+    """(budget, piece size) of a restore of `held_bytes` (the shards one process restores):
+    `memory_bytes` (``restore_memory_mb``) and an eighth of it when given; by default
+    256 MiB for a large restore, a sixteenth of `held_bytes` for a smaller one, never
+    below 8 MiB, with pieces of an eighth of that but at least 4 MiB.
+
+    A fixed 256 MiB doubled the peak memory of a 256 MiB restore, for no speed
+    (measured: 1.6-2.0x the shard bytes against 1.1x with 8-16 MiB; docs/benchmarks.md).
+    Pieces under 4 MiB made a fresh process's restore from a cold page cache slower
+    (``benchmarks/tier_recovery.py``, 4 MiB shards: 1.06-1.27 s in 1-2 MiB pieces
+    against 0.66-0.74 s whole)."""
     if memory_bytes is not None:
-        return memory_bytes
-    return min(DEFAULT_MEMORY_MB << 20, max(BUDGET_FLOOR, held_bytes // BUDGET_SHARE))
+        return memory_bytes, max(1, memory_bytes // 8)
+    total = min(DEFAULT_MEMORY_MB << 20, max(BUDGET_FLOOR, held_bytes // BUDGET_SHARE))
+    return total, max(PIECE_FLOOR, total // 8)
 
 
 def held_bytes(requests: Sequence[Request]) -> int:
@@ -431,8 +439,7 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
     (:class:`distckpt.checkpoint.read_once.Once`); `agree(value)` all-gathers a small JSON value over the processes
     (default: a JAX collective) to check first that every process opened the step alike.
     """
-    memory_bytes = budget(memory_bytes, held_bytes(requests))
-    piece_bytes = max(1, memory_bytes // 8)
+    memory_bytes, piece_bytes = budget(memory_bytes, held_bytes(requests))
     nproc = jax.process_count()
     once = None
     if read_once and nproc > 1:
