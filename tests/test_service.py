@@ -270,3 +270,29 @@ def test_origin_is_recorded_in_provenance_and_must_be_json(tmp_path):
                                              SingleDeviceSharding(jax.devices()[0]))}}
     with distckpt.CheckpointService(tmp_path, distckpt.CheckpointOptions(read_only=True)) as c:
         assert c.restore(target).provenance["origin"] == {"run": "exp-7", "from_step": 12}
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_overwriting_the_best_step_without_metrics_unranks_it(tmp_path, background):
+    """max_to_keep=1 and the best step by loss: step 1 is best, then overwritten without
+    metrics; it is no longer best, so only the newest step stays. Retention used to read
+    the replaced step's metrics back from disk (the old step 1 is still there while the
+    new one commits) and kept step 1 for good (found by the stateful test, seed
+    870477257)."""
+    options = distckpt.CheckpointOptions(
+        max_to_keep=1, best_metric="loss", best_mode="min", best_n=1,
+        allow_older_steps=True, save_in_background=background)
+    state = {"x": jnp.zeros(4)}
+    with distckpt.CheckpointService(tmp_path / "ckpt", options) as svc:
+        svc.save(0, state)
+        svc.save(1, state, metrics={"loss": 0.25})
+        svc.save(2, state)
+        svc.save(3, state)
+        svc.wait()
+        assert svc.all_steps() == [1, 3]  # the newest and the best
+        svc.save(1, state, overwrite=True)
+        svc.wait()
+        assert svc.all_steps() == [3]
+        svc.save(4, state, metrics={"loss": 0.5})
+        svc.wait()
+        assert svc.all_steps() == [4]

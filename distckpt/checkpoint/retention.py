@@ -111,7 +111,8 @@ def preservation_policy(options: CheckpointOptions, keep_forever: set[int],
 
 class StepMetrics:
     """Metrics of steps for retention: Orbax's (the step being saved), else the ones saved
-    with the step (read once; a committed step's metrics never change)."""
+    with the step (read once; a committed step's metrics change only by an overwrite,
+    whose save() records them here)."""
 
     def __init__(self, directory: epath.Path):
         self.directory = directory
@@ -127,9 +128,15 @@ class StepMetrics:
                 return None
         return self._seen[step]
 
-    def forget(self, step: int) -> None:
-        """`step` is being saved again (an overwrite): its metrics change."""
-        self._seen.pop(step, None)
+    def saving(self, step: int, metrics: Mapping[str, Any] | None) -> None:
+        """`step` is being saved with `metrics` (None: none). For an overwrite these are
+        its metrics from now on: retention runs while the replaced step may still be on
+        disk, whose metrics must not be read back (a replaced best step would be kept)."""
+        self._seen[step] = dict(metrics) if metrics else None
+
+    def clear(self) -> None:
+        """After a failed save: read every step's metrics from disk again."""
+        self._seen.clear()
 
 
 def check_rankable(options: CheckpointOptions, step: int,

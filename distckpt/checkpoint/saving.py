@@ -265,7 +265,7 @@ class Saver:
         self.stats.append(stats)
         self._process_handler.step = step
         self._last_step = step
-        self._metrics.forget(step)  # an overwritten step's metrics change
+        self._metrics.saving(step, metrics_json or None)  # an overwrite's change them
         self.failures.begin()
         if background:
             self._writer = threading.Thread(
@@ -308,6 +308,7 @@ class Saver:
             self.manager.save(step, args=args, metrics=metrics or None, force=True)
         except Exception as e:
             self.failures.report(e)
+            self._metrics.clear()
             if where is StepSlot.OVERWRITE and self.primary.is_me():
                 self._put_back_held()
             raise
@@ -499,6 +500,7 @@ class Saver:
         recovered = self.primary.decide(f"errors:{where}:recover", recover)
         self.failures.clear_finished()  # the decision's barrier: every process has drained
         self.failures.forget()
+        self._metrics.clear()  # a held step put back has its own metrics again
         self._last_step = None
         return recovered
 
