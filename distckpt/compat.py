@@ -86,7 +86,6 @@ def jax_distributed_client() -> Any:
     return _distributed.global_state.client
 
 
-
 def private_cpu_device() -> Any:
     """A CPU device of a PJRT client of its own, not one of JAX's backends.
 
@@ -101,6 +100,7 @@ def private_cpu_device() -> Any:
 
     client: Any = xla_client.make_cpu_client(asynchronous=True, num_devices=1)
     return client.devices()[0]
+
 
 def jax_coordinator_address() -> str | None:
     """The coordinator's ``host:port`` this process connected to (None before

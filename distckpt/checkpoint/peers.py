@@ -167,7 +167,6 @@ class PeerLink:
                 c.result()
         return out
 
-
     def _wait_ready(self, arrays: Sequence[Any], address: str, deadline: float) -> None:
         """Until the pulled `arrays` have arrived (a pull returns at once), or raise
         TimeoutError at `deadline` and drop the connection (its pull stays pending)."""
