@@ -21,7 +21,8 @@ def _drill(tmp_path, *args):
     return res, (json.loads(report.read_text()) if report.exists() else None)
 
 
-def test_default_drill_verifies(tmp_path):
+@pytest.mark.slow  # the default suite runs the default drill from a relative --dir
+def test_default_drill_verifies(tmp_path):  # (test_newcomer.py); this is its absolute twin
     res, report = _drill(tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert report["verified"] is True

@@ -155,6 +155,33 @@ def test_sigalrm_to_the_cli_launcher_stops_every_host(tmp_path):
     _assert_all_gone(got, timeout=1)
 
 
+def test_a_second_ctrl_c_kills_hosts_that_do_not_stop(tmp_path):
+    # Hosts that note the first SIGINT and go on (a job stuck in a collective, or one
+    # saving for longer than the user will wait): the second SIGINT kills them all.
+    code = ("import os, signal, sys, time, pathlib\n"
+            "d = pathlib.Path(sys.argv[1]); i = os.environ['JAX_PROCESS_ID']\n"
+            "signal.signal(signal.SIGINT, lambda *_: (d / f'got{i}').write_text('x'))\n"
+            "(d / f'pids{i}').write_text(str(os.getpid()))\n"
+            "time.sleep(600)")
+    proc = subprocess.Popen([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "2", "--", PY,
+                             "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"pids{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline, "hosts never started"
+        time.sleep(0.05)
+    pids = [int((tmp_path / f"pids{i}").read_text()) for i in range(2)]
+    proc.send_signal(signal.SIGINT)
+    while not all((tmp_path / f"got{i}").exists() for i in range(2)):  # forwarded, ignored
+        assert time.monotonic() < deadline, "the first SIGINT was not forwarded"
+        time.sleep(0.05)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "got a second SIGINT; killing all hosts now" in out
+    _assert_all_gone(pids, timeout=1)
+
+
 def test_gloo_connection_lines_are_hidden_unless_asked(tmp_path):
     # Real gloo: two hosts initialise jax.distributed and run one collective.
     code = ("from distckpt.multihost import coordinator; import jax.numpy as jnp\n"

@@ -104,15 +104,24 @@ def test_quickstart_twice_on_two_hosts_from_a_relative_directory(tmp_path):
 
 @pytest.mark.multiprocess
 def test_drill_into_a_relative_directory(tmp_path):
-    """README: `distckpt drill --dir DIR --from 2x2 --to 1x2` and `--json report.json`,
-    with relative paths; then `distckpt verify` and `inspect` on the drill's checkpoints."""
-    res = run([*distckpt_command(), "drill", "--dir", "drill-run", "--from", "2x2", "--to",
-               "1x2", "--json", "report.json"], tmp_path)
+    """README: `distckpt drill --dir DIR --json report.json` (the default slices, as the
+    README shows them), with relative paths; then `distckpt verify` and `inspect` on the
+    drill's checkpoints."""
+    res = run([*distckpt_command(), "drill", "--dir", "drill-run", "--json", "report.json"],
+              tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["drill-run", "report.json"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verified"] is True, res.stdout[-4000:]
-    assert report["source"] == "2x2:fsdp=4" and report["target"] == "1x2:fsdp=2"
+    assert "verified" in res.stdout
+    assert report["source"] == "4x2:data=2,fsdp=4"
+    assert report["target"] == "2x2:fsdp=2,tensor=2"
+    # 6 steps, save every 4: step 4 is the newest save, 2 steps of work lost.
+    assert report["restored_step"] == 4 and report["steps_lost"] == 2
+    assert report["leaves"] > 0 and report["bytes"] > 0
     assert report["content_mismatch"] == [] and report["sharding_mismatch"] == []
+    assert len(report["save_stall_seconds"]) == len(report["commit_seconds"]) == 1
+    assert all(c is not None for c in report["commit_seconds"])
+    assert report["loss_abs_diff"] <= report["loss_rel_tol"] * max(1, report["loss_before"])
     steps = committed(tmp_path, "drill-run/checkpoints")
     assert report["restored_step"] == max(steps)
     verify = run([*distckpt_command(), "verify", "drill-run/checkpoints", "--json"], tmp_path)

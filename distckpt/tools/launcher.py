@@ -9,7 +9,10 @@ on a real cluster. Output lines are prefixed ``[host i]``.
 If any process exits non-zero the others are stopped (SIGTERM, then SIGKILL
 after a grace period) and the launch fails with that exit code: a multi-host
 job whose peer died would otherwise hang in its next collective. SIGINT and
-SIGTERM sent to the launcher are forwarded to every process.
+SIGTERM sent to the launcher are forwarded to every process (a distckpt job takes
+SIGTERM as a preemption notice: it saves and exits). A second SIGINT or SIGTERM (a
+second Ctrl-C on a job that does not stop) SIGKILLs every host at once and the launch
+exits 128 + N.
 
 Each host runs in its own process group (session). However the launch ends (every
 host done, a failure, the timeout, a signal, an exception in the launcher such as a
@@ -175,6 +178,17 @@ def launch(
                     pass
 
     stopped_by: list[int] = []
+    forwarded: list[int] = []
+    escalated: list[int] = []
+
+    def forward(sig: int) -> None:
+        if forwarded:  # the second one: no more waiting for the hosts
+            escalated.append(sig)
+            stopped_by.append(sig)
+            return
+        forwarded.append(sig)
+        signal_all(sig)
+
     pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     previous = {}
     first_failure: int | None = None
@@ -183,7 +197,7 @@ def launch(
             t.start()
         if forward_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda s, _f: signal_all(s))
+                previous[sig] = signal.signal(sig, lambda s, _f: forward(s))
             # Left at their default, these would end the launcher at once and leave the hosts
             # (each in its own session) running: stop the hosts first, then exit 128 + N.
             for sig in (signal.SIGHUP, signal.SIGALRM):
@@ -206,21 +220,23 @@ def launch(
                 first_failure = -1
                 break
             if stopped_by:
+                name = signal.Signals(stopped_by[0]).name
                 with lock:
-                    out.write(f"[launcher] got {signal.Signals(stopped_by[0]).name}; stopping "
-                              "all hosts\n")
+                    out.write(f"[launcher] got a second {name}; killing all hosts now\n"
+                              if escalated else f"[launcher] got {name}; stopping all hosts\n")
                 first_failure = -1
                 break
             time.sleep(0.05)
-        if first_failure is not None:
+        if first_failure is not None and not escalated:
             signal_all(signal.SIGTERM)
             end = time.monotonic() + grace_s
-            while time.monotonic() < end and any(_exit_code(p) is None for p in procs):
+            while (time.monotonic() < end and not escalated
+                   and any(_exit_code(p) is None for p in procs)):
                 time.sleep(0.05)
     finally:
         # Every path (done, failed, timed out, an exception such as a test timeout's
         # SIGALRM): kill whatever is left of each host's process group, then reap the hosts.
-        _kill_and_reap(procs, grace_s)
+        _kill_and_reap(procs, 1.0 if escalated else grace_s)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for t in pumps:
