@@ -469,6 +469,7 @@ def scenario_peers(a) -> None:
 
     distckpt.initialize()
     peers.GROUP_BYTES = 3000  # many groups from small shards
+    peers.PACK_BELOW, peers.PACK_BYTES = 4000, 2000  # some shards packed, some alone
     rng = np.random.default_rng(a.steps)
     shapes = [(100, 7), (0, 3), (1000,), (5, 0), (33, 33), (1,), (2000,)]
     datas = [rng.integers(0, 256, s, dtype=np.uint8).astype(np.float32) for s in shapes]
@@ -486,7 +487,7 @@ def scenario_peers(a) -> None:
 
     link = peers.PeerLink(None, 60.0)
     out = {}
-    for case, flip in (("intact", None), ("flipped", 4)):
+    for case, flip in (("intact", None), ("flipped", 4), ("flipped-packed", 0)):
         key = f"test-peers-{case}"
         if jax.process_index() == 0:
             c = copy_of(flip)
@@ -496,7 +497,7 @@ def scenario_peers(a) -> None:
             note = link.note(key)
             try:
                 got = local_save.pull_copy(link, note)
-                out[case] = {"groups": len(note["groups"]), "equal": [
+                out[case] = {"groups": len(note["groups"]), "units": note["units"], "equal": [
                     bool(np.array_equal(got.leaves[f"leaf{k}"]["shards"][0].data, d))
                     for k, d in enumerate(datas)]}
             except ValueError as e:

@@ -239,3 +239,69 @@ def test_plan_restore_of_the_local_tier(tmp_path):
     restored = svc.restore(target)
     svc.close()
     assert restored.step == 3 and restored.read_bytes == plan.hosts[0].bytes > 0
+
+
+ARRAYS = st.lists(st.tuples(
+    st.lists(st.integers(0, 40), max_size=3),
+    st.sampled_from(["float32", "bfloat16", "int8", "uint32", "bool", "float64", "int16"]),
+    st.integers(0, 2**32 - 1)), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ARRAYS, st.sampled_from([(64, 256), (300, 1000), (1 << 20, 8 << 20)]))
+def test_peer_offers_pack_small_arrays_and_unpack_them_bit_exact(arrays, limits):
+    """What travels to a peer (peers._units) unpacks (peers._unpack) to the same bytes,
+    every array once, zero-size ones not at all, each packed array at an aligned offset."""
+    from distckpt.checkpoint import peers
+    from distckpt.checkpoint.local_tier import dtype_of
+
+    data = []
+    for shape, dtype, seed in arrays:
+        raw = np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) *
+                                                  dtype_of(dtype).itemsize, dtype=np.uint8)
+        data.append(raw.view(dtype_of(dtype)).reshape(shape))
+    old = peers.PACK_BELOW, peers.PACK_BYTES
+    peers.PACK_BELOW, peers.PACK_BYTES = limits
+    try:
+        units = peers._units(data)
+    finally:
+        peers.PACK_BELOW, peers.PACK_BYTES = old
+    units = json.loads(json.dumps([u for _, u in units])), [a for a, _ in units]
+    shapes = [(a.shape, a.dtype) for a in data]
+    got: dict[int, np.ndarray] = {}
+    for unit, sent in zip(*units, strict=True):
+        for offset in (o for _, o in unit.get("pack", [])):
+            assert offset % peers.ALIGN == 0
+        for i, a in peers._unpack(unit, np.array(sent), shapes):
+            assert i not in got
+            got[i] = a
+    assert sorted(got) == [i for i, a in enumerate(data) if a.size]
+    for i, a in got.items():
+        assert a.shape == data[i].shape and a.dtype == data[i].dtype
+        assert a.tobytes() == data[i].tobytes()
+
+
+def test_a_copy_in_the_one_file_per_shard_format_still_restores(tmp_path):
+    """Copies written before shards.bin (format distckpt-local/1, a file per shard) are
+    read as before: same step, same tier, bit-exact."""
+    svc, x, target = _save_two_steps(tmp_path)
+    svc.close()
+    own = tmp_path / "local" / "3" / "own"
+    record = json.loads((own / "record.json").read_text())
+    assert record["format"] == "distckpt-local/2"
+    assert sorted(os.listdir(own)) == ["record.json", "shards.bin"]
+    packed = (own / "shards.bin").read_bytes()
+    for i, leaf in enumerate(record["leaves"]):
+        for k, s in enumerate(leaf["shards"]):
+            name = f"{i}.{k}.bin"
+            (own / name).write_bytes(packed[s["offset"]:s["offset"] + s["nbytes"]])
+            s["file"] = name
+            del s["offset"]
+    record["format"] = "distckpt-local/1"
+    (own / "shards.bin").unlink()
+    (own / "record.json").write_text(json.dumps(record))
+    with distckpt.CheckpointService(str(tmp_path / "ckpt"), distckpt.CheckpointOptions(
+            local_directory=str(tmp_path / "local"))) as svc2:
+        restored = svc2.restore(target)
+    assert (restored.step, restored.tier) == (3, "local")
+    np.testing.assert_array_equal(np.asarray(restored.items["s"]["x"]), np.asarray(x * 3))

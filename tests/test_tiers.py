@@ -26,6 +26,7 @@ from distckpt.checkpoint.local_restore import choose
 from distckpt.state.process_state import FaultPoint
 from distckpt.tools.launcher import launch
 from distckpt.tools.plan import plan_restore
+from tests.local_copies import flip_a_shard_byte
 
 WORKER = str(Path(__file__).parent / "tier_worker.py")
 ROOT = str(Path(__file__).parent.parent)
@@ -120,11 +121,7 @@ def test_topology_change_reads_persistent(job):
 
 
 def test_corrupt_local_copy_is_never_restored(job):
-    victim = max((job / "local" / "host1" / "6" / "own").glob("*.bin"),
-                 key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    flip_a_shard_byte(job / "local" / "host1" / "6" / "own")
     out = run(job, "restore", 4, 2, "--read-only")
     got = restored(job, 4)
     assert "differs from what was saved" in out
@@ -227,15 +224,19 @@ def test_plan_prefers_a_newer_persistent_step():
 
 @pytest.mark.multiprocess
 def test_peer_copy_pulled_in_groups_is_checked_group_by_group(tmp_path, run_hosts):
-    """A copy offered in many groups (zero-size shards among them) arrives bit for bit;
-    one byte changed after its CRC was taken is refused, naming the shard."""
+    """A copy offered in many groups (zero-size shards among them, small shards packed
+    together) arrives bit for bit; one byte changed after its CRC was taken is refused,
+    naming the shard, whether it travelled alone or in a pack."""
     out = tmp_path / "peers"
     run_hosts(2, 1, "peers", str(out), "--steps", "7").check()
     got = json.loads((tmp_path / "peers.1").read_text())
     assert got["intact"]["groups"] > 3 and all(got["intact"]["equal"]), got
-    assert got["flipped"]["groups"] > 3, got
+    kinds = {"pack" if "pack" in u else "array" for u in got["intact"]["units"]}
+    assert kinds == {"pack", "array"}, got  # both ways of travelling are exercised
     assert "leaf4 box [[0, 33], [0, 33]] differs from what was saved" in \
         got["flipped"]["error"], got
+    assert "leaf0 box [[0, 100], [0, 7]] differs from what was saved" in \
+        got["flipped-packed"]["error"], got
 
 
 @pytest.mark.multiprocess

@@ -36,6 +36,7 @@ from hypothesis.stateful import (
 from jax.sharding import NamedSharding, PartitionSpec
 
 import distckpt
+from tests.local_copies import flip_a_shard_byte
 
 pytestmark = pytest.mark.fast
 
@@ -95,11 +96,7 @@ class Tiers(RuleBasedStateMachine):
         if not self.local or not self.local[max(self.local)]:
             return  # (flipping the same byte again would repair it)
         newest = max(self.local)
-        files = sorted((self.base / "local" / str(newest) / "own").glob("*.bin"))
-        victim = max(files, key=lambda p: p.stat().st_size)
-        data = bytearray(victim.read_bytes())
-        data[len(data) // 3] ^= 0x10
-        victim.write_bytes(bytes(data))
+        flip_a_shard_byte(self.base / "local" / str(newest) / "own", where=1 / 3, mask=0x10)
         self.local[newest] = False
 
     @rule()

@@ -222,8 +222,9 @@ def pull_copy(link: peers.PeerLink, note: Mapping[str, Any]) -> Copy:
         leaf.pop("files", None)
         shards += [(name, s) for s in leaf["shards"]]
 
-    def arrived(first: int, arrays: Sequence[np.ndarray]) -> None:
-        for (name, s), data in zip(shards[first:first + len(arrays)], arrays, strict=True):
+    def arrived(indices: Sequence[int], arrays: Sequence[np.ndarray]) -> None:
+        for i, data in zip(indices, arrays, strict=True):
+            name, s = shards[i]
             s.data = data
             check_shard(name, s)
 

@@ -9,11 +9,12 @@ copy of a peer host's shards it keeps for that peer::
     <local>/<step>/peer-<uid>/        a copy of host <uid>'s own shards of <step>
     <local>/<step>/.tmp-*/            a copy being written (never read; removed on open)
 
-A copy directory holds one raw file per distinct shard (``<leaf>.<k>.bin``, C order, the
-array's dtype; typed keys as their key data) and ``record.json``, written last: the
-step, the saving job's shape (process count, devices per process, its persistent
+A copy directory holds ``shards.bin``, every distinct shard's raw bytes one after another
+(C order, the array's dtype; typed keys as their key data; each shard at an offset
+aligned to 64 bytes, so a mapped shard is aligned memory a device buffer can adopt), and
+``record.json``, written last: the step, the saving job's shape (process count, devices per process, its persistent
 directory), the *role* (the process index that saved the shards), every shard's box,
-size and content digest (:mod:`distckpt.state.digest`, the same topology-independent
+file, offset, size and content digest (:mod:`distckpt.state.digest`, the same topology-independent
 digest as a persistent step's commit record: the partial digest of the box at its
 global position), and the user metadata, metrics, provenance and that process's
 per-process state.
@@ -28,6 +29,11 @@ times cheaper than recomputing the digest on this machine and still certain to c
 changed byte), so a torn or flipped byte is never restored. Nothing is fsynced: the tier is meant for RAM-backed
 storage, where a copy is lost with its machine anyway (the peer copy is what survives
 that), and on an SSD a power loss at worst costs a copy that then fails its check.
+
+Formats: ``distckpt-local/2`` (one ``shards.bin`` per copy; since 2026-12-01) is what is
+written; ``distckpt-local/1`` copies (one ``<i>.<leaf>.<k>.bin`` file per shard) are still
+read. One file instead of one per shard took most of the per-save file work off the
+background thread (a local save of the reference trainer's state wrote 234 files).
 
 The host identity (``HOST.json``'s uid) lives in the directory, so it moves with the
 machine: a restarted job whose process ids were permuted still finds its shards by the
@@ -60,7 +66,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "Copy", "LocalDir", "Shard", "box_of", "expand", "machine_name"]
 
-FORMAT = "distckpt-local/1"
+FORMAT = "distckpt-local/2"
+"""The format written (one shards.bin per copy)."""
+FORMATS = ("distckpt-local/1", FORMAT)
+"""The formats read (/1: one file per shard)."""
+SHARDS = "shards.bin"
+ALIGN = 64
+"""Each shard's offset in shards.bin is a multiple of this (alignment a CPU device buffer
+can adopt without a copy)."""
 RECORD = "record.json"
 HOST_FILE = "HOST.json"
 OWN = "own"
@@ -124,15 +137,16 @@ class Copy:
     extra: dict[str, Any]
     """metadata, metrics, provenance and process_state (JSON)."""
 
-    def record(self, files: Mapping[tuple[str, int], tuple[str, int]]) -> dict[str, Any]:
+    def record(self, files: Mapping[tuple[str, int], tuple[str, int, int]]) -> dict[str, Any]:
+        """The record, with each shard's (file, offset, nbytes) from `files`."""
         leaves = []
         for name, leaf in self.leaves.items():
             shards = []
             for k, s in enumerate(leaf["shards"]):
-                file, size = files[(name, k)]
+                file, offset, size = files[(name, k)]
                 shards.append({"box": [list(b) for b in s.box], "devices": list(s.devices),
-                               "file": file, "nbytes": size, "digest": s.digest,
-                               "crc32": s.crc32})
+                               "file": file, "offset": offset, "nbytes": size,
+                               "digest": s.digest, "crc32": s.crc32})
             leaves.append({"name": name, "shape": list(leaf["shape"]), "dtype": leaf["dtype"],
                            "sharding": leaf.get("sharding"), "shards": shards})
         return {"format": FORMAT, "step": self.step, "role": self.role, "owner": self.owner,
@@ -140,13 +154,13 @@ class Copy:
 
     def offer_record(self) -> dict[str, Any]:
         """The record of this copy's shards as they travel to a peer (files by index)."""
-        return self.record({(name, k): (str(k), s.data.nbytes if s.data is not None else 0)
+        return self.record({(name, k): (str(k), 0, s.data.nbytes if s.data is not None else 0)
                             for name, leaf in self.leaves.items()
                             for k, s in enumerate(leaf["shards"])})
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Copy:
-        if rec.get("format") != FORMAT:
+        if rec.get("format") not in FORMATS:
             raise ValueError(f"not a {FORMAT} record (format {rec.get('format')!r})")
         leaves = {}
         for leaf in rec["leaves"]:
@@ -156,7 +170,8 @@ class Copy:
                       for s in leaf["shards"]]
             leaves[leaf["name"]] = {"shape": tuple(leaf["shape"]), "dtype": leaf["dtype"],
                                     "sharding": leaf.get("sharding"), "shards": shards,
-                                    "files": [s["file"] for s in leaf["shards"]]}
+                                    "files": [(s["file"], int(s.get("offset", 0)))
+                                              for s in leaf["shards"]]}
         extra = {k: rec.get(k) for k in ("metadata", "metrics", "provenance", "process_state")}
         return cls(int(rec["step"]), int(rec["role"]), str(rec["owner"]), dict(rec["job"]),
                    leaves, extra)
@@ -171,10 +186,6 @@ def box_of(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[tuple[int, i
     """A shard's index (slices of the global array) as [start, stop) per dimension."""
     return tuple((s.start or 0, n if s.stop is None else s.stop)
                  for s, n in zip(index, shape, strict=True))
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
 
 
 class LocalDir:
@@ -213,15 +224,23 @@ class LocalDir:
         step_dir.mkdir(exist_ok=True)
         tmp = step_dir / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        files: dict[tuple[str, int], tuple[str, int]] = {}
-        for i, (leaf_name, leaf) in enumerate(copy.leaves.items()):
-            for k, s in enumerate(leaf["shards"]):
-                assert s.data is not None and s.digest is not None
-                file = f"{i}.{_safe(leaf_name)}.{k}.bin"
-                np.ascontiguousarray(s.data).tofile(tmp / file)
-                if after_file is not None:
-                    after_file()
-                files[(leaf_name, k)] = (file, s.data.nbytes)
+        files: dict[tuple[str, int], tuple[str, int, int]] = {}
+        offset = 0
+        with open(tmp / SHARDS, "wb") as f:
+            for leaf_name, leaf in copy.leaves.items():
+                for k, s in enumerate(leaf["shards"]):
+                    assert s.data is not None and s.digest is not None
+                    pad = -offset % ALIGN
+                    if pad:
+                        f.write(bytes(pad))
+                        offset += pad
+                    data = np.ascontiguousarray(s.data)
+                    f.write(data.reshape(-1).view(np.uint8).data)
+                    files[(leaf_name, k)] = (SHARDS, offset, data.nbytes)
+                    offset += data.nbytes
+                    if after_file is not None:
+                        f.flush()
+                        after_file()
         (tmp / RECORD).write_text(json.dumps(copy.record(files)))
         final = step_dir / name
         if final.exists():  # the same step saved again: the new copy replaces it
@@ -282,18 +301,22 @@ class LocalDir:
     @staticmethod
     def _record(path: Path) -> dict[str, Any]:
         rec = json.loads((path / RECORD).read_text())
-        if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        if not isinstance(rec, dict) or rec.get("format") not in FORMATS:
             raise ValueError(f"{path / RECORD} is not a {FORMAT} record")
         return rec
 
     @staticmethod
     def _check_files(path: Path, rec: Mapping[str, Any]) -> None:
+        """Every file the record names ends where its last shard ends."""
+        ends: dict[str, int] = {}
         for leaf in rec["leaves"]:
             for s in leaf["shards"]:
-                size = (path / s["file"]).stat().st_size
-                if size != s["nbytes"]:
-                    raise ValueError(f"{s['file']} has {size} bytes, the record says "
-                                     f"{s['nbytes']}")
+                end = int(s.get("offset", 0)) + int(s["nbytes"])
+                ends[s["file"]] = max(ends.get(s["file"], 0), end)
+        for file, end in ends.items():
+            size = (path / file).stat().st_size
+            if size != end:
+                raise ValueError(f"{file} has {size} bytes, the record says {end}")
 
     def read_copy(self, step: int, name: str, wanted: Sequence[str] | None = None, *,
                   check: bool = True) -> Copy:
@@ -304,6 +327,7 @@ class LocalDir:
         rec = self._record(path)
         self._check_files(path, rec)
         copy = Copy.from_record(rec)
+        maps: dict[str, np.ndarray] = {}
         keep = set(copy.leaves) if wanted is None else set(wanted)
         missing = keep - set(copy.leaves)
         if missing:
@@ -314,13 +338,19 @@ class LocalDir:
                 del copy.leaves[leaf_name]
                 continue
             dtype = dtype_of(leaf["dtype"])
-            for s, file in zip(leaf["shards"], leaf.pop("files"), strict=True):
+            for s, (file, offset) in zip(leaf["shards"], leaf.pop("files"), strict=True):
                 shape = tuple(b - a for a, b in s.box)
-                # Mapped, not read into a buffer: the restore copies each shard once, into
-                # its device buffer, so a restore's memory beyond the restored shards
-                # stays the page cache's (on a RAM disk, the copy already in RAM).
-                s.data = (np.memmap(path / file, dtype=dtype, mode="r", shape=shape)
-                          if math.prod(shape) else np.zeros(shape, dtype))
+                nbytes = math.prod(shape) * dtype.itemsize
+                if not nbytes:
+                    s.data = np.zeros(shape, dtype)
+                else:
+                    # Mapped, not read into a buffer: the restore copies each shard at most
+                    # once, into its device buffer (on CPU the device adopts the mapped
+                    # pages), so a restore's memory beyond the restored shards stays the
+                    # page cache's (on a RAM disk, the copy already in RAM).
+                    if file not in maps:
+                        maps[file] = np.memmap(path / file, dtype=np.uint8, mode="r")
+                    s.data = maps[file][offset:offset + nbytes].view(dtype).reshape(shape)
                 if check:
                     check_shard(leaf_name, s)
         return copy

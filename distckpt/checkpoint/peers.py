@@ -33,6 +33,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import math
 import secrets
 import socket
 import time
@@ -56,6 +57,12 @@ TRANSFER_BYTES = 1 << 20
 GROUP_BYTES = 16 << 20
 """An offer is pulled in groups of about this many bytes: the receiver checks a group
 while the next one travels."""
+PACK_BELOW = 1 << 20
+"""Arrays smaller than this travel packed together (one uint8 array per pack, each at an
+offset aligned to ALIGN bytes); larger ones travel as they are. A state of many small
+leaves costs one transfer per pack, not one per leaf."""
+PACK_BYTES = 8 << 20
+ALIGN = 64
 
 
 def bind_address() -> str:
@@ -102,67 +109,69 @@ class PeerLink:
         GROUP_BYTES, each under its own id, so the receiver can check one group while the
         next one travels."""
         server = self._start()
-        groups: list[list[np.ndarray]] = []
+        groups: list[list[tuple[np.ndarray, dict[str, Any]]]] = []
         size = GROUP_BYTES
-        for a in arrays:
-            if not a.size:
-                continue
-            if size + a.nbytes > GROUP_BYTES and (not groups or groups[-1]):
+        for unit in _units(arrays):
+            if size + unit[0].nbytes > GROUP_BYTES and (not groups or groups[-1]):
                 groups.append([])
                 size = 0
-            groups[-1].append(a)
-            size += a.nbytes
+            groups[-1].append(unit)
+            size += unit[0].nbytes
         uids = [secrets.randbits(62) for _ in groups]
         for uid, group in zip(uids, groups, strict=True):
-            server.await_pull(uid, [jax.device_put(a, self._device) for a in group])
+            server.await_pull(uid, [jax.device_put(a, self._device) for a, _ in group])
         coordinator.publish(key, json.dumps({
             "address": server.address(), "uuids": uids, "groups": [len(g) for g in groups],
-            "meta": meta, "arrays": [[list(a.shape), str(a.dtype)] for a in arrays]}))
+            "units": [u for g in groups for _, u in g], "meta": meta,
+            "arrays": [[list(a.shape), str(a.dtype)] for a in arrays]}))
 
     def note(self, key: str) -> dict[str, Any]:
         """The note of an offer (blocks up to timeout_s)."""
         return json.loads(coordinator.wait_note(key, self.timeout_s))
 
     def pull(self, note: dict[str, Any],
-             arrived: Callable[[int, list[np.ndarray]], None] | None = None
+             arrived: Callable[[list[int], list[np.ndarray]], None] | None = None
              ) -> list[np.ndarray]:
         """Pull the arrays an offer's note describes; returns host copies (views of the
-        pulled buffers). `arrived(first, arrays)`, when given, is called in a worker
-        thread with each group as it arrives (`first`: its first array's index in the
-        note's list, zero-size arrays included) while the next group is pulled; its
-        exception is raised here."""
+        pulled buffers). `arrived(indices, arrays)`, when given, is called in a worker
+        thread with each group as it arrives (`indices`: the arrays' indices in the
+        note's list) while the next group is pulled; its exception is raised here.
+        Zero-size arrays do not travel and are not passed to `arrived`."""
         self._start()
         from distckpt.checkpoint.local_tier import dtype_of
 
         shapes = [(tuple(s), dtype_of(d)) for s, d in note["arrays"]]
-        sized = [i for i, (s, _) in enumerate(shapes) if int(np.prod(s, dtype=np.int64))]
-        out: list[np.ndarray] = [np.zeros(s, d) for s, d in shapes]
+        units: list[dict[str, Any]] = note["units"]
+        out: list[np.ndarray] = [np.zeros(s, d) for s, d in shapes]  # zero-size: not sent
         address = note["address"]
-        if sized and address not in self._connections:
+        if units and address not in self._connections:
             self._connections[address] = self._server.connect(address)
+        sharding = jax.sharding.SingleDeviceSharding(self._device)
         done = 0
         deadline = time.monotonic() + self.timeout_s
         with concurrent.futures.ThreadPoolExecutor(1) as checker:
             checks = []
             for uid, count in zip(note["uuids"], note["groups"], strict=True):
-                which = sized[done:done + count]
+                which = units[done:done + count]
                 done += count
-                specs = [jax.ShapeDtypeStruct(shapes[i][0], shapes[i][1],
-                                              sharding=jax.sharding.SingleDeviceSharding(
-                                                  self._device)) for i in which]
+                specs = [jax.ShapeDtypeStruct(*shapes[u["array"]], sharding=sharding)
+                         if "array" in u else
+                         jax.ShapeDtypeStruct((u["nbytes"],), np.uint8, sharding=sharding)
+                         for u in which]
                 got = self._connections[address].pull(uid, specs)
                 self._wait_ready(got, address, deadline)
                 # Views of the pulled buffers, not copies: on CPU they are aligned memory
                 # that jax.device_put takes without copying again.
-                for i, a in zip(which, got, strict=True):
-                    out[i] = np.asarray(a)
+                indices = []
+                for u, a in zip(which, got, strict=True):
+                    for i, data in _unpack(u, np.asarray(a), shapes):
+                        out[i] = data
+                        indices.append(i)
                 if arrived is not None:
-                    first = which[0]
-                    group = out[first:which[-1] + 1]
-                    checks.append(checker.submit(arrived, first, group))
-            if done != len(sized):
-                raise ValueError(f"offer {note['uuids']} holds {done} arrays, its note "
-                                 f"lists {len(sized)}")
+                    checks.append(checker.submit(arrived, indices, [out[i] for i in indices]))
+            if done != len(units):
+                raise ValueError(f"offer {note['uuids']} holds {done} transfers, its note "
+                                 f"lists {len(units)}")
             for c in checks:
                 c.result()
         return out
@@ -178,6 +187,53 @@ class PeerLink:
                                    f"{self.timeout_s:g}s")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _units(arrays: Sequence[np.ndarray]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """What travels for `arrays`: (array to send, its description in the note): an array
+    of PACK_BELOW bytes or more as itself (``{"array": i}``), smaller ones copied into
+    packs of about PACK_BYTES (``{"pack": [[i, offset], ...], "nbytes": n}``). Zero-size
+    arrays do not travel."""
+    units: list[tuple[np.ndarray, dict[str, Any]]] = []
+    members: list[tuple[int, int]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal members, size
+        if members:
+            pack = np.empty(size, np.uint8)
+            for i, offset in members:
+                flat = np.ascontiguousarray(arrays[i]).reshape(-1).view(np.uint8)
+                pack[offset:offset + flat.size] = flat
+            units.append((pack, {"pack": [list(m) for m in members], "nbytes": size}))
+        members, size = [], 0
+
+    for i, a in enumerate(arrays):
+        if not a.size:
+            continue
+        if a.nbytes >= PACK_BELOW:
+            units.append((a, {"array": i}))
+            continue
+        offset = size + (-size % ALIGN)
+        members.append((i, offset))
+        size = offset + a.nbytes
+        if size >= PACK_BYTES:
+            flush()
+    flush()
+    return units
+
+
+def _unpack(unit: dict[str, Any], data: np.ndarray,
+            shapes: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list[tuple[int, np.ndarray]]:
+    """(index, array) of what one unit carried: `data` itself, or views of a pack."""
+    if "array" in unit:
+        return [(unit["array"], data)]
+    out = []
+    for i, offset in unit["pack"]:
+        shape, dtype = shapes[i]
+        n = math.prod(shape) * dtype.itemsize
+        out.append((i, data[offset:offset + n].view(dtype).reshape(shape)))
+    return out
 
 
 def exchange_key(nonce: str, *parts: Any) -> str:

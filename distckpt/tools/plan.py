@@ -218,7 +218,8 @@ def _plan_local(directory: epath.PathLike | storage.Location, slice_: SliceSpec,
             record = json.loads((roots[h] / str(s) / n / RECORD).read_text())
             for leaf in record["leaves"]:
                 for shard in leaf["shards"]:
-                    files[f"{names[h]}:{s}/{n}/{shard['file']}"] = shard["nbytes"]
+                    key = f"{names[h]}:{s}/{n}/{shard['file']}"
+                    files[key] = files.get(key, 0) + shard["nbytes"]
         total = sum(files.values())
         mine = sum(v for k, v in files.items() if k.startswith(f"{names[holder]}:{s}/{name}/"))
         hosts.append(plan.HostPlan(
