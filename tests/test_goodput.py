@@ -4,6 +4,7 @@ values: those depend on the machine; docs/goodput.md has measured figures)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -154,8 +155,32 @@ def test_step_costs_leave_out_each_attempts_first_save_of_each_kind():
     # Local every 2, persistent every 4: the first of each kind (2, 4) compiles.
     got = step_costs([attempt({2: 9.0, 4: 9.0, 6: 0.1, 8: 0.5, 10: 0.1, 12: 0.7})], 4, 2)
     assert got == {"step_s": 1.0, "stall_s": 0.6, "commit_s": 0.8, "local_stall_s": 0.1,
-                   "local_commit_s": 0.25}
+                   "local_commit_s": 0.25, "cost_s": 0.6, "local_cost_s": 0.1}
     assert step_costs([Attempt(launched=0.0)], 4, None)["stall_s"] is None
+
+
+@pytest.mark.fast
+def test_a_save_costs_its_stall_plus_how_much_it_slowed_the_next_steps():
+    """A save whose background work slows the following steps costs training more than
+    its stall: the model charges the stall plus each later step's excess over the step
+    time, up to the next save; a plan from those costs saves less often."""
+    events, t = [], 0.0
+    for step in range(1, 34):
+        saved = step % 4 == 0  # local every 4, persistent every 16
+        stall = 0.02 if saved else 0.0
+        slow = 0.4 if (step - 1) % 4 == 0 and step > 4 else 0.0  # the step after a save
+        t += 1.0 + stall + slow
+        events.append({"event": "step", "t": t, "step": step, "saved": saved,
+                       "save_s": stall, "train_s": 1.0, "committed": [],
+                       "local_written": []})
+    got = step_costs([Attempt(launched=0.0, events=events)], 16, 4)
+    assert got["step_s"] == 1.0 and got["local_stall_s"] == 0.02
+    assert got["local_cost_s"] == pytest.approx(0.42) and got["cost_s"] == pytest.approx(0.42)
+    costs = cal(step_s=1.0, local_stall_s=0.02, local_commit_s=0.5)
+    charged = dataclasses.replace(costs, local_cost_s=got["local_cost_s"])
+    assert charged.local_save_cost() == pytest.approx(0.42) and costs.local_save_cost() == 0.02
+    assert gm.plan(charged, 100.0, 300.0, local=True).local_every > \
+        gm.plan(costs, 100.0, 300.0, local=True).local_every
 
 
 @pytest.mark.fast

@@ -275,7 +275,8 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
     local_stall = got["local_stall_s"]
     return model.Costs(step_s=step_s, start_s=start_s, restart_s=restart, stall_s=stall,
                        commit_s=got["commit_s"] or stall, local_stall_s=local_stall,
-                       local_commit_s=got["local_commit_s"] or local_stall)
+                       local_commit_s=got["local_commit_s"] or local_stall,
+                       cost_s=got["cost_s"], local_cost_s=got["local_cost_s"])
 
 
 # --------------------------------------------------------------------------- one run

@@ -137,10 +137,15 @@ def _print_event(kind: str, fields: dict[str, Any]) -> None:
         print(f"{fields['run']}: calibrating (log {fields['log']})", flush=True)
     elif kind == "planned":
         cal, plan = fields["calibration"], fields["plan"]
-        local = (f", local save stall {cal['local_stall_s']:.3f}s every {plan['local_every']}"
+        def cost(value: float | None) -> str:
+            return "" if value is None else f" (costs {value:.3f}s)"
+
+        local = (f", local save stall {cal['local_stall_s']:.3f}s"
+                 f"{cost(cal.get('local_cost_s'))} every {plan['local_every']}"
                  if plan["local_every"] else "")
         print(f"  step {cal['step_s']:.3f}s, start {cal['start_s']:.1f}s, restart "
-              f"{cal['restart_s']:.1f}s, save stall {cal['stall_s']:.3f}s commit "
+              f"{cal['restart_s']:.1f}s, save stall {cal['stall_s']:.3f}s"
+              f"{cost(cal.get('cost_s'))} commit "
               f"{cal['commit_s']:.3f}s{local}; persistent save every {plan['save_every']} "
               f"steps; planned ETTR {fields['ettr_planned']:.3f}; running", flush=True)
     elif kind == "failure":

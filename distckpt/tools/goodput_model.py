@@ -77,6 +77,20 @@ class Costs:
     local_commit_s: float | None = None
     """Median time from such a save's start until its own and its peer copy are written
     (the primary host's; its stall where none was reported)."""
+    cost_s: float | None = None
+    """Median time a save that writes the persistent tier costs training: its stall plus
+    what the steps until the next save took beyond `step_s` (its background work shares
+    the host with training). None: not measured, the stall is used."""
+    local_cost_s: float | None = None
+    """The same for a save to the local tier only."""
+
+    def save_cost(self) -> float:
+        """What the model charges per persistent save: `cost_s`, else the stall."""
+        return self.stall_s if self.cost_s is None else self.cost_s
+
+    def local_save_cost(self) -> float | None:
+        """What the model charges per local-only save: `local_cost_s`, else its stall."""
+        return self.local_stall_s if self.local_cost_s is None else self.local_cost_s
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -146,13 +160,14 @@ def predict_ettr(tau_s: float, cost_s: float, latency_s: float, restart_s: float
 def plan(costs: Costs, mtbf_s: float, duration_s: float, *, local: bool) -> Plan:
     """The intervals of a run from its calibration's costs (see the module docstring)."""
     if not local:
-        every = steps_for(interval_s(costs.stall_s, costs.commit_s, mtbf_s), costs.step_s)
+        every = steps_for(interval_s(costs.save_cost(), costs.commit_s, mtbf_s), costs.step_s)
         return Plan(save_every=every, local_every=None, mtbf_s=mtbf_s, duration_s=duration_s)
-    if costs.local_stall_s is None or costs.local_commit_s is None:
+    local_cost = costs.local_save_cost()
+    if local_cost is None or costs.local_commit_s is None:
         raise ValueError("a multi-tier plan needs the local tier's measured costs")
-    local_every = steps_for(interval_s(costs.local_stall_s, costs.local_commit_s, mtbf_s),
+    local_every = steps_for(interval_s(local_cost, costs.local_commit_s, mtbf_s),
                             costs.step_s)
-    extra = max(0.0, costs.stall_s - costs.local_stall_s)
+    extra = max(0.0, costs.save_cost() - local_cost)
     rare = interval_s(extra, costs.commit_s, mtbf_s * PERSISTENT_MTBF_FACTOR)
     save_every = local_every * max(1, math.ceil(steps_for(rare, costs.step_s) / local_every))
     return Plan(save_every=save_every, local_every=local_every, mtbf_s=mtbf_s,
@@ -165,12 +180,13 @@ def predict(costs: Costs, plan: Plan) -> float:
     stall per interval is the local one plus the persistent saves' extra, spread."""
     tau = plan.restart_every * costs.step_s
     if plan.local_every is None:
-        cost, latency = costs.stall_s, costs.commit_s
+        cost, latency = costs.save_cost(), costs.commit_s
     else:
-        if costs.local_stall_s is None or costs.local_commit_s is None:
+        local_cost = costs.local_save_cost()
+        if local_cost is None or costs.local_commit_s is None:
             raise ValueError("a multi-tier prediction needs the local tier's measured costs")
-        extra = max(0.0, costs.stall_s - costs.local_stall_s)
-        cost = costs.local_stall_s + extra * plan.local_every / plan.save_every
+        extra = max(0.0, costs.save_cost() - local_cost)
+        cost = local_cost + extra * plan.local_every / plan.save_every
         latency = costs.local_commit_s
     return predict_ettr(tau, cost, latency, costs.restart_s, plan.mtbf_s, costs.start_s,
                         plan.duration_s)

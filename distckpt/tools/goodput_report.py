@@ -31,6 +31,11 @@ one machine, shared by every process; events after the deadline are left out.
   until the next attempt's first step, less one step; the start, the first attempt's
   launch until its first step, less one step. What the run did not measure is taken from
   the calibration.
+* *Save cost* (what the model charges per save): the median, over the same saves, of
+  the save's stall plus what each step after it, up to the next save, took beyond the
+  step time. A save's background work (writing, digests, the peer copy) shares the host
+  with training; on the 2-core development machine it slowed the next steps by several
+  times the stall.
 """
 
 from __future__ import annotations
@@ -79,15 +84,24 @@ class Attempt:
 
 def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | None
                ) -> dict[str, float | None]:
-    """step_s, stall_s, commit_s, local_stall_s, local_commit_s measured in `attempts`
-    (None where nothing was measured; see the definitions)."""
+    """step_s, stall_s, commit_s, local_stall_s, local_commit_s, cost_s, local_cost_s
+    measured in `attempts` (None where nothing was measured; see the definitions)."""
     intervals, both, only_local = [], [], []
+    after: dict[int, list[float]] = {}  # id of a save event -> its following steps' times
     commits: dict[int, float] = {}
     written: dict[int, float] = {}
     for a in attempts:
         steps = a.steps()
         intervals += [b["t"] - p["t"] - b["save_s"] for p, b in itertools.pairwise(steps)
                       if not b["saved"]]
+        last = None
+        for p, b in itertools.pairwise(steps):
+            if p["saved"]:
+                last = after.setdefault(id(p), [])
+            if b["saved"]:
+                last = None
+            elif last is not None:
+                last.append(b["t"] - p["t"] - b["save_s"])
         saves = [e for e in steps if e["saved"]]
         persistent = [e for e in saves if e["step"] % save_every == 0]
         both += persistent[1:]  # the first save of a process compiles its checksums
@@ -99,13 +113,23 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
     def med(values: list[float]) -> float | None:
         return model.median(values) if values else None
 
-    out = {"step_s": med(intervals), "stall_s": med([e["save_s"] for e in both]),
+    step_s = med(intervals)
+
+    def cost(e: dict[str, Any]) -> float:
+        assert step_s is not None
+        return e["save_s"] + sum(max(0.0, t - step_s) for t in after.get(id(e), []))
+
+    out = {"step_s": step_s, "stall_s": med([e["save_s"] for e in both]),
            "commit_s": med([commits[e["step"]] for e in both if e["step"] in commits]),
-           "local_stall_s": None, "local_commit_s": None}
+           "local_stall_s": None, "local_commit_s": None,
+           "cost_s": med([cost(e) for e in both]) if step_s is not None else None,
+           "local_cost_s": None}
     if local_every is not None:
         out["local_stall_s"] = med([e["save_s"] for e in only_local])
         out["local_commit_s"] = med([written[e["step"]] for e in only_local
                                      if e["step"] in written])
+        out["local_cost_s"] = (med([cost(e) for e in only_local]) if step_s is not None
+                               else None)
     return out
 
 
@@ -127,7 +151,9 @@ def measured_costs(attempts: Sequence[Attempt], plan: model.Plan, calibrated: mo
         stall_s=_or(got["stall_s"], calibrated.stall_s),
         commit_s=_or(got["commit_s"], calibrated.commit_s),
         local_stall_s=_or(got["local_stall_s"], calibrated.local_stall_s),
-        local_commit_s=_or(got["local_commit_s"], calibrated.local_commit_s))
+        local_commit_s=_or(got["local_commit_s"], calibrated.local_commit_s),
+        cost_s=_or(got["cost_s"], calibrated.cost_s),
+        local_cost_s=_or(got["local_cost_s"], calibrated.local_cost_s))
 
 
 def _or(value: float | None, default: float | None) -> Any:
