@@ -670,6 +670,63 @@ def scenario_bgtrain(a) -> None:
     write(a.out, {"step": restored.step, "same": same})
 
 
+def scenario_offers(a) -> None:
+    """Offers of peer copies never pile up in a sender's memory. A: process 1's RAM disk
+    is full at steps 2-4 (every local write raises), yet it still pulls process 0's offers,
+    so process 0 holds none when the job ends. B: an offer nobody pulls within the timeout
+    is freed (the transfer server replaced) at the next offer, which travels on."""
+    from distckpt.checkpoint import peers
+    from distckpt.state.process_state import FaultPoint
+
+    distckpt.initialize()
+    mesh = distckpt.make_mesh(a.mesh)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    x = jax.device_put(jnp.arange(mesh.size * 64, dtype=jnp.float32), sharding)
+
+    def full(point, step):
+        if point == FaultPoint.LOCAL_FILE and 2 <= step <= 4 and jax.process_index() == 1:
+            raise OSError(28, "No space left on device (injected: RAM disk full)")
+
+    local = str(Path(a.dir).parent / "local" / "{host}")
+    options = distckpt.CheckpointOptions(save_interval_steps=None, local_directory=local,
+                                         local_interval_steps=1, fault_hook=full,
+                                         timeout_s=60, local_timeout_s=60)
+    out: dict = {}
+    with distckpt.CheckpointService(a.dir, options) as ckpt:
+        assert ckpt.local is not None
+        for step in range(1, 6):
+            ckpt.save(step, {"x": x * step})
+            ckpt.local.wait()
+        coordinator_barrier("offers:saved")
+        out["pending"] = ckpt.local.link.pending()
+        out["failures"] = [[s, why] for s, why in ckpt.local.failures]
+    link = peers.PeerLink(None, a.timeout)
+    data = [np.arange(1000, dtype=np.float32) + k for k in range(2)]
+    if jax.process_index() == 0:
+        link.offer("test-offers-1", data)  # never pulled
+        coordinator_barrier("offers:first")
+        time.sleep(a.timeout + 0.5)
+        link.offer("test-offers-2", data)
+        out["replaced"] = link.replaced
+        coordinator_barrier("offers:second")
+        coordinator_barrier("offers:pulled")
+        out["pending_after"] = link.pending()
+    else:
+        coordinator_barrier("offers:first")
+        first = link.note("test-offers-1")
+        coordinator_barrier("offers:second")
+        got = link.pull(link.note("test-offers-2"))
+        link.confirm("test-offers-2")
+        out["second_equal"] = all(np.array_equal(g, d) for g, d in zip(got, data, strict=True))
+        try:
+            link.pull(first)
+            out["first"] = "pulled"
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out["first"] = f"{type(e).__name__}: {e}"
+        coordinator_barrier("offers:pulled")
+    mine(a.out, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")

@@ -249,3 +249,23 @@ def test_peer_copy_does_not_wait_behind_a_training_step(tmp_path, run_hosts):
     run_hosts(2, 2, "peerorder", str(out), "--timeout", "30", timeout=180).check()
     got = json.loads((tmp_path / "order.1").read_text())
     assert got.get("equal") is True, got
+
+
+@pytest.mark.multiprocess
+def test_offers_nobody_pulls_do_not_pile_up_in_memory(tmp_path, run_hosts):
+    """A transfer server holds an offered copy until it is pulled. A host whose RAM disk
+    is full still pulls its predecessor's offers (they piled up, one per local save,
+    before); an offer left unpulled past the timeout is freed with the server at the
+    next offer, and that next offer still arrives."""
+    out = tmp_path / "offers"
+    run_hosts(2, 2, "offers", str(out), "--dir", str(tmp_path / "ckpt"), "--mesh", "fsdp=4",
+              "--timeout", "2", timeout=240).check()
+    sender = json.loads((tmp_path / "offers.0").read_text())
+    receiver = json.loads((tmp_path / "offers.1").read_text())
+    assert sender["pending"] == 0, sender  # 3 without the drain: steps 2-4 never pulled
+    assert [s for s, _ in receiver["failures"]] == [2, 3, 4], receiver
+    assert all("RAM disk full" in why for _, why in receiver["failures"]), receiver
+    assert sender["failures"] == [], sender
+    assert sender["replaced"] == 1 and sender["pending_after"] == 0, sender
+    assert receiver["second_equal"] is True, receiver
+    assert receiver["first"] != "pulled", receiver  # freed with the old server

@@ -163,6 +163,7 @@ def _attempt(tier: LocalTier, plan: Mapping[str, Any], leaves: list[nnx_state.Le
             copy = pull_copy(tier.link, note)
             marks.append(("pulled and checked", time.perf_counter()))
             coordinator.clear_note(_key(tier, key, me))
+            tier.link.confirm(_key(tier, key, me))
         else:
             copy = tier.dir.read_copy(s, "own" if src[0] == "own" else src[1])
         read_bytes += copy.nbytes

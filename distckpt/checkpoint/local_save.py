@@ -163,11 +163,13 @@ class LocalTier:
         self._thread.start()
 
     def _background(self, copy: Copy, seq: int, t0: float) -> None:
+        n, me, step = jax.process_count(), jax.process_index(), copy.step
+        after_file = lambda: self._fault(FaultPoint.LOCAL_FILE, step)  # noqa: E731
+        errors: list[Exception] = []
         try:
             for leaf in copy.leaves.values():
                 for s in leaf["shards"]:
                     seal(s)
-            n, me, step = jax.process_count(), jax.process_index(), copy.step
             self._fault(FaultPoint.LOCAL_STAGED, step)
             offer_error: Exception | None = None
             if self.peer_copies:
@@ -178,26 +180,39 @@ class LocalTier:
                 except Exception as e:
                     offer_error = e
             self._fault(FaultPoint.LOCAL_OFFERED, step)
-            after_file = lambda: self._fault(FaultPoint.LOCAL_FILE, step)  # noqa: E731
             self.dir.write(copy, after_file=after_file)
             self._fault(FaultPoint.LOCAL_WRITTEN, step)
-            if self.peer_copies:
+            if offer_error is not None:
+                raise RuntimeError(f"offering this host's shards to its peer failed: "
+                                   f"{offer_error}") from offer_error
+        except Exception as e:
+            errors.append(e)
+        if self.peer_copies:
+            # Whatever happened to this host's own copy, the predecessor's offer is pulled:
+            # an offer nobody pulls stays in the predecessor's memory.
+            try:
                 key = self._key(seq, (me - 1) % n)
                 note = self.link.note(key)
                 peer = pull_copy(self.link, note)
                 coordinator.clear_note(key)
+                self.link.confirm(key)
                 self._fault(FaultPoint.LOCAL_PULLED, step)
                 self.dir.write(peer, f"peer-{peer.owner}", after_file=after_file)
                 self._fault(FaultPoint.LOCAL_PEER_WRITTEN, step)
+            except Exception as e:
+                errors.append(e)
+        try:
             self.dir.retain(self.options.local_max_to_keep)
-            if offer_error is not None:
-                raise RuntimeError(f"offering this host's shards to its peer failed: "
-                                   f"{offer_error}") from offer_error
+        except Exception as e:
+            errors.append(e)
+        if not errors:
             self.saved.append((copy.step, time.perf_counter() - t0))
-        except Exception as e:  # never stops training: the persistent tier is the safety net
-            logger.warning("[process=%d] local save of step %d did not complete: %s",
-                           jax.process_index(), copy.step, e)
-            self.failures.append((copy.step, f"{type(e).__name__}: {e}"))
+            return
+        # Never stops training: the persistent tier is the safety net.
+        why = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+        logger.warning("[process=%d] local save of step %d did not complete: %s",
+                       jax.process_index(), copy.step, why)
+        self.failures.append((copy.step, why))
 
     def _fault(self, point: FaultPoint, step: int) -> None:
         if self.options.fault_hook is not None:

@@ -25,6 +25,14 @@ collective needed the pulling host, itself waiting for that pull, deadlocked the
 A pull that has not arrived within ``timeout_s`` raises (the local save records the
 failure; training goes on) and its connection is dropped; JAX's own pull timeout did not
 end a pull whose offer never came, so the wait is ours.
+
+An offered array stays in the server's memory until it is pulled; the server has no way
+to withdraw an offer. The receiver *confirms* each pull (:meth:`PeerLink.confirm`, a note
+in the key-value store); before each new offer the sender forgets the confirmed ones, and
+if one has gone unconfirmed for longer than ``timeout_s`` (its receiver gave up on it or
+died) it replaces its transfer server, which frees every array the old one held. Without
+that, a host whose peer stopped pulling (its RAM disk full, say) kept one more copy of its
+shards in memory at every local save.
 """
 
 from __future__ import annotations
@@ -89,6 +97,10 @@ class PeerLink:
         self._server: Any = None
         self._connections: dict[str, Any] = {}
         self._device: jax.Device | None = None
+        self._offers: dict[str, float] = {}
+        """Offers not yet confirmed: note key -> time.monotonic() when offered."""
+        self.replaced = 0
+        """How many times the server was replaced to free offers nobody pulled."""
 
     def _start(self) -> Any:
         if self._server is None:
@@ -108,6 +120,9 @@ class PeerLink:
         (JSON) travels with the note. The arrays are offered in groups of about
         GROUP_BYTES, each under its own id, so the receiver can check one group while the
         next one travels."""
+        if self.pending(replace_stale=True):
+            logger.debug("[process=%d] %d earlier offers not pulled yet",
+                         jax.process_index(), len(self._offers))
         server = self._start()
         groups: list[list[tuple[np.ndarray, dict[str, Any]]]] = []
         size = GROUP_BYTES
@@ -124,6 +139,31 @@ class PeerLink:
             "address": server.address(), "uuids": uids, "groups": [len(g) for g in groups],
             "units": [u for g in groups for _, u in g], "meta": meta,
             "arrays": [[list(a.shape), str(a.dtype)] for a in arrays]}))
+        self._offers[key] = time.monotonic()
+
+    def confirm(self, key: str) -> None:
+        """Tell the sender of offer `key` that it was pulled (the receiver calls this)."""
+        coordinator.publish(f"{key}:taken", "1")
+
+    def pending(self, replace_stale: bool = False) -> int:
+        """How many of this process's offers are not confirmed yet. `replace_stale`: if
+        one has waited longer than timeout_s, replace the server (freeing every offer it
+        held) and return 0."""
+        for key in list(self._offers):
+            if coordinator.read_note(f"{key}:taken") is not None:
+                coordinator.clear_note(f"{key}:taken")
+                del self._offers[key]
+        now = time.monotonic()
+        stale = [k for k, t in self._offers.items() if now - t > self.timeout_s]
+        if replace_stale and stale and self._server is not None:
+            logger.warning("[process=%d] %d offers of peer copies were not pulled within "
+                           "%gs; replacing the transfer server to free them",
+                           jax.process_index(), len(stale), self.timeout_s)
+            self._server = None
+            self._connections.clear()
+            self._offers.clear()
+            self.replaced += 1
+        return len(self._offers)
 
     def note(self, key: str) -> dict[str, Any]:
         """The note of an offer (blocks up to timeout_s)."""
