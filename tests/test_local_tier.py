@@ -253,7 +253,7 @@ def test_peer_offers_pack_small_arrays_and_unpack_them_bit_exact(arrays, limits)
     """What travels to a peer (peers._units) unpacks (peers._unpack) to the same bytes,
     every array once, zero-size ones not at all, each packed array at an aligned offset."""
     from distckpt.checkpoint import peers
-    from distckpt.checkpoint.local_tier import dtype_of
+    from distckpt.checkpoint.local_tier import ALIGN, dtype_of
 
     data = []
     for shape, dtype, seed in arrays:
@@ -271,7 +271,7 @@ def test_peer_offers_pack_small_arrays_and_unpack_them_bit_exact(arrays, limits)
     got: dict[int, np.ndarray] = {}
     for unit, sent in zip(*units, strict=True):
         for offset in (o for _, o in unit.get("pack", [])):
-            assert offset % peers.ALIGN == 0
+            assert offset % ALIGN == 0
         for i, a in peers._unpack(unit, np.array(sent), shapes):
             assert i not in got
             got[i] = a

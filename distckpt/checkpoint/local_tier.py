@@ -72,8 +72,8 @@ FORMATS = ("distckpt-local/1", FORMAT)
 """The formats read (/1: one file per shard)."""
 SHARDS = "shards.bin"
 ALIGN = 64
-"""Each shard's offset in shards.bin is a multiple of this (alignment a CPU device buffer
-can adopt without a copy)."""
+"""Each shard's offset in shards.bin (and in a pack sent to a peer) is a multiple of this
+(alignment a CPU device buffer can adopt without a copy)."""
 RECORD = "record.json"
 HOST_FILE = "HOST.json"
 OWN = "own"
@@ -230,14 +230,13 @@ class LocalDir:
             for leaf_name, leaf in copy.leaves.items():
                 for k, s in enumerate(leaf["shards"]):
                     assert s.data is not None and s.digest is not None
-                    pad = -offset % ALIGN
-                    if pad:
-                        f.write(bytes(pad))
-                        offset += pad
-                    data = np.ascontiguousarray(s.data)
-                    f.write(data.reshape(-1).view(np.uint8).data)
-                    files[(leaf_name, k)] = (SHARDS, offset, data.nbytes)
-                    offset += data.nbytes
+                    start = aligned(offset)
+                    if start > offset:
+                        f.write(bytes(start - offset))
+                    data = raw_bytes(s.data)
+                    f.write(data.data)
+                    files[(leaf_name, k)] = (SHARDS, start, data.nbytes)
+                    offset = start + data.nbytes
                     if after_file is not None:
                         f.flush()
                         after_file()
@@ -350,7 +349,7 @@ class LocalDir:
                     # page cache's (on a RAM disk, the copy already in RAM).
                     if file not in maps:
                         maps[file] = np.memmap(path / file, dtype=np.uint8, mode="r")
-                    s.data = maps[file][offset:offset + nbytes].view(dtype).reshape(shape)
+                    s.data = view_at(maps[file], offset, shape, dtype)
                 if check:
                     check_shard(leaf_name, s)
         return copy
@@ -397,8 +396,25 @@ def dtype_of(name: str) -> np.dtype:
 
 
 def crc32(data: np.ndarray) -> int:
-    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    return zlib.crc32(flat.data)
+    return zlib.crc32(raw_bytes(data).data)
+
+
+def aligned(offset: int) -> int:
+    """The first offset at or after `offset` that is a multiple of ALIGN."""
+    return offset + (-offset % ALIGN)
+
+
+def raw_bytes(data: np.ndarray) -> np.ndarray:
+    """`data`'s bytes in C order as a flat uint8 array (a view when it is contiguous)."""
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+
+
+def view_at(buffer: np.ndarray, offset: int, shape: Sequence[int], dtype: np.dtype
+            ) -> np.ndarray:
+    """The array of `shape` and `dtype` whose bytes start at `offset` of the uint8
+    `buffer` (a view, no copy)."""
+    n = math.prod(shape) * dtype.itemsize
+    return buffer[offset:offset + n].view(dtype).reshape(shape)
 
 
 def seal(s: Shard) -> None:

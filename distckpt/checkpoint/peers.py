@@ -41,7 +41,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import math
 import secrets
 import socket
 import time
@@ -52,6 +51,7 @@ import jax
 import numpy as np
 
 from distckpt import compat
+from distckpt.checkpoint.local_tier import aligned, dtype_of, raw_bytes, view_at
 from distckpt.multihost import coordinator
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,9 @@ GROUP_BYTES = 16 << 20
 while the next one travels."""
 PACK_BELOW = 1 << 20
 """Arrays smaller than this travel packed together (one uint8 array per pack, each at an
-offset aligned to ALIGN bytes); larger ones travel as they are. A state of many small
+offset aligned to local_tier.ALIGN bytes); larger ones travel as they are. A state of many small
 leaves costs one transfer per pack, not one per leaf."""
 PACK_BYTES = 8 << 20
-ALIGN = 64
 
 
 def bind_address() -> str:
@@ -178,8 +177,6 @@ class PeerLink:
         note's list) while the next group is pulled; its exception is raised here.
         Zero-size arrays do not travel and are not passed to `arrived`."""
         self._start()
-        from distckpt.checkpoint.local_tier import dtype_of
-
         shapes = [(tuple(s), dtype_of(d)) for s, d in note["arrays"]]
         units: list[dict[str, Any]] = note["units"]
         out: list[np.ndarray] = [np.zeros(s, d) for s, d in shapes]  # zero-size: not sent
@@ -243,7 +240,7 @@ def _units(arrays: Sequence[np.ndarray]) -> list[tuple[np.ndarray, dict[str, Any
         if members:
             pack = np.empty(size, np.uint8)
             for i, offset in members:
-                flat = np.ascontiguousarray(arrays[i]).reshape(-1).view(np.uint8)
+                flat = raw_bytes(arrays[i])
                 pack[offset:offset + flat.size] = flat
             units.append((pack, {"pack": [list(m) for m in members], "nbytes": size}))
         members, size = [], 0
@@ -254,7 +251,7 @@ def _units(arrays: Sequence[np.ndarray]) -> list[tuple[np.ndarray, dict[str, Any
         if a.nbytes >= PACK_BELOW:
             units.append((a, {"array": i}))
             continue
-        offset = size + (-size % ALIGN)
+        offset = aligned(size)
         members.append((i, offset))
         size = offset + a.nbytes
         if size >= PACK_BYTES:
@@ -268,12 +265,7 @@ def _unpack(unit: dict[str, Any], data: np.ndarray,
     """(index, array) of what one unit carried: `data` itself, or views of a pack."""
     if "array" in unit:
         return [(unit["array"], data)]
-    out = []
-    for i, offset in unit["pack"]:
-        shape, dtype = shapes[i]
-        n = math.prod(shape) * dtype.itemsize
-        out.append((i, data[offset:offset + n].view(dtype).reshape(shape)))
-    return out
+    return [(i, view_at(data, offset, *shapes[i])) for i, offset in unit["pack"]]
 
 
 def exchange_key(nonce: str, *parts: Any) -> str:

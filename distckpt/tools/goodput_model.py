@@ -91,6 +91,7 @@ class Costs:
     def local_save_cost(self) -> float | None:
         """What the model charges per local-only save: `local_cost_s`, else its stall."""
         return self.local_stall_s if self.local_cost_s is None else self.local_cost_s
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -87,21 +87,21 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
     """step_s, stall_s, commit_s, local_stall_s, local_commit_s, cost_s, local_cost_s
     measured in `attempts` (None where nothing was measured; see the definitions)."""
     intervals, both, only_local = [], [], []
-    after: dict[int, list[float]] = {}  # id of a save event -> its following steps' times
+    after: dict[int, list[float]] = {}  # id of a save event -> the steps' times up to the next
     commits: dict[int, float] = {}
     written: dict[int, float] = {}
     for a in attempts:
         steps = a.steps()
-        intervals += [b["t"] - p["t"] - b["save_s"] for p, b in itertools.pairwise(steps)
-                      if not b["saved"]]
-        last = None
+        since_save: list[float] | None = None  # the steps after the last save, if any
         for p, b in itertools.pairwise(steps):
             if p["saved"]:
-                last = after.setdefault(id(p), [])
+                since_save = after.setdefault(id(p), [])
             if b["saved"]:
-                last = None
-            elif last is not None:
-                last.append(b["t"] - p["t"] - b["save_s"])
+                since_save = None
+                continue
+            intervals.append(b["t"] - p["t"] - b["save_s"])
+            if since_save is not None:
+                since_save.append(intervals[-1])
         saves = [e for e in steps if e["saved"]]
         persistent = [e for e in saves if e["step"] % save_every == 0]
         both += persistent[1:]  # the first save of a process compiles its checksums
