@@ -111,3 +111,34 @@ def test_host_lanes_in_rows_equal_the_kernel(shape):
     starts = np.array([5 * (d + 1) for d in range(len(shape))], dtype=np.uint32)
     want = tuple(int(v) for v in np.asarray(digest._shard_lanes(jnp.asarray(host), starts)))
     assert digest.host_lanes(host, starts) == want
+
+
+@st.composite
+def _blocks(draw):
+    dtype = draw(st.sampled_from(DTYPES + ["float64", "complex64"]))
+    shape = tuple(draw(st.lists(st.integers(0, 9), min_size=0, max_size=4)))
+    starts = draw(st.lists(st.integers(0, 2**32 - 1), min_size=max(1, len(shape)),
+                           max_size=max(1, len(shape))))
+    chunk = draw(st.sampled_from([1, 2, 3, 7, 64, 1 << 16]))
+    return dtype, shape, starts, chunk, draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.fast
+@settings(max_examples=200, deadline=None)
+@given(case=_blocks())
+def test_host_lanes_equal_the_reference_definition(case):
+    """The fast NumPy path (a hash per row for the leading coordinates, buffers of at most
+    `chunk` elements, split in rows and in columns) computes the reference's lanes, for
+    any dtype, shape (empty and 0-d included) and global start, wrapping past 2**32."""
+    dtype, shape, starts, chunk, seed = case
+    if dtype == "complex64":
+        host = _random_array("float32", (*shape, 2), seed).view(np.complex64).reshape(shape)
+    else:
+        host = _random_array(dtype, shape, seed)
+    saved = digest._HOST_ROWS_ELEMENTS
+    try:
+        digest._HOST_ROWS_ELEMENTS = chunk
+        got = digest.host_lanes(host, np.array(starts, np.uint32))
+    finally:
+        digest._HOST_ROWS_ELEMENTS = saved
+    assert got == digest._reference_lanes(host, np.array(starts, np.uint32)), case

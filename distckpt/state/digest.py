@@ -169,7 +169,8 @@ SMALL_ELEMENTS = 1 << 20
 """Shards (and restored pieces) of at most this many elements are digested in NumPy on
 the host: XLA compiles its kernel once per shape (about 0.3 s each on this 2-core CPU
 machine), so a state of hundreds of small distinct shapes would spend minutes compiling
-in its first save, while NumPy digests 2**20 elements in about 15 ms here."""
+in its first save, while NumPy digests 2**20 float32 elements in about 4 ms here
+(:func:`host_lanes`; the kernel about 3 ms)."""
 
 
 def block_lanes(host: np.ndarray, on_device: jax.Array | None,
@@ -235,18 +236,82 @@ def _host_words(array: np.ndarray) -> list[np.ndarray]:
         pair = part.view(np.uint32).reshape(part.shape + (2,))
         return [pair[..., 0], pair[..., 1]]
     if dtype.itemsize in (1, 2, 4):
-        return [part.view(f"u{dtype.itemsize}").astype(np.uint32)]
+        return [part.view(f"u{dtype.itemsize}").astype(np.uint32, copy=False)]
     raise TypeError(f"cannot checksum dtype {dtype} ({dtype.itemsize}-byte elements)")
 
 
 _HOST_ROWS_ELEMENTS = 1 << 16
-"""host_lanes works on at most about this many elements at once (whole rows)."""
+"""host_lanes works on at most about this many elements at once (whole rows where a row
+fits): its temporaries stay a few hundred KiB whatever the block's size."""
+
+
+def _fmix_into(x: np.ndarray, t: np.ndarray, c1: np.uint32, c2: np.uint32) -> None:
+    """:func:`_fmix` of `x` in place (`t`: scratch of x's shape): no temporaries."""
+    np.right_shift(x, 16, out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, c1, out=x)
+    np.right_shift(x, 13, out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, c2, out=x)
+    np.right_shift(x, 16, out=t)
+    np.bitwise_xor(x, t, out=x)
 
 
 def host_lanes(block: np.ndarray, starts: Sequence[int] | np.ndarray) -> Partial:
     """The lane sums of a host `block` whose [0, ...] element sits at global index
-    `starts`, in NumPy (the reference definition; also what small blocks use: no
-    compilation per shape)."""
+    `starts`, in NumPy without a kernel compiled per shape (what small blocks, local
+    copies and host views use). Same definition as :func:`_reference_lanes`, about twice
+    as fast (1.0-1.2 GB/s for float32 on this 2-core CPU against 0.4-0.75 GB/s): the
+    hash of the leading coordinates is computed once per row, not per element, and the
+    element hashes run in place in reused buffers of at most about
+    :data:`_HOST_ROWS_ELEMENTS` elements."""
+    block = np.asarray(block)
+    if block.size == 0:
+        return ZERO
+    starts = np.asarray(starts, dtype=np.uint32).reshape(-1)
+    if block.ndim == 0:
+        return _reference_lanes(block, starts)
+    shape = block.shape
+    last = shape[-1]
+    rows = block.size // last
+    flat = block.reshape(rows, last)
+    c1, c2 = np.uint32(_M1), np.uint32(_M2)
+    cols = np.arange(last, dtype=np.uint32) + starts[-1]
+    lead = (np.indices(shape[:-1], dtype=np.uint32).reshape(block.ndim - 1, rows)
+            + starts[:-1, None])
+    sums = [0, 0]
+    with np.errstate(over="ignore"):
+        prefix = []  # per row and lane: the hash chained over its leading coordinates
+        for seed in _LANE_SEEDS:
+            h = np.full(rows, seed, np.uint32)
+            for c in lead:
+                h = _fmix(h + c, c1, c2)
+            prefix.append(h)
+        row_step = max(1, _HOST_ROWS_ELEMENTS // last)
+        col_step = min(last, _HOST_ROWS_ELEMENTS)
+        size = min(rows, row_step) * col_step
+        buf, tmp = np.empty(size, np.uint32), np.empty(size, np.uint32)
+        for r in range(0, rows, row_step):
+            for c in range(0, last, col_step):
+                part = flat[r:r + row_step, c:c + col_step]
+                k, m = part.shape
+                x = buf[:k * m].reshape(k, m)
+                t = tmp[:k * m].reshape(k, m)
+                words = _host_words(part)
+                for lane in range(len(_LANE_SEEDS)):
+                    np.add(prefix[lane][r:r + k, None], cols[None, c:c + m], out=x)
+                    _fmix_into(x, t, c1, c2)
+                    for w in words:
+                        np.bitwise_xor(x, w, out=x)
+                        _fmix_into(x, t, c1, c2)
+                    sums[lane] += int(x.sum(dtype=np.uint32))  # wraps: lanes are mod 2**32
+    return (sums[0] & _MASK, sums[1] & _MASK)
+
+
+def _reference_lanes(block: np.ndarray, starts: Sequence[int] | np.ndarray) -> Partial:
+    """The lane sums of `block` (at global index `starts`) written as the definition
+    reads, in NumPy: the reference :func:`host_lanes` and the XLA kernel are tested
+    against (:func:`numpy_digest`)."""
     block = np.asarray(block)
     if block.size == 0:
         return ZERO
@@ -259,7 +324,7 @@ def host_lanes(block: np.ndarray, starts: Sequence[int] | np.ndarray) -> Partial
         for r in range(0, block.shape[0], step):
             at = starts.copy()
             at[0] += r
-            total = add(total, host_lanes(block[r:r + step], at))
+            total = add(total, _reference_lanes(block[r:r + step], at))
         return total
     words = _host_words(block)
     c1, c2 = np.uint32(_M1), np.uint32(_M2)
@@ -280,7 +345,7 @@ def host_lanes(block: np.ndarray, starts: Sequence[int] | np.ndarray) -> Partial
 def numpy_digest(array: np.ndarray) -> str:
     """The digest of a whole host array, in plain NumPy (the reference definition)."""
     array = np.asarray(array)
-    return to_hex(host_lanes(array, [0] * max(array.ndim, 1)))
+    return to_hex(_reference_lanes(array, [0] * max(array.ndim, 1)))
 
 
 def digests(arrays: Mapping[str, jax.Array] | Iterable[tuple[str, jax.Array]],
