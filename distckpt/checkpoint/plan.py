@@ -39,14 +39,14 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
-import tensorstore as ts
 from etils import epath
 
-from distckpt.checkpoint import streaming
+from distckpt.checkpoint import direct_read, streaming
+from distckpt.checkpoint.direct_read import Stored, ocdbt_files
 from distckpt.checkpoint.streaming import Box
 from distckpt.state import digest
 from distckpt.state.mesh import MeshSpec
@@ -141,6 +141,9 @@ class _Task:
     """The bytes its reads return from storage."""
     elements: int
     """The piece's elements (the digest kernel's temporaries are uint32 per element)."""
+    in_place: bool = False
+    """Whether it is read from a local file straight into the shard's memory
+    (``streaming._destination``): it then holds no memory of its own."""
 
 
 @dataclasses.dataclass
@@ -166,8 +169,8 @@ class _Layouts:
         requests = [streaming.Request(leaf.name, leaf.path,
                                       jax.ShapeDtypeStruct(leaf.shape, np.dtype(leaf.dtype)))
                     for leaf in leaves]
-        self.opened = {r.name: o for r, o in zip(requests, streaming._open(state_dir, requests),
-                                                 strict=True)}
+        opened = streaming._open(state_dir, requests, direct=False)
+        self.opened = {r.name: o for r, o in zip(requests, opened, strict=True)}
         rel = str(state_dir.relative_to(step_dir)) if state_dir != step_dir else ""
         self._state = f"{rel}/" if rel else ""
         # name -> (key prefix in the state item, its OCDBT database's spec or None)
@@ -201,54 +204,6 @@ class _Layouts:
         return self._state + self._where[name][0]
 
 
-class Stored(NamedTuple):
-    """Where OCDBT stores one value."""
-
-    file: str
-    """The file, relative to the database's root (the step's state item)."""
-    offset: int | None
-    """The value's first byte in it; None for a value stored inline in a b-tree node."""
-    length: int | None
-    """The value's bytes in it; None for a value stored inline."""
-
-
-def ocdbt_files(base: Any) -> dict[str, Stored]:
-    """Key -> where the newest version of the OCDBT database on kvstore `base` stores its
-    value: an indirect value's data file and byte range, or for a value stored inline the
-    b-tree leaf node's file. Reads the manifest and the b-tree nodes only
-    (``tensorstore.ocdbt.dump``)."""
-    manifest = ts.ocdbt.dump(base).result()
-    versions = manifest.get("versions") or []
-    if not versions or "location" not in versions[-1]["root"]:
-        return {}
-    out: dict[str, Stored] = {}
-    stack: list[tuple[str, bytes]] = [(versions[-1]["root"]["location"], b"")]
-    while stack:
-        location, prefix = stack.pop()
-        node = ts.ocdbt.dump(base, location).result()
-        for entry in node["entries"]:
-            if node["height"] > 0:  # keys below are relative to the subtree's prefix
-                stack.append((entry["location"],
-                              prefix + entry.get("subtree_common_prefix", b"")))
-                continue
-            key = (prefix + entry["key"]).decode("utf-8", "replace")
-            if "indirect_value" in entry:
-                file, offset, length = _parse_location(entry["indirect_value"])
-                out[key] = Stored(file, offset, length)
-            else:
-                out[key] = Stored(_parse_location(location)[0], None, None)
-    return out
-
-
-def _parse_location(location: str) -> tuple[str, int, int]:
-    """``value:<base path>:<file>:<offset>:<length>`` (or ``btreenode:...``) -> (the file
-    relative to the database's root, offset, length)."""
-    _kind, rest = location.split(":", 1)
-    rest, offset, length = rest.rsplit(":", 2)
-    base, file_id = rest.rsplit(":", 1)
-    return base + file_id, int(offset), int(length)
-
-
 def _host_boxes(leaf: LeafTarget, mesh: MeshSpec, hosts: int
                 ) -> list[list[tuple[Box, int]]]:
     """Per host: its distinct boxes of `leaf` in device order, each with its device count."""
@@ -275,10 +230,13 @@ def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[Lea
     budgets = [streaming.budget(memory_bytes, sum(
         _size(box) * np.dtype(leaf.dtype).itemsize for leaf in leaves
         for box, _ in boxes_of[leaf.name][host])) for host in range(hosts)]
+    index = direct_read.chunk_locations()
     for leaf in leaves:
         raw = layouts.opened[leaf.name].raw
         dtype = np.dtype(leaf.dtype)
         item = dtype.itemsize
+        direct = (None if raw is None else
+                  index.resolver(raw.kvstore, math.prod(raw.chunks) * item))
         for host, boxes in enumerate(boxes_of[leaf.name]):
             piece_bytes = budgets[host][1]
             for box, copies in boxes:
@@ -290,8 +248,10 @@ def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[Lea
                 shards[host].append(_Held(_size(box) * item, copies, len(pieces), carrier))
                 for piece in pieces:
                     read = _read(layouts, leaf, raw, piece, item, files[host])
+                    in_place = (direct is not None and raw is not None
+                                and _in_place(piece, box, len(pieces), raw, direct))
                     tasks[host].append(_Task(len(shards[host]) - 1, _size(piece) * item,
-                                             read, _size(piece)))
+                                             read, _size(piece), in_place))
     out = []
     for host in range(hosts):
         total = sum(files[host].values())
@@ -306,6 +266,27 @@ def plan_hosts(step_dir: epath.Path, state_dir: epath.Path, leaves: Sequence[Lea
 
 def _size(box: Box) -> int:
     return math.prod(h - a for a, h in zip(*box, strict=True))
+
+
+def _in_place(piece: Box, box: Box, pieces: int, raw: Any, direct: Any) -> bool:
+    """Whether ``streaming._Read`` reads `piece` of shard `box` straight into the shard's
+    memory on a CPU device: one range of one chunk located in a local file, landing in a
+    contiguous part of the shard (always, when the shard is one piece)."""
+    if not piece[0] or not _size(piece):
+        return False
+    ranges = streaming.slabs(piece, raw.chunks)
+    if len(ranges) != 1 or math.prod(ranges[0].shape) != _size(piece):
+        return False
+    if direct(raw.separator.join(map(str, ranges[0].chunk))) is None:
+        return False
+    if pieces == 1:
+        return True
+    # A block of a C-order array is contiguous when every dim after its first one of
+    # more than one index is whole.
+    extents = [h - a for a, h in zip(*piece, strict=True)]
+    whole = [h - a for a, h in zip(*box, strict=True)]
+    first = next((d for d, e in enumerate(extents) if e > 1), len(extents))
+    return extents[first + 1:] == whole[first + 1:]
 
 
 def _read(layouts: _Layouts, leaf: LeafTarget, raw: Any, piece: Box, item: int,
@@ -331,43 +312,62 @@ def _read(layouts: _Layouts, leaf: LeafTarget, raw: Any, piece: Box, item: int,
 def memory_profile(tasks: Iterable[_Task], shards: Sequence[_Held], memory_bytes: int) -> int:
     """The predicted peak of a host's memory over ``streaming.read`` with verification on
     (the default), replaying its loop. Reads run ahead while the pieces in flight stay
-    under a quarter of the budget, each holding the bytes its reads return. A piece being
-    landed adds its host block; when its shard takes several pieces, also its device copy
-    and a second buffer of the shard while the piece is written in (the shard's buffer is
-    allocated at its first piece); a piece of more than ``digest.SMALL_ELEMENTS`` elements
-    is digested by an XLA kernel whose temporaries are taken as three uint32 arrays of its
-    shape. At the end every further device holding a shard gets its copy and carrier
-    buffers are reinterpreted into new ones, all at once in the worst case. Python
-    objects, TensorStore's caches and the NumPy digest of small pieces (a few MiB) are
-    not modelled: the tolerance covers them (docs/plan-restore.md)."""
+    under a quarter of the budget (at most ``streaming.MAX_WINDOW`` of them), each holding
+    the bytes its reads return; a piece read in place (from a local file into its shard's
+    memory, see ``_Task.in_place``) holds nothing beyond its shard, allocated when its
+    first piece is read. A piece being landed adds its host block unless read in place;
+    when its shard takes several pieces, also its device copy and a second buffer of the
+    shard (the shard's buffer is allocated at its first piece); a piece of more than
+    ``digest.SMALL_ELEMENTS`` elements is digested by an XLA kernel whose temporaries are
+    taken as three uint32 arrays of its shape, and the previous such kernel may still be
+    running (``streaming.KERNELS_IN_FLIGHT``). At the end every further device holding a
+    shard gets its copy and carrier buffers are reinterpreted into new ones, all at once
+    in the worst case. Python objects, TensorStore's caches and the NumPy digest of small
+    pieces (a few MiB) are not modelled: the tolerance covers them
+    (docs/plan-restore.md)."""
     window: collections.deque[_Task] = collections.deque()
     pending = iter(tasks)
     in_flight = held = allocated = peak = 0
+    running: collections.deque[int] = collections.deque()  # kernels' temporaries
     started: set[int] = set()
     done = False
+
+    def start(task: _Task) -> None:
+        nonlocal allocated
+        if task.shard not in started:
+            started.add(task.shard)
+            allocated += shards[task.shard].nbytes
+
     while True:
-        while not done and (not window or in_flight < memory_bytes // 4):
+        while not done and (not window or (in_flight < memory_bytes // 4
+                                           and len(window) < streaming.MAX_WINDOW)):
             nxt = next(pending, None)
             if nxt is None:
                 done = True
                 break
             window.append(nxt)
-            in_flight += nxt.nbytes
-            held += nxt.read
+            if nxt.in_place:
+                start(nxt)
+            else:
+                in_flight += nxt.nbytes
+                held += nxt.read
         if not window:
             break
         task = window.popleft()
-        in_flight -= task.nbytes
         shard = shards[task.shard]
-        if task.shard not in started:
-            started.add(task.shard)
-            allocated += shard.nbytes
-        landing = task.nbytes
-        if shard.pieces > 1:
-            landing += task.nbytes + shard.nbytes
+        start(task)
+        landing = 0
+        if not task.in_place:
+            in_flight -= task.nbytes
+            landing = task.nbytes
+            if shard.pieces > 1:
+                landing += task.nbytes + shard.nbytes
         if task.elements > digest.SMALL_ELEMENTS:
-            landing += 3 * 4 * task.elements
-        peak = max(peak, allocated + held + landing)
-        held -= task.read
+            running.append(3 * 4 * task.elements)
+        peak = max(peak, allocated + held + landing + sum(running))
+        while len(running) > streaming.KERNELS_IN_FLIGHT:
+            running.popleft()
+        if not task.in_place:
+            held -= task.read
     end = sum(s.nbytes * (s.copies - 1) + (s.nbytes if s.carrier else 0) for s in shards)
     return max(peak, allocated + end)

@@ -20,8 +20,10 @@ saved the step:
   and 1.9-2.3x with a fixed 256 MiB.
 * Reads run ahead while the bytes in flight stay under a quarter of the budget; the
   rest is for the piece on the host, its copy on the device and the digest kernel's
-  temporaries (a few piece-sized uint32 arrays; measured: 64 MiB restored with an 8 MiB
-  budget grew the peak RSS by 73 MiB, tests/test_streaming.py).
+  temporaries (a few piece-sized uint32 arrays; at most :data:`KERNELS_IN_FLIGHT` kernel
+  besides the newest runs at a time). Measured: 64 MiB restored with an 8 MiB budget
+  grew the peak RSS by 73 MiB through the kvstore, 66 MiB read into place
+  (tests/test_streaming.py).
 * Verification folds in as pieces arrive: each piece's digest lanes are computed on its
   device with its global start (:func:`distckpt.state.digest.block_lanes`: small pieces
   in NumPy on the host, without a kernel compiled per shape); partial
@@ -33,7 +35,12 @@ shard, and TensorStore's zarr v2 driver decodes whole chunks (reading a 4 MiB sl
 64 MiB chunk reads and decodes all 64 MiB; measured). For uncompressed, C-ordered,
 little-endian zarr v2 chunks (distckpt's default) the piece is read directly as byte
 ranges of the chunk values from the step's kvstore (OCDBT or plain files), the same
-kvstore TensorStore opened; zarr v3 (``use_zarr3``) supports partial chunk reads in
+kvstore TensorStore opened, or, where the step is on a local filesystem, from the chunk's
+byte range in its file by a few threads (:mod:`distckpt.checkpoint.direct_read`): into
+the shard's own memory when the piece is one contiguous range of one chunk (a CPU device
+then adopts that memory; the bytes are copied nowhere), through a buffer of the piece's
+size otherwise. Reads into place hold none of the budget, so up to
+:data:`MAX_WINDOW` pieces are read ahead. zarr v3 (``use_zarr3``) supports partial chunk reads in
 TensorStore itself, so it reads through TensorStore. Compressed zarr v2 chunks
 (``compression=True``) cannot be partially decoded: TensorStore reads them, and the bound
 becomes the largest saved chunk (one saved shard) instead of the budget.
@@ -64,6 +71,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from distckpt.checkpoint import direct_read
 from distckpt.state import digest
 
 if TYPE_CHECKING:
@@ -180,6 +188,8 @@ class _Leaf:
     store: Any
     raw: _Raw | None
     shards: list[_Shard] = dataclasses.field(default_factory=list)
+    direct: direct_read._Resolver | None = None
+    """Where its raw chunks lie in local files (:mod:`distckpt.checkpoint.direct_read`)."""
     read_bytes: int = 0
     """Bytes of this array this process has read from storage so far (see _Read)."""
 
@@ -288,9 +298,15 @@ def slabs(box: Box, chunks: Sequence[int]) -> list[Slab]:
 
 class _Read:
     """The pending read of one piece: byte ranges of raw chunks, or a TensorStore read.
-    Its result adds the bytes storage returned to the leaf's ``read_bytes``."""
+    Its result adds the bytes storage returned to the leaf's ``read_bytes``.
 
-    def __init__(self, leaf: _Leaf, box: Box):
+    Given a `reader` and a leaf whose chunks lie in local files (``leaf.direct``), the
+    ranges are read by the reader's threads straight into `dest` when the piece is one
+    contiguous range of one chunk (`in_place`: the result is `dest`), else into arrays of
+    their own; otherwise through the step's kvstore."""
+
+    def __init__(self, leaf: _Leaf, box: Box, dest: np.ndarray | None = None,
+                 reader: direct_read.Reader | None = None):
         self.leaf, self.box = leaf, box
         lo, hi = box
         self.shape = tuple(h - a_ for a_, h in zip(lo, hi, strict=True))
@@ -299,13 +315,30 @@ class _Read:
         self.parts: list[tuple[Any, tuple[int, ...], tuple[int, ...], tuple[int, ...],
                                tuple[int, ...]]] = []
         self.ts_future = None
+        self.direct: list[tuple[Any, np.ndarray]] = []
+        self.in_place = False
         if raw is None or not lo or not math.prod(self.shape):
             self.ts_future = leaf.store[tuple(slice(a_, h) for a_, h in zip(lo, hi, strict=True))
                                         ].read()
             return
         item = leaf.dtype.itemsize
-        for s in slabs(box, raw.chunks):
-            key = raw.separator.join(str(i) for i in s.chunk)
+        ranges = slabs(box, raw.chunks)
+        keys = [raw.separator.join(str(i) for i in s.chunk) for s in ranges]
+        where = ([leaf.direct(k) for k in keys] if reader is not None and leaf.direct
+                 else [None])
+        if all(w is not None for w in where):
+            assert reader is not None
+            for s, w in zip(ranges, where, strict=True):
+                assert w is not None
+                whole = len(ranges) == 1 and math.prod(s.shape) == math.prod(self.shape)
+                if whole and dest is not None and dest.flags.c_contiguous:
+                    out, self.in_place = dest, True
+                else:
+                    out = np.empty(s.shape, leaf.dtype)
+                self.direct.append((reader.read(w, s.first * item, out), out))
+                self.parts.append((None, s.shape, s.a, s.b, s.origin))
+            return
+        for s, key in zip(ranges, keys, strict=True):
             fut = raw.kvstore.read(key, byte_range=slice(s.first * item,
                                                          (s.first + s.elements) * item))
             self.parts.append((fut, s.shape, s.a, s.b, s.origin))
@@ -313,6 +346,8 @@ class _Read:
     def result(self) -> np.ndarray:
         if self.ts_future is not None:
             return self._counted(np.asarray(self.ts_future.result()))
+        if self.direct:
+            return self._direct_result()
         lo, _ = self.box
         raw = self.leaf.raw
         assert raw is not None
@@ -345,6 +380,27 @@ class _Read:
         assert out is not None
         return out
 
+    def _direct_result(self) -> np.ndarray:
+        lo, _ = self.box
+        blocks = []
+        for (fut, out), (_, slab_shape, a, b, origin) in zip(self.direct, self.parts,
+                                                             strict=True):
+            self.leaf.read_bytes += fut.result()
+            if self.in_place:
+                return out.reshape(self.shape)
+            d = len(a) - len(slab_shape)
+            block = out[(slice(None), *(slice(x, y) for x, y in zip(a[d + 1:], b[d + 1:],
+                                                                     strict=True)))]
+            blocks.append((block.reshape(tuple(y - x for x, y in zip(a, b, strict=True))),
+                           a, b, origin))
+        if len(blocks) == 1:
+            return blocks[0][0]
+        whole = np.empty(self.shape, self.leaf.dtype)
+        for block, a, b, origin in blocks:
+            at = [o - x for o, x in zip(origin, lo, strict=True)]
+            whole[tuple(slice(o + x, o + y) for o, x, y in zip(at, a, b, strict=True))] = block
+        return whole
+
     def _counted(self, value: np.ndarray) -> np.ndarray:
         """A value TensorStore read and decoded: its bytes count as read (the stored
         chunks behind it are not visible from here; for raw chunks they are the same)."""
@@ -352,7 +408,10 @@ class _Read:
         return value
 
 
-def _open(state_dir: epath.Path, requests: Sequence[Request]) -> list[_Leaf]:
+def _open(state_dir: epath.Path, requests: Sequence[Request], *,
+          direct: bool = True) -> list[_Leaf]:
+    """The arrays of `requests` opened in the step's array item; with `direct`, each
+    raw leaf also learns where its chunks lie in local files, where they do."""
     handler = ocp.PyTreeCheckpointHandler()
     try:
         meta = handler.metadata(state_dir)
@@ -372,14 +431,19 @@ def _open(state_dir: epath.Path, requests: Sequence[Request]) -> list[_Leaf]:
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
         opening.append(ts.open(spec, open=True, read=True, context=context))
     leaves = []
+    index = direct_read.chunk_locations() if direct and direct_read.enabled() else None
     for r, fut in zip(requests, opening, strict=True):
         store = fut.result()
         if tuple(store.shape) != tuple(r.target.shape):
             raise ValueError(f"array {r.name!r} is stored with shape {tuple(store.shape)}, "
                              f"not {tuple(r.target.shape)}")
-        layout = _raw_layout(store.spec().to_json(), np.dtype(r.target.dtype))
+        dtype = np.dtype(r.target.dtype)
+        layout = _raw_layout(store.spec().to_json(), dtype)
         raw = None if layout is None else _Raw(store.kvstore, *layout)
-        leaves.append(_Leaf(r, store, raw))
+        leaf = _Leaf(r, store, raw)
+        if raw is not None and index is not None:
+            leaf.direct = index.resolver(raw.kvstore, math.prod(raw.chunks) * dtype.itemsize)
+        leaves.append(leaf)
     return leaves
 
 
@@ -452,24 +516,33 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
     tasks = iter(_plan(leaves, piece_bytes, once))
     if once is not None:
         once.run(verify)
-    window: collections.deque[tuple[_Shard, _Read]] = collections.deque()
-    in_flight = 0
+    window: collections.deque[tuple[_Shard, _Read, int]] = collections.deque()
+    in_flight = 0  # bytes the reads in the window hold beyond the restored shards
+    kernels: collections.deque[jax.Array] = collections.deque()  # digests running
     done = False
-    while True:
-        while not done and (not window or in_flight < memory_bytes // 4):
-            nxt = next(tasks, None)
-            if nxt is None:
-                done = True
+    with direct_read.Reader() as reader:
+        while True:
+            while not done and (not window or (in_flight < memory_bytes // 4
+                                               and len(window) < MAX_WINDOW)):
+                nxt = next(tasks, None)
+                if nxt is None:
+                    done = True
+                    break
+                shard, box = nxt
+                dest = _destination(shard, box) if shard.leaf.direct else None
+                pending = _Read(shard.leaf, box, dest, reader)
+                extra = 0 if pending.in_place and _final(shard) else pending.nbytes
+                window.append((shard, pending, extra))
+                in_flight += extra
+            if not window:
                 break
-            shard, box = nxt
-            pending = _Read(shard.leaf, box)
-            window.append((shard, pending))
-            in_flight += pending.nbytes
-        if not window:
-            break
-        shard, pending = window.popleft()
-        in_flight -= pending.nbytes
-        _land(shard, pending.box, pending.result(), verify)
+            shard, pending, extra = window.popleft()
+            in_flight -= extra
+            _land(shard, pending.box, pending.result(), verify, in_place=pending.in_place)
+            if shard.lanes and isinstance(shard.lanes[-1], jax.Array):
+                kernels.append(shard.lanes[-1])
+                while len(kernels) > KERNELS_IN_FLIGHT:  # their temporaries are pieces' size
+                    kernels.popleft().block_until_ready()
     values: dict[str, jax.Array] = {}
     partials: dict[str, digest.Partial] = {}
     for leaf in leaves:
@@ -481,9 +554,44 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
     return values, (partials if verify else None)
 
 
-def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool) -> None:
+MAX_WINDOW = 2 * direct_read.THREADS
+"""At most this many pieces are read ahead (reads into the shards' own memory hold no
+budget)."""
+
+
+KERNELS_IN_FLIGHT = 1
+"""Digest kernels (pieces of over ``digest.SMALL_ELEMENTS`` elements) left running while
+the next piece lands: each holds temporaries of its piece's size."""
+
+
+def _final(shard: _Shard) -> bool:
+    """Whether the host memory :func:`_destination` gives `shard` is what the shard's
+    device keeps (a CPU device adopts an aligned host array), not a staging copy."""
+    return shard.devices[0].platform == "cpu"
+
+
+def _destination(shard: _Shard, box: Box) -> np.ndarray | None:
+    """Host memory to read `box` of `shard` into: the whole shard for a one-piece shard;
+    on a CPU device the piece's place in the shard's host array when contiguous."""
+    shape = tuple(h - a_ for a_, h in zip(*box, strict=True))
+    if len(shard.pieces) == 1:
+        return aligned_empty(shape, shard.leaf.dtype)
+    if not _final(shard):
+        return None
+    if shard.host is None:
+        shard.host = aligned_empty(tuple(h - a_ for a_, h in zip(*shard.box, strict=True)),
+                                   shard.leaf.dtype)
+    at = tuple(slice(a - b, a - b + n) for a, b, n in zip(box[0], shard.box[0], shape,
+                                                          strict=True))
+    view = shard.host[at]
+    return view if view.flags.c_contiguous else None
+
+
+def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool, *,
+          in_place: bool = False) -> None:
     """Put one piece (`box`, its values `host`) into the shard's device buffer and
-    digest it if the shard counts."""
+    digest it if the shard counts. `in_place`: `host` was read into its place in the
+    shard's host array already (:func:`_destination`)."""
     device = shard.devices[0]
     lo, _ = box
     starts = np.array(lo or [0], dtype=np.uint32)
@@ -498,7 +606,8 @@ def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool) -> None:
                                        shard.leaf.dtype)
         at = tuple(slice(a - b, a - b + n) for a, b, n in
                    zip(lo, shard.box[0], host.shape, strict=True))
-        shard.host[at] = host
+        if not in_place:
+            shard.host[at] = host
         piece = jax.device_put(shard.host[at], device)  # no copy where aligned
     else:
         piece = jax.device_put(host, device)
