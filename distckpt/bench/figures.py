@@ -39,6 +39,8 @@ TARGETS: tuple[dict[str, Any], ...] = (
      "threshold": 1.0},
     {"name": "extra peak RSS during save / shard bytes", "ratio": "save_rss", "op": "<=",
      "threshold": 1.2},
+    {"name": "peak extra RSS during restore / shard bytes (restored arrays included)",
+     "ratio": "restore_rss", "op": "<=", "threshold": 1.2},
     {"name": "RSS growth per save over consecutive saves (MiB)", "ratio": "rss_growth_mib_per_save",
      "op": "<=", "threshold": 1.0},
     {"name": "training step-time inflation, saving every step", "ratio": "train_inflation",
