@@ -19,13 +19,14 @@ How a commit is made durable, replaced, quarantined and deleted: :mod:`distckpt.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import re
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from etils import epath
@@ -234,17 +235,23 @@ class FileProblem:
         return f"{self.rel}: {self.detail}"
 
 
+IO_THREADS = 8
+"""Files checked (or CRC'd for a record) at once: on object storage each is a request
+(a restore of 64 MiB from SeaweedFS spent 0.064 s reading 17 small files one by one)."""
+
+
 def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[FileProblem]:
     """Problems with the files the record lists (missing, resized, small file changed)."""
-    problems = []
     crcs = record.get("crc32") or {}
     # Object storage: one listing for every size instead of a request per file.
     listed = None if is_local(path) else storage.list_files(path)
-    for rel, size in sorted(record["files"].items()):
+
+    def check(entry: tuple[str, int]) -> FileProblem | None:
+        rel, size = entry
         f = path / rel
         try:
             if listed is None:
-                actual = f.stat().length
+                actual = os.stat(os.fspath(f)).st_size
             elif rel in listed:
                 actual = listed[rel]
             else:
@@ -252,16 +259,25 @@ def check_files(path: epath.Path, record: Mapping[str, Any]) -> list[FileProblem
             # Read inside the try: retention may delete the file after the listing.
             changed = actual == size and rel in crcs and _crc32(f) != crcs[rel]
         except FileNotFoundError:
-            problems.append(FileProblem(rel, StepProblem.INCOMPLETE, "missing"))
-            continue
+            return FileProblem(rel, StepProblem.INCOMPLETE, "missing")
         if actual != size:
-            problems.append(FileProblem(
-                rel, StepProblem.INCOMPLETE,
-                f"{actual} bytes, {size} when committed (truncated or rewritten)"))
-        elif changed:
-            problems.append(FileProblem(
-                rel, StepProblem.CORRUPT, "contents changed since the commit (CRC-32 mismatch)"))
-    return problems
+            return FileProblem(rel, StepProblem.INCOMPLETE,
+                               f"{actual} bytes, {size} when committed (truncated or rewritten)")
+        if changed:
+            return FileProblem(rel, StepProblem.CORRUPT,
+                               "contents changed since the commit (CRC-32 mismatch)")
+        return None
+
+    return [p for p in _in_parallel(check, sorted(record["files"].items())) if p is not None]
+
+
+def _in_parallel(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`fn` of every item, in order, :data:`IO_THREADS` at a time."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with concurrent.futures.ThreadPoolExecutor(min(IO_THREADS, len(items)),
+                                               thread_name_prefix="distckpt-files") as pool:
+        return list(pool.map(fn, items))
 
 
 SMALL_FILE_BYTES = 1 << 20
@@ -292,7 +308,8 @@ def file_sizes(path: epath.Path) -> dict[str, int]:
 def build_record(step: int, path: epath.Path, checksums: Mapping[str, str],
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     files = file_sizes(path)
-    crcs = {rel: _crc32(path / rel) for rel, size in files.items() if size <= SMALL_FILE_BYTES}
+    small = [rel for rel, size in files.items() if size <= SMALL_FILE_BYTES]
+    crcs = dict(zip(small, _in_parallel(lambda rel: _crc32(path / rel), small), strict=True))
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "committed_at": time.time(), "checksums": dict(checksums), "files": files,
             "crc32": crcs, **(extra or {})}
