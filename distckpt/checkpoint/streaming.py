@@ -57,6 +57,8 @@ each array's name and the zarr version, ``ocp.type_handlers.get_json_tspec_read`
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -179,7 +181,8 @@ class _Shard:
     buffer: jax.Array | None = None
     host: np.ndarray | None = None
     """The shard assembled in host memory, piece by piece (CPU devices; see _land)."""
-    lanes: list[jax.Array | np.ndarray] = dataclasses.field(default_factory=list)
+    lanes: list[jax.Array | np.ndarray | concurrent.futures.Future] = dataclasses.field(
+        default_factory=list)
 
 
 @dataclasses.dataclass
@@ -519,8 +522,13 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
     window: collections.deque[tuple[_Shard, _Read, int]] = collections.deque()
     in_flight = 0  # bytes the reads in the window hold beyond the restored shards
     kernels: collections.deque[jax.Array] = collections.deque()  # digests running
+    hashing: collections.deque[concurrent.futures.Future] = collections.deque()
     done = False
-    with direct_read.Reader() as reader:
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(direct_read.Reader())
+        pool = (stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+            DIGEST_THREADS, thread_name_prefix="distckpt-digest"))
+            if verify and DIGEST_THREADS > 1 else None)
         while True:
             while not done and (not window or (in_flight < memory_bytes // 4
                                                and len(window) < MAX_WINDOW)):
@@ -538,11 +546,19 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
                 break
             shard, pending, extra = window.popleft()
             in_flight -= extra
-            _land(shard, pending.box, pending.result(), verify, in_place=pending.in_place)
-            if shard.lanes and isinstance(shard.lanes[-1], jax.Array):
-                kernels.append(shard.lanes[-1])
+            final = pending.in_place and _final(shard)
+            _land(shard, pending.box, pending.result(), verify, in_place=pending.in_place,
+                  pool=pool if final else None)
+            last = shard.lanes[-1] if shard.lanes else None
+            if isinstance(last, jax.Array):
+                kernels.append(last)
                 while len(kernels) > KERNELS_IN_FLIGHT:  # their temporaries are pieces' size
                     kernels.popleft().block_until_ready()
+            elif isinstance(last, concurrent.futures.Future) and (not hashing
+                                                                  or hashing[-1] is not last):
+                hashing.append(last)
+                while len(hashing) > 2 * DIGEST_THREADS:
+                    hashing.popleft().result()
     values: dict[str, jax.Array] = {}
     partials: dict[str, digest.Partial] = {}
     for leaf in leaves:
@@ -553,6 +569,10 @@ def read(state_dir: epath.Path, requests: Sequence[Request], *, memory_bytes: in
             read_bytes[leaf.request.name] = leaf.read_bytes
     return values, (partials if verify else None)
 
+
+DIGEST_THREADS = digest.HOST_THREADS
+"""Threads digesting pieces in NumPy while the restore goes on: only pieces read into
+their shard's final memory (:func:`_final`), which hold nothing extra while they wait."""
 
 MAX_WINDOW = 2 * direct_read.THREADS
 """At most this many pieces are read ahead (reads into the shards' own memory hold no
@@ -588,10 +608,12 @@ def _destination(shard: _Shard, box: Box) -> np.ndarray | None:
 
 
 def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool, *,
-          in_place: bool = False) -> None:
+          in_place: bool = False,
+          pool: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
     """Put one piece (`box`, its values `host`) into the shard's device buffer and
     digest it if the shard counts. `in_place`: `host` was read into its place in the
-    shard's host array already (:func:`_destination`)."""
+    shard's host array already (:func:`_destination`). `pool`: digest it there if it
+    is digested in NumPy (`host` must stay as it is: the shard's final memory)."""
     device = shard.devices[0]
     lo, _ = box
     starts = np.array(lo or [0], dtype=np.uint32)
@@ -619,7 +641,10 @@ def _land(shard: _Shard, box: Box, host: np.ndarray, verify: bool, *,
     if verify and shard.counts and host.size:
         # A shard's pieces have one shape (and a tail): the kernel compiles once for them.
         small = digest.SMALL_ELEMENTS if len(shard.pieces) == 1 else PIECE_KERNEL_ELEMENTS
-        shard.lanes.append(digest.block_lanes(host, piece, starts, small=small))
+        if pool is not None and host.size <= small:
+            shard.lanes.append(pool.submit(digest.block_lanes, host, None, starts))
+        else:
+            shard.lanes.append(digest.block_lanes(host, piece, starts, small=small))
     if len(shard.pieces) > 1:
         if shard.host is None and shard.buffer is not None:
             shard.buffer.block_until_ready()  # the piece's host and device copies go now
@@ -663,6 +688,8 @@ def _assemble(leaf: _Leaf, verify: bool, *, by_reader: bool = False
     total = digest.ZERO
     for shard in leaf.shards:
         for lanes in shard.lanes:
+            if isinstance(lanes, concurrent.futures.Future):
+                lanes = lanes.result()
             a, b = (int(v) for v in np.asarray(lanes))
             total = digest.add(total, (a, b))
     return array, total

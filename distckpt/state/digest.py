@@ -49,6 +49,8 @@ used to test the XLA one.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
@@ -143,27 +145,39 @@ class Pending:
         self._outputs = outputs
 
     def result(self) -> list[Partial]:
-        """This process's partial digest of each array (blocks until computed)."""
-        out = []
-        for lanes in self._outputs:
-            total = ZERO
-            for entry in lanes:
-                got: jax.Array | np.ndarray
-                if isinstance(entry, tuple):  # a host view: compute here, off the caller
-                    view, starts = entry
-                    got = (np.array(host_lanes(view, starts), dtype=np.uint32)
-                           if view.size <= SMALL_ELEMENTS
-                           else _shard_lanes(jax.device_put(view, _HOST), starts))
-                else:
-                    got = entry
-                a, b = (int(v) for v in np.asarray(got))
-                total = add(total, (a, b))
-            out.append(total)
+        """This process's partial digest of each array (blocks until computed). Host views
+        digested in NumPy are spread over up to :data:`HOST_THREADS` threads."""
+        small = [entry for lanes in self._outputs for entry in lanes
+                 if isinstance(entry, tuple) and entry[0].size <= SMALL_ELEMENTS]
+        with concurrent.futures.ThreadPoolExecutor(
+                max(1, min(HOST_THREADS, len(small))),
+                thread_name_prefix="distckpt-digest") as pool:
+            hashed = {id(entry): pool.submit(host_lanes, *entry) for entry in small}
+            out = []
+            for lanes in self._outputs:
+                total = ZERO
+                for entry in lanes:
+                    if id(entry) in hashed:
+                        total = add(total, hashed[id(entry)].result())
+                        continue
+                    got: jax.Array | np.ndarray
+                    if isinstance(entry, tuple):  # a large host view: the kernel, here
+                        view, starts = entry
+                        got = _shard_lanes(jax.device_put(view, _HOST), starts)
+                    else:
+                        got = entry
+                    a, b = (int(v) for v in np.asarray(got))
+                    total = add(total, (a, b))
+                out.append(total)
         self._outputs = []  # release the views (and the buffers they keep alive)
         return out
 
 
 _HOST = None
+
+HOST_THREADS = max(1, min(8, os.cpu_count() or 1))
+"""Threads a save's (or a restore's) NumPy digests of host blocks may use: NumPy releases
+the GIL in its loops, so they run on as many cores."""
 
 SMALL_ELEMENTS = 1 << 20
 """Shards (and restored pieces) of at most this many elements are digested in NumPy on
