@@ -118,7 +118,9 @@ def test_failed_drill_removes_its_temp_dir_unless_kept(place):
 @pytest.mark.slow  # a whole drill (~30 s on 2 cores); the failed drill above is the fast check
 @pytest.mark.multiprocess
 def test_drill_removes_its_temp_dir(place):
-    report = place[0].parent / "report.json"
+    # The report's parent directories do not exist yet: --json makes them (a traceback
+    # after the whole drill, once).
+    report = place[0].parent / "reports" / "today" / "report.json"
     res = run(place, "drill", "--from", "1x1", "--to", "1x1", "--steps", "1", "--save-every",
               "1", "--json", str(report))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -126,6 +128,53 @@ def test_drill_removes_its_temp_dir(place):
     assert got["verified"] and got["removed"]
     assert not Path(got["directory"]).exists()
     assert_untouched(place)
+
+
+@pytest.mark.parametrize("command", [
+    ["drill"], ["bench"], ["goodput"], ["plan-restore", "ckpt", "--to", "1x1"]])
+@pytest.mark.parametrize("flag, path, needle", [
+    ("--json", "adir", "--json: adir is a directory; give a file name"),
+    ("--json", "afile/r.json", "--json: afile/r.json is inside afile, which is a file"),
+    ("--json", "", "--json: an empty path"),
+])
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(place, command,
+                                                                          flag, path, needle):
+    """Checked when the arguments are parsed: a drill or a bench never runs for minutes
+    and then fails writing its report."""
+    (place[0] / "adir").mkdir()
+    (place[0] / "afile").write_text("mine")
+    res = run(place, *command, flag, path, timeout=120)
+    assert res.returncode == 2
+    assert_one_line_error(res, needle, f"see distckpt {command[0]} --help")
+    assert res.stdout == ""
+    assert_untouched(place, (["adir", "afile"], []))
+
+
+@pytest.mark.parametrize("command, flag", [(["bench"], "--chart"), (["bench"], "--markdown"),
+                                           (["goodput"], "--png")])
+def test_every_output_flag_is_checked(place, command, flag):
+    (place[0] / "adir").mkdir()
+    res = run(place, *command, flag, "adir", timeout=120)
+    assert_one_line_error(res, f"{flag}: adir is a directory")
+    assert_untouched(place, (["adir"], []))
+
+
+def test_report_paths_unit(tmp_path, monkeypatch):
+    from distckpt.tools import outputs
+
+    monkeypatch.chdir(tmp_path)
+    assert outputs.unwritable("new/deeper/r.json") is None  # parents are made on write
+    outputs.write_text("new/deeper/r.json", "{}")
+    assert (tmp_path / "new/deeper/r.json").read_text() == "{}"
+    assert outputs.unwritable("new/deeper/r.json") is None  # overwriting a report is fine
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere
+            pytest.skip("running as root: permissions are not enforced")
+        assert "ro is not writable" in outputs.unwritable("ro/sub/r.json")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
 
 
 # --------------------------------------------------------------------------- inspect/verify

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distckpt.bench import s3 as bench_s3
+from distckpt.tools.outputs import output_file, prepare, write_text
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*")
 
@@ -129,11 +130,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "run (its data on local disk; needs the `weed` binary of the test extra) "
                    f"and benchmark s3://{LOCAL_DIR} on it, or the s3:// --dir given")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--chart", metavar="PATH",
+    p.add_argument("--json", metavar="PATH", type=output_file,
+                   help="write the report as JSON")
+    p.add_argument("--chart", metavar="PATH", type=output_file,
                    help="write the ratio chart as PNG (default: beside --json; needs "
                    "matplotlib, the 'bench' extra)")
-    p.add_argument("--markdown", metavar="PATH", help="write the docs/benchmarks.md section (Markdown)")
+    p.add_argument("--markdown", metavar="PATH", type=output_file, help="write the docs/benchmarks.md section (Markdown)")
     p.add_argument("--timeout", type=float, default=d.timeout_s,
                    help="limit per job in seconds (default %(default)s)")
     p.add_argument("--progress", action="store_true",
@@ -322,7 +324,7 @@ def _write_outputs(console: Any, report: dict[str, Any], args: argparse.Namespac
 
     chart = args.chart or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if chart:
-        if bench_report.write_chart(report, chart):
+        if bench_report.write_chart(report, str(prepare(chart))):
             report["chart"] = chart
             console.print(f"chart: {chart}", markup=False)
         else:
@@ -330,10 +332,10 @@ def _write_outputs(console: Any, report: dict[str, Any], args: argparse.Namespac
             console.print("chart skipped: matplotlib is not installed "
                           "(pip install 'distckpt\\[bench]')")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_text(args.json, json.dumps(report, indent=1))
         console.print(f"JSON report: {args.json}", markup=False)
     if args.markdown:
-        Path(args.markdown).write_text(bench_report.markdown(report, command) + "\n")
+        write_text(args.markdown, bench_report.markdown(report, command) + "\n")
         console.print(f"Markdown: {args.markdown}", markup=False)
 
 

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from distckpt.tools.outputs import output_file, write_text
+
 
 def _console() -> Console:
     from distckpt.tools.check_cli import PIPE_WIDTH
@@ -102,8 +104,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
         console.print("the drill's temporary directory (its logs) was removed; rerun with "
                       "--keep to keep it")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_json(), f, indent=2)
+        write_text(args.json, json.dumps(report.to_json(), indent=2))
         console.print(f"JSON report: {args.json}", markup=False)
     return 0 if report.verified else 1
 
@@ -273,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps (default 6; with --fault, twice --save-every)")
     p.add_argument("--save-every", type=int, default=4, help="save interval (default 4)")
     p.add_argument("--dir", help="new or empty directory to use (default: a new temp dir)")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--json", metavar="PATH", type=output_file,
+                   help="also write the report as JSON (missing parent directories are made)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory the drill makes (logs, specs and, "
                    "without --dir, the checkpoints) and print where it is; by default it is "

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distckpt.tools.outputs import output_file, prepare, write_text
+
 NAMES = {"persistent": "persistent-only", "multi": "multi-tier"}
 
 
@@ -47,8 +49,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "(default persistent,multi)")
     p.add_argument("--dir", help="new or empty directory for checkpoints and logs "
                    "(default: a new temporary directory, kept for its logs and figures)")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    p.add_argument("--png", metavar="PATH",
+    p.add_argument("--json", metavar="PATH", type=output_file,
+                   help="also write the report as JSON")
+    p.add_argument("--png", metavar="PATH", type=output_file,
                    help="the progress figure (default: next to --json, else in the work "
                    "directory)")
     _add_model_flags(p)
@@ -123,11 +126,11 @@ def cmd_goodput(args: argparse.Namespace) -> int:
              "duration_s": config.duration_s, "mtbf_s": config.mtbf_s, "seed": config.seed,
              "step_delay_s": config.step_delay_s, "runs": [r.to_json() for r in reports]}
     if args.json:
-        Path(args.json).write_text(json.dumps(value, indent=2))
+        write_text(args.json, json.dumps(value, indent=2))
         print(f"JSON report: {args.json}")
     png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json
                        else str(workdir / "goodput.png"))
-    write_png(value, png)
+    write_png(value, str(prepare(png)))
     print(f"progress figure: {png}")
     return 0
 

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from distckpt.tools.outputs import output_file, write_text
+
 DESCRIPTION = (
     "Plan restoring a committed step (the newest, or --step N) of DIR onto a target slice "
     "(--to HOSTSxDEVICES[:AXIS=SIZE,...], the drill's syntax), reading metadata only: per "
@@ -53,8 +55,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     report = plan.to_json()
     _print(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_text(args.json, json.dumps(report, indent=2))
     return 0 if plan.strict else 1
 
 
@@ -134,5 +135,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--host-names", metavar="A,B,...",
                    help="with --local-dir: each host's name for {host}, by process index "
                    "(default host0,host1,...: the launcher's simulated hosts)")
-    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH")
+    p.add_argument("--json", metavar="PATH", type=output_file,
+                   help="also write the plan as JSON to PATH")
     p.set_defaults(func=cmd_plan)  # one-line argument errors: tools.cli.OneLineParser
