@@ -292,3 +292,30 @@ def test_argument_errors_are_one_line(place, args, needles):
     assert res.returncode == 2
     assert_one_line_error(res, *needles)
     assert_untouched(place)
+
+
+def test_a_drill_directory_is_read_where_its_checkpoints_are(place, checkpoint):
+    """`distckpt drill --dir DIR` keeps its logs in DIR and the checkpoints in
+    DIR/checkpoints; inspect, verify and plan-restore of DIR once said 'not a distckpt
+    checkpoint directory; point at the directory you gave ... distckpt drill --dir'."""
+    import shutil
+
+    drill = place[0] / "drill"
+    drill.mkdir()
+    shutil.copytree(checkpoint, drill / "checkpoints")
+    (drill / "save-spec.json").write_text("{}")
+    before = snapshot(place[0])
+    note = "drill is a drill's directory; reading its checkpoints in drill/checkpoints"
+    for args in (["inspect", "drill"], ["verify", "drill"],
+                 ["plan-restore", "drill", "--to", "1x1"]):
+        res = run(place, *args)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stderr.strip().splitlines()[0] == f"distckpt {args[0]}: {note}", res.stderr
+    res = run(place, "inspect", "drill", "--json")
+    assert json.loads(res.stdout)["steps"][0]["committed"]  # stdout stays JSON
+    assert snapshot(place[0]) == before
+    # Without its checkpoints it is read as it is (no steps: a problem, exit 1).
+    (drill / "checkpoints").rename(place[0] / "moved")
+    res = run(place, "inspect", "drill")
+    assert res.returncode == 1 and "drill's directory" not in res.stderr
+    assert "no step directories" in res.stdout

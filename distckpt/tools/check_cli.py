@@ -28,9 +28,36 @@ def _console() -> Console:
     return console
 
 
+DRILL_CHECKPOINTS = "checkpoints"
+"""Where ``distckpt drill --dir DIR`` keeps its checkpoints (beside its logs and specs)."""
+
+
+def checkpoint_dir(directory: str, command: str) -> str:
+    """`directory`, or its checkpoints when it is a drill's directory: ``distckpt drill
+    --dir DIR`` keeps logs and specs in DIR and the checkpoints in ``DIR/checkpoints``, and
+    a user who ran it points inspect, verify and plan-restore at DIR. Says so on stderr."""
+    from pathlib import Path
+
+    if "://" in directory:
+        return directory
+    root = Path(directory)
+    inner = root / DRILL_CHECKPOINTS
+    try:
+        is_drill = (inner.is_dir() and (root / "save-spec.json").is_file()
+                    and not any(p.name.isdigit() for p in root.iterdir()))
+    except OSError:
+        return directory
+    if not is_drill:
+        return directory
+    print(f"distckpt {command}: {directory} is a drill's directory; reading its checkpoints "
+          f"in {inner}", file=sys.stderr)
+    return str(inner)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from distckpt.tools.inspection import inspect_directory
 
+    args.dir = checkpoint_dir(args.dir, "inspect")
     report = inspect_directory(args.dir, args.step)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -84,6 +111,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from distckpt.errors import CheckpointError
     from distckpt.tools.verify import verify_directory
 
+    args.dir = checkpoint_dir(args.dir, "verify")
     try:
         report = verify_directory(args.dir, args.step,
                                   batch_bytes=max(1, int(args.batch_mib * 1024 * 1024)))

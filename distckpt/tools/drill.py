@@ -316,7 +316,9 @@ def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
             check_directory(directory)
             return Path(tempfile.mkdtemp(prefix="distckpt-drill-")), location.url
     workdir = _prepare_dir(directory)
-    return workdir, str(workdir / "checkpoints")
+    from distckpt.tools.check_cli import DRILL_CHECKPOINTS
+
+    return workdir, str(workdir / DRILL_CHECKPOINTS)
 
 
 def _prepare_dir(directory: str | None) -> Path:

@@ -37,6 +37,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.memory_mb is not None and args.memory_mb < 1:
         return fail(f"--memory-mb {args.memory_mb}: give the restore budget in MiB, >= 1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # plans touch no accelerator
+    from distckpt.tools.check_cli import checkpoint_dir
+
+    args.dir = checkpoint_dir(args.dir, "plan-restore")
     from distckpt.errors import CheckpointError
     from distckpt.tools.drill import SliceSpec
     from distckpt.tools.plan import plan_restore
