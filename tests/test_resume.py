@@ -35,3 +35,29 @@ def test_killed_run_resumes_from_newest_committed_step_bit_exact(tmp_path, run_h
     assert sorted(resumed["losses"], key=int) == ["7", "8", "9", "10"]
     for step, loss in resumed["losses"].items():
         assert loss == full["losses"][step], (step, loss, full["losses"][step])  # bit for bit
+
+
+def test_compiled_step_kept_per_process_and_loaded_on_restart(tmp_path, run_hosts):
+    """`distckpt train --executable-cache`: every process writes its compiled step and the
+    next start loads it (JAX's persistent cache serves process 0 only on CPU); a torn file
+    is compiled again; the numbers are the nnx.jit step's, bit for bit."""
+    full = _result(run_hosts(2, 2, command=TRAIN + ["--dir", str(tmp_path / "a"),
+                                                    "--steps", "4"]).check().output)
+    cache = tmp_path / "executables"
+    cached = TRAIN + ["--dir", str(tmp_path / "b"), "--executable-cache", str(cache),
+                      "--progress", "--save-every", "2"]
+    first = run_hosts(2, 2, command=cached + ["--steps", "2"]).check().output
+    assert '"event": "program"' in first and '"source": "compiled"' in first, first[-3000:]
+    files = sorted(p.name for p in cache.iterdir())
+    assert [f[-7:] for f in files] == ["-p0.bin", "-p1.bin"], files  # one per process
+    torn = cache / files[1]
+    torn.write_bytes(torn.read_bytes()[:1000])  # host 1's file, cut short
+    second = run_hosts(2, 2, command=cached + ["--steps", "4"]).check().output
+    assert '"source": "loaded"' in second, second[-3000:]  # process 0 reports
+    assert "could not load the compiled step" in second  # host 1 compiled again
+    assert len(torn.read_bytes()) > 1000  # and replaced its file
+    resumed = _result(second)
+    assert resumed["start_step"] == 2
+    first_losses = _result(first)["losses"]
+    for step, loss in {**first_losses, **resumed["losses"]}.items():
+        assert loss == full["losses"][step], (step, loss, full["losses"][step])  # bit for bit

@@ -229,7 +229,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                        max_to_keep=args.max_to_keep, crash_after=args.crash_after,
                        on_step=(lambda _step, _loss: time.sleep(delay)) if delay else None,
                        local_directory=args.local_dir, local_every=args.local_every,
-                       progress=progress if args.progress else None)
+                       progress=progress if args.progress else None,
+                       executable_cache=args.executable_cache)
     if coordinator.is_primary():
         print(json.dumps({"start_step": result.start_step, "last_step": result.last_step,
                           "saved_steps": result.saved_steps,
@@ -320,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "hostname); a peer keeps a copy of each host's steps")
     p.add_argument("--local-every", type=int, default=None, metavar="K",
                    help="with --local-dir: save to the local tier every K steps (default 1)")
+    p.add_argument("--executable-cache", metavar="DIR",
+                   help="keep each process's compiled training step in DIR and load it on the "
+                   "next start instead of compiling (JAX's own cache serves process 0 only "
+                   "on CPU). The files are pickles (JAX serialized executables): use a "
+                   "directory only this job writes")
     p.add_argument("--progress", action="store_true",
                    help="print a machine-readable line per event on the primary host: "
                    "'TRAIN {json}' (restore, each step: times, saves)")

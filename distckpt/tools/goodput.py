@@ -26,9 +26,12 @@ copy, plus the persistent one) the supervisor:
    deadline the job is stopped the same way.
 
 Every job of a run shares a JAX persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``
-in the run's directory, filled by calibration job A), so a restart loads the compiled
-training step instead of compiling it again, as production jobs do; the restart cost is
-still real: process start, ``jax.distributed`` initialization, restore, loading programs.
+in the run's directory, filled by calibration job A) and a directory of compiled training
+steps, one per process (``distckpt train --executable-cache``: JAX's cache is written by
+process 0 only, and on CPU the other processes' keys differ), so a restart loads the
+compiled training step on every host instead of compiling it again, as production jobs do;
+the restart cost is still real: process start, ``jax.distributed`` initialization, restore,
+tracing and loading programs.
 
 What is reported (ETTR, steps lost, recovery time, the costs measured in the run and the
 ETTR predicted from them) is defined in :mod:`distckpt.tools.goodput_report`.
@@ -134,7 +137,10 @@ class Job:
     def __init__(self, config: GoodputConfig, command: Sequence[str], log: TextIO,
                  compile_cache: Path):
         self.config, self.command, self.log = config, list(command), log
-        # Restarts load the compiled programs, as production jobs do (JAX reads these).
+        # Restarts load the compiled programs, as production jobs do: the training step
+        # from each process's own file (train.CachedStep; JAX's cache below serves only
+        # process 0 on CPU), everything else from JAX's persistent cache.
+        self.executables = compile_cache / "executables"
         self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -186,7 +192,8 @@ class Job:
                     kill(host)
 
         try:
-            result = launch(self.command, self.config.hosts, self.config.devices_per_host,
+            result = launch(self.command + ["--executable-cache", str(self.executables)],
+                            self.config.hosts, self.config.devices_per_host,
                             env=self.env, out=self.log,
                             timeout_s=max(0.1, deadline - time.time()),
                             grace_s=0.0, line_callback=on_line, on_start=on_start)

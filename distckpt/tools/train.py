@@ -20,13 +20,14 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from distckpt.checkpoint.options import Restored
 from distckpt.checkpoint.service import CheckpointOptions, CheckpointService
@@ -96,8 +97,14 @@ def remap_data_position(records: list[Any], index: int, count: int) -> dict[str,
     return {"next_step": positions.pop()}
 
 
-def make_train_step(mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """A jitted update: (model, optimizer, tokens) -> loss; model/optimizer updated in place."""
+def make_train_step(mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+                    executable_cache: str | os.PathLike[str] | None = None):
+    """A jitted update: (model, optimizer, tokens) -> loss; model/optimizer updated in place.
+
+    `executable_cache`: a directory where each process keeps its compiled step
+    (:class:`CachedStep`); without it, ``nnx.jit`` compiles at the first call."""
+    if executable_cache is not None:
+        return CachedStep(mesh, rules, Path(executable_cache))
 
     @nnx.jit
     def step(model: Transformer, optimizer: nnx.Optimizer, tokens_BxL: jax.Array) -> jax.Array:
@@ -113,6 +120,92 @@ def make_train_step(mesh: Mesh, rules: Rules = DEFAULT_RULES):
             set_activation_sharding(None, None)
 
     return run
+
+
+class CachedStep:
+    """The training step compiled ahead of time, each process's executable kept in a
+    directory and loaded by the next attempt instead of compiled again.
+
+    JAX's persistent compilation cache does this for process 0 only: it writes entries from
+    process 0 alone, and on CPU each process's key differs (it hashes the local devices'
+    topology), so on a simulated cluster processes 1..N-1 compiled the step again at every
+    restart (docs/goodput.md measured ~6 s of a ~10 s restart). Here every process writes
+    and reads its own file, keyed by a SHA-256 of the lowered program (StableHLO: model,
+    shapes, shardings), the JAX version, the process index and count and the local
+    devices; a file that fails to load is compiled again and replaced.
+
+    The files are JAX serialized executables, which are pickles (``jax.experimental.
+    serialize_executable``; loading one can run code): pass only a directory this job
+    alone writes. ``distckpt goodput`` uses one inside its own work directory.
+    The outputs keep the inputs' shardings, so saves see the same layout as with nnx.jit.
+    """
+
+    def __init__(self, mesh: Mesh, rules: Rules, directory: Path):
+        self.mesh, self.rules, self.directory = mesh, rules, directory
+        self._compiled: Any = None
+        self.source: str | None = None
+        """'loaded' or 'compiled', once the first call built the step."""
+        self.build_s: float | None = None
+
+    def __call__(self, model: Transformer, optimizer: nnx.Optimizer,
+                 tokens_BxL: jax.Array) -> jax.Array:
+        graphdef, state = nnx.split((model, optimizer))
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            self._compiled = self._build(graphdef, state, tokens_BxL)
+            self.build_s = time.perf_counter() - t0
+            logger.info("[process=%d] training step %s in %.2fs", jax.process_index(),
+                        self.source, self.build_s)
+        loss, new = self._compiled(state, tokens_BxL)
+        nnx.update((model, optimizer), new)
+        return loss
+
+    def _build(self, graphdef: Any, state: Any, tokens_BxL: jax.Array) -> Any:
+        import hashlib
+
+        from jax.experimental import serialize_executable
+
+        def pure(state: Any, tokens_BxL: jax.Array) -> tuple[jax.Array, Any]:
+            model, optimizer = nnx.merge(graphdef, state)
+            loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens_BxL)
+            optimizer.update(model, grads)
+            return loss, nnx.state((model, optimizer))
+
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        jitted = jax.jit(pure, out_shardings=(NamedSharding(self.mesh, PartitionSpec()),
+                                              shardings))
+        set_activation_sharding(self.mesh, self.rules)
+        try:
+            lowered = jitted.lower(state, tokens_BxL)
+        finally:
+            set_activation_sharding(None, None)
+        key = hashlib.sha256()
+        for part in (lowered.as_text(), jax.__version__, jax.lib.__version__,
+                     jax.process_index(), jax.process_count(),
+                     [(d.platform, d.id) for d in jax.local_devices()]):
+            key.update(repr(part).encode())
+        path = self.directory / f"train-step-{key.hexdigest()[:32]}-p{jax.process_index()}.bin"
+        if path.is_file():
+            try:
+                compiled = serialize_executable.deserialize_and_load(
+                    path.read_bytes(), lowered.in_tree, lowered.out_tree)
+                self.source = "loaded"
+                return compiled
+            except Exception as e:  # a torn or foreign file: compile it again
+                logger.warning("[process=%d] could not load the compiled step %s (%s: %s); "
+                               "compiling it", jax.process_index(), path, type(e).__name__, e)
+        compiled = lowered.compile()
+        self.source = "compiled"
+        try:
+            blob, _, _ = serialize_executable.serialize(compiled)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+        except Exception as e:  # the cache is an optimisation: training goes on
+            logger.warning("[process=%d] could not keep the compiled step in %s (%s: %s)",
+                           jax.process_index(), self.directory, type(e).__name__, e)
+        return compiled
 
 
 def new_state(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
@@ -166,7 +259,8 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
         *, rules: Rules = DEFAULT_RULES, max_to_keep: int | None = 3,
         on_step: Callable[[int, float], None] | None = None,
         crash_after: int | None = None, local_directory: str | None = None,
-        local_every: int | None = None, progress: Progress | None = None) -> RunResult:
+        local_every: int | None = None, progress: Progress | None = None,
+        executable_cache: str | os.PathLike[str] | None = None) -> RunResult:
     """Train to `steps`, saving every `save_every`; resume from the newest committed step.
 
     On SIGTERM to any process, every process saves the same step, waits for its commit
@@ -178,7 +272,8 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
     `local_directory` (may contain ``{host}``) adds the host-local tier, saved every
     `local_every` steps with a copy on a peer (CheckpointOptions.local_directory); a
     restore then takes the newest step any tier holds. `progress` gets the events
-    described at :data:`Progress`.
+    described at :data:`Progress`. `executable_cache`: keep and reuse each process's
+    compiled step there (:class:`CachedStep`; a directory only this job writes).
     """
     options = CheckpointOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
                                 local_directory=local_directory,
@@ -202,7 +297,7 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
         else:
             state = new_state(cfg, mesh, rules)
         model, optimizer = state["model"], state["optimizer"]
-        train_step = make_train_step(mesh, rules)
+        train_step = make_train_step(mesh, rules, executable_cache=executable_cache)
         losses: dict[int, float] = {}
         saved: list[int] = []
         reported: set[int] = set()
@@ -222,6 +317,9 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                                  process_state={"next_step": step + 1}, force=preempted)
             if did_save:
                 saved.append(step)
+            if progress is not None and step == start + 1 and isinstance(train_step, CachedStep):
+                progress({"event": "program", "t": time.time(), "source": train_step.source,
+                          "build_s": train_step.build_s})
             if progress is not None:
                 done = [(s.step, s.commit_s) for s in ckpt.save_stats
                         if s.commit_s is not None and s.step not in reported]
