@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
@@ -207,6 +208,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.local_every is not None and (args.local_dir is None or args.local_every < 1):
             raise ValueError(f"--local-every {args.local_every}: give a step count >= 1, "
                              "with --local-dir")
+        if args.executable_cache is not None:
+            cache = Path(args.executable_cache)
+            parent = next((q for q in (cache, *cache.parents) if q.exists()), Path("."))
+            if not args.executable_cache:
+                raise ValueError("--executable-cache: an empty path; give a directory")
+            if not parent.is_dir():
+                raise ValueError(f"--executable-cache {args.executable_cache!r}: not a "
+                                 f"directory ({parent} is a file); give a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--executable-cache {args.executable_cache}: {parent} is "
+                                 "not writable; give a directory this user can write")
     except ValueError as e:
         print(f"distckpt train: error: {e}", file=sys.stderr)
         return 2
