@@ -28,6 +28,22 @@ def test_each_host_gets_its_environment_and_prefix():
                      for i in range(3)]
 
 
+def test_python_is_the_virtual_environments_without_activating_it(tmp_path):
+    """Found as a newcomer: `.venv/bin/distckpt launch -- python examples/quickstart.py`
+    without activating the environment ran the system's Python ("No module named 'jax'")."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the launcher only does this from a virtual environment; this test "
+                    "runs outside one")
+    env = {**os.environ, "PATH": os.pathsep.join(
+        p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if os.path.realpath(p) != os.path.realpath(os.path.dirname(PY)))}  # not activated
+    res = subprocess.run([PY, "-m", "distckpt.tools.cli", "launch", "--hosts", "2", "--",
+                          "python", "-c", "import sys, jax; print(sys.prefix)"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(res.stdout.splitlines()) == [f"[host {i}] {sys.prefix}" for i in (0, 1)]
+
+
 def test_one_failure_stops_the_others_and_fails_the_launch():
     buf = io.StringIO()
     code = ("import os, sys, time\n"

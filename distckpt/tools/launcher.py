@@ -20,6 +20,10 @@ test's SIGALRM timeout), every host's whole process group is SIGKILLed and every
 host reaped before :func:`launch` returns or raises, so nothing a host started
 outlives the launch.
 
+Launched from a virtual environment, the hosts find its ``bin`` directory first on
+``PATH`` (``.venv/bin/distckpt launch -- python x.py`` runs the environment's Python
+without activating it).
+
 Gloo prints one ``[Gloo] Rank N is connected to M peer ranks`` line per host and
 collective group; those are dropped from the output unless ``show_gloo`` (the CLI's
 ``-v``/``--verbose``, or ``DISTCKPT_SHOW_GLOO=1``). Every other line is kept.
@@ -66,8 +70,17 @@ def host_env(process_id: int, num_processes: int, devices_per_host: int, port: i
     """The environment of simulated host `process_id`, running on machine `slot`
     (default: the same number). ``DISTCKPT_HOST=host<slot>`` names the machine, as a
     hostname does on a cluster: a local checkpoint tier keyed by it stays with the
-    machine when process ids change between launches."""
+    machine when process ids change between launches.
+
+    Run from a virtual environment (``.venv/bin/distckpt launch``, activated or not), the
+    environment's ``bin`` directory comes first on ``PATH``, so ``-- python x.py`` runs
+    the environment's Python, the one distckpt is installed in."""
     env = dict(os.environ if base is None else base)
+    if sys.prefix != sys.base_prefix:  # a virtual environment's launcher: its python first
+        venv_bin = os.path.dirname(sys.executable)
+        path = env.get("PATH", os.defpath)
+        if path.split(os.pathsep)[0] != venv_bin:
+            env["PATH"] = venv_bin + os.pathsep + path
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     flags.append(f"--xla_force_host_platform_device_count={devices_per_host}")
