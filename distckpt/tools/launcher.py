@@ -45,6 +45,28 @@ from typing import TextIO
 
 GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 """Gloo's per-connection notice, hidden unless asked for."""
+_GLOO_PIECES = re.compile(r"\[Gloo\] Rank|is connected to|peer ranks\. Expected number of "
+                          r"connected peer ranks is :|peer ranks|\d+|\s+")
+"""What Gloo's notices are made of: several threads print them at once, so a line may be
+pieces of several ("[Gloo] Rank 1[Gloo] Rank  is connected to ...", " peer ranks.
+Expected number of connected peer ranks is : 1")."""
+
+
+def gloo_notice(line: str) -> bool:
+    """Whether `line` is Gloo's connection notice, or pieces of several and nothing else.
+
+    >>> gloo_notice("[Gloo] Rank 1[Gloo] Rank  is connected to 01[Gloo] Rank 0 is connected"
+    ...             " to 1 peer ranks. Expected number of connected peer ranks is : 1")
+    True
+    >>> gloo_notice(" peer ranks. Expected number of connected peer ranks is : 1")
+    True
+    >>> gloo_notice("step 1 [Gloo] Rank 0 is connected to 1 peer ranks"), gloo_notice("12")
+    (False, False)
+    """
+    if GLOO_CONNECTED.match(line):
+        return True
+    return (("[Gloo] Rank" in line or "Expected number of connected peer ranks" in line)
+            and not _GLOO_PIECES.sub("", line))
 SHOW_GLOO_ENV = "DISTCKPT_SHOW_GLOO"
 HOST_ENV = "DISTCKPT_HOST"
 """The simulated machine's name (``host<slot>``), read by the local checkpoint tier."""
@@ -175,7 +197,7 @@ def launch(
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
-            if show_gloo or not GLOO_CONNECTED.match(line):
+            if show_gloo or not gloo_notice(line):
                 with lock:
                     out.write(f"[host {i}] {line}\n")
                     out.flush()
