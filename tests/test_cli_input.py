@@ -69,8 +69,9 @@ def test_launch_of_a_missing_program_says_so(place):
     (["--mesh", "fsdp=2", "--d-model", "7"], "does not fit mesh fsdp=2"),
     (["--dir", "afile"], "--dir afile is a file"),
     (["--dir", "afile/sub"], "--dir afile/sub is inside afile, which is a file"),
-    (["--executable-cache", "afile"], "--executable-cache 'afile': not a directory"),
-    (["--executable-cache", "afile/x"], "(afile is a file); give a directory"),
+    (["--executable-cache", "afile"], "--executable-cache afile is a file; give a directory"),
+    (["--executable-cache", "afile/x"], "--executable-cache afile/x is inside afile, which is "
+     "a file; give a directory"),
     (["--executable-cache", ""], "--executable-cache: an empty path; give a directory"),
 ])
 def test_train_rejects_bad_input_before_touching_disk(place, args, needle):

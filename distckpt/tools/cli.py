@@ -209,13 +209,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--local-every {args.local_every}: give a step count >= 1, "
                              "with --local-dir")
         if args.executable_cache is not None:
-            cache = Path(args.executable_cache)
-            parent = next((q for q in (cache, *cache.parents) if q.exists()), Path("."))
             if not args.executable_cache:
                 raise ValueError("--executable-cache: an empty path; give a directory")
-            if not parent.is_dir():
-                raise ValueError(f"--executable-cache {args.executable_cache!r}: not a "
-                                 f"directory ({parent} is a file); give a directory")
+            check_directory(args.executable_cache, empty=False, flag="--executable-cache")
+            cache = Path(args.executable_cache)
+            parent = next(q for q in (cache, *cache.parents) if q.exists())
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ValueError(f"--executable-cache {args.executable_cache}: {parent} is "
                                  "not writable; give a directory this user can write")

@@ -257,10 +257,11 @@ class DrillReport:
         return dataclasses.asdict(self)
 
 
-def check_directory(directory: str | None, *, empty: bool = True) -> None:
+def check_directory(directory: str | None, *, empty: bool = True, flag: str = "--dir") -> None:
     """Raise ValueError unless `directory` (local path or object-store URL) is absent or
     a directory, and with `empty` (the drill) holds nothing; creates nothing. The drill
-    never touches existing checkpoints; ``distckpt train`` (``empty=False``) resumes them."""
+    never touches existing checkpoints; ``distckpt train`` (``empty=False``) resumes them.
+    `flag` names the argument in the messages."""
     if directory is None:
         return
     from distckpt import storage
@@ -278,10 +279,11 @@ def check_directory(directory: str | None, *, empty: bool = True) -> None:
     path = Path(directory)
     what = "a new or empty directory" if empty else "a directory"
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--dir {directory} is a file; give {what}")
+        raise ValueError(f"{flag} {directory} is a file; give {what}")
     existing = next((p for p in path.parents if p.exists()), None)
     if not path.exists() and existing is not None and not existing.is_dir():
-        raise ValueError(f"--dir {directory} is inside {existing}, which is a file; give {what}")
+        raise ValueError(f"{flag} {directory} is inside {existing}, which is a file; "
+                         f"give {what}")
     if not empty:
         return
     if path.exists() and any(path.iterdir()):

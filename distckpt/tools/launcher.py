@@ -51,6 +51,10 @@ _GLOO_PIECES = re.compile(r"\[Gloo\] Rank|is connected to|peer ranks\. Expected 
 pieces of several ("[Gloo] Rank 1[Gloo] Rank  is connected to ...", " peer ranks.
 Expected number of connected peer ranks is : 1")."""
 
+SHOW_GLOO_ENV = "DISTCKPT_SHOW_GLOO"
+HOST_ENV = "DISTCKPT_HOST"
+"""The simulated machine's name (``host<slot>``), read by the local checkpoint tier."""
+
 
 def gloo_notice(line: str) -> bool:
     """Whether `line` is Gloo's connection notice, or pieces of several and nothing else.
@@ -67,9 +71,6 @@ def gloo_notice(line: str) -> bool:
         return True
     return (("[Gloo] Rank" in line or "Expected number of connected peer ranks" in line)
             and not _GLOO_PIECES.sub("", line))
-SHOW_GLOO_ENV = "DISTCKPT_SHOW_GLOO"
-HOST_ENV = "DISTCKPT_HOST"
-"""The simulated machine's name (``host<slot>``), read by the local checkpoint tier."""
 
 
 class LaunchError(ValueError):

@@ -97,6 +97,13 @@ def remap_data_position(records: list[Any], index: int, count: int) -> dict[str,
     return {"next_step": positions.pop()}
 
 
+def _update(model: Transformer, optimizer: nnx.Optimizer, tokens_BxL: jax.Array) -> jax.Array:
+    """One training step on (model, optimizer), updated in place; returns the loss."""
+    loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens_BxL)
+    optimizer.update(model, grads)
+    return loss
+
+
 def make_train_step(mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
                     executable_cache: str | os.PathLike[str] | None = None):
     """A jitted update: (model, optimizer, tokens) -> loss; model/optimizer updated in place.
@@ -105,12 +112,7 @@ def make_train_step(mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
     (:class:`CachedStep`); without it, ``nnx.jit`` compiles at the first call."""
     if executable_cache is not None:
         return CachedStep(mesh, rules, Path(executable_cache))
-
-    @nnx.jit
-    def step(model: Transformer, optimizer: nnx.Optimizer, tokens_BxL: jax.Array) -> jax.Array:
-        loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens_BxL)
-        optimizer.update(model, grads)
-        return loss
+    step = nnx.jit(_update)
 
     def run(model, optimizer, tokens):
         set_activation_sharding(mesh, rules)
@@ -167,8 +169,7 @@ class CachedStep:
 
         def pure(state: Any, tokens_BxL: jax.Array) -> tuple[jax.Array, Any]:
             model, optimizer = nnx.merge(graphdef, state)
-            loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens_BxL)
-            optimizer.update(model, grads)
+            loss = _update(model, optimizer, tokens_BxL)
             return loss, nnx.state((model, optimizer))
 
         shardings = jax.tree.map(lambda x: x.sharding, state)
