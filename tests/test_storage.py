@@ -137,6 +137,41 @@ def test_secrets_never_appear_in_text_or_specs():
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
 
+@pytest.mark.fast
+def test_credential_files_written_once_when_threads_race():
+    """Orbax serializes arrays on several threads; each builds the S3 kvstore spec. The
+    first calls for one set of credentials raced to write the same profile file (CI:
+    FileExistsError on credentials-0). A fresh process, so the cache starts empty."""
+    code = """
+import threading
+from distckpt.storage import Location, S3Credentials
+locs = [Location.parse("s3://bkt/run", endpoint="http://h:1",
+                       credentials=S3Credentials(f"AKIA{i % 3}", "s" * 40), environ={})
+        for i in range(48)]
+barrier, out, errors = threading.Barrier(len(locs)), {}, []
+def build(i):
+    barrier.wait()
+    try:
+        out[i] = locs[i].kvstore_spec()["aws_credentials"]["credentials_file"]
+    except Exception as e:  # noqa: BLE001 - reported below
+        errors.append(repr(e))
+threads = [threading.Thread(target=build, args=(i,)) for i in range(len(locs))]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors[:3]
+files = {i % 3: set() for i in range(48)}
+for i, f in out.items(): files[i % 3].add(f)
+assert all(len(v) == 1 for v in files.values()), files   # one file per credentials
+assert len({next(iter(v)) for v in files.values()}) == 3  # distinct across credentials
+for k, v in files.items():
+    assert f"AKIA{k}" in open(next(iter(v))).read()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- specs
 @pytest.mark.fast
 def test_kvstore_specs_for_each_scheme(tmp_path):

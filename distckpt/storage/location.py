@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import importlib.util
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -274,9 +274,10 @@ class Location:
 
 # ---------------------------------------------------------------------- credentials
 _PRIVATE_DIR: list[str] = []
+_PROFILE_FILES: dict[S3Credentials, dict[str, str]] = {}
+_PROFILE_LOCK = threading.Lock()
 
 
-@functools.cache
 def _profile_files(credentials: S3Credentials) -> dict[str, str]:
     """Write explicit credentials to a private AWS profile for TensorStore.
 
@@ -284,23 +285,31 @@ def _profile_files(credentials: S3Credentials) -> dict[str, str]:
     holds the keys; the config file only declares ``[profile distckpt]``. (One file for
     both made the SDK parse ``[distckpt]`` as a config file too and log a warning naming
     the file for every line of it.)
+
+    One pair per distinct credentials per process, under a lock: Orbax builds kvstore
+    specs on several threads at once, and an unlocked cache let two first calls pick the
+    same file name (CI failed on ``FileExistsError: credentials-0``).
     """
-    if not _PRIVATE_DIR:
-        _PRIVATE_DIR.append(tempfile.mkdtemp(prefix="distckpt-aws-"))  # mode 0700
-        atexit.register(shutil.rmtree, _PRIVATE_DIR[0], True)
-    n = len(os.listdir(_PRIVATE_DIR[0]))
-    lines = ["[distckpt]", f"aws_access_key_id = {credentials.access_key_id}",
-             f"aws_secret_access_key = {credentials.secret_access_key}"]
-    if credentials.session_token:
-        lines.append(f"aws_session_token = {credentials.session_token}")
-    files = {"credentials_file": os.path.join(_PRIVATE_DIR[0], f"credentials-{n}"),
-             "config_file": os.path.join(_PRIVATE_DIR[0], f"config-{n}")}
-    for key, text in (("credentials_file", "\n".join(lines)), ("config_file",
-                                                             "[profile distckpt]")):
-        fd = os.open(files[key], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-    return files
+    with _PROFILE_LOCK:
+        if credentials in _PROFILE_FILES:
+            return dict(_PROFILE_FILES[credentials])
+        if not _PRIVATE_DIR:
+            _PRIVATE_DIR.append(tempfile.mkdtemp(prefix="distckpt-aws-"))  # mode 0700
+            atexit.register(shutil.rmtree, _PRIVATE_DIR[0], True)
+        n = len(_PROFILE_FILES)
+        lines = ["[distckpt]", f"aws_access_key_id = {credentials.access_key_id}",
+                 f"aws_secret_access_key = {credentials.secret_access_key}"]
+        if credentials.session_token:
+            lines.append(f"aws_session_token = {credentials.session_token}")
+        files = {"credentials_file": os.path.join(_PRIVATE_DIR[0], f"credentials-{n}"),
+                 "config_file": os.path.join(_PRIVATE_DIR[0], f"config-{n}")}
+        for key, text in (("credentials_file", "\n".join(lines)),
+                          ("config_file", "[profile distckpt]")):
+            fd = os.open(files[key], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+        _PROFILE_FILES[credentials] = files
+        return dict(files)
 
 
 # ---------------------------------------------------------------------- prepare
