@@ -136,6 +136,10 @@ class CachedStep:
     shapes, shardings), the JAX version, the process index and count and the local
     devices; a file that fails to load is compiled again and replaced.
 
+    Each process keeps its :data:`KEEP_EXECUTABLES` most recently used files (a load
+    touches its file; older ones are deleted after a compile), so a directory reused
+    across model or mesh changes stops growing.
+
     The files are JAX serialized executables, which are pickles (``jax.experimental.
     serialize_executable``; loading one can run code): pass only a directory this job
     alone writes. ``distckpt goodput`` uses one inside its own work directory.
@@ -191,6 +195,7 @@ class CachedStep:
                 compiled = serialize_executable.deserialize_and_load(
                     path.read_bytes(), lowered.in_tree, lowered.out_tree)
                 self.source = "loaded"
+                path.touch()  # most recently used: pruning keeps it
                 return compiled
             except Exception as e:  # a torn or foreign file: compile it again
                 logger.warning("[process=%d] could not load the compiled step %s (%s: %s); "
@@ -203,10 +208,30 @@ class CachedStep:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(blob)
             os.replace(tmp, path)
+            prune_executables(self.directory, jax.process_index())
         except Exception as e:  # the cache is an optimisation: training goes on
             logger.warning("[process=%d] could not keep the compiled step in %s (%s: %s)",
                            jax.process_index(), self.directory, type(e).__name__, e)
         return compiled
+
+
+KEEP_EXECUTABLES = 4
+"""Compiled steps :class:`CachedStep` keeps per process (most recently used first)."""
+
+
+def prune_executables(directory: Path, process: int, keep: int = KEEP_EXECUTABLES
+                      ) -> list[Path]:
+    """Delete process `process`'s compiled steps in `directory` beyond its `keep` most
+    recently used (by modification time; a load touches its file); other processes'
+    files and anything not named like a compiled step are left alone. Returns what was
+    deleted."""
+    mine = [p for p in directory.glob(f"train-step-*-p{process}.bin") if p.is_file()]
+    mine.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    gone = []
+    for old in mine[keep:]:
+        old.unlink(missing_ok=True)
+        gone.append(old)
+    return gone
 
 
 def new_state(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
