@@ -194,6 +194,7 @@ def test_s3_defaults_and_object_packing():
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # whole bench runs; the figures' and report's unit tests stay
 @pytest.mark.multiprocess
 def test_bench_end_to_end_on_a_tiny_state(tmp_path):
     out, md = tmp_path / "out.json", tmp_path / "bench.md"
@@ -363,6 +364,7 @@ def test_bench_refuses_a_non_empty_s3_prefix(s3_env, s3_url, capsys):
     assert _objects(s3_url) == ["old/checkpoint"]  # nothing written, nothing deleted
 
 
+@pytest.mark.slow  # the local end-to-end bench stays
 @pytest.mark.multiprocess
 def test_bench_on_s3_against_raw_put_get(s3_env, s3_url, tmp_path):
     """2 processes on the real S3 server: raw PUT/GET and distckpt measured, their ratios in

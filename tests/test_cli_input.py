@@ -103,6 +103,7 @@ def test_drill_rejects_bad_input_before_anything_starts(place, args, needle):
     assert_untouched(place)
 
 
+@pytest.mark.slow  # runs failing drills
 def test_failed_drill_removes_its_temp_dir_unless_kept(place):
     # A real worker failure: the workers reject the log level at start-up (exit 1).
     res = run(place, "drill", "--from", "1x1", "--to", "1x1", "--steps", "1", "--save-every",
@@ -208,6 +209,7 @@ def test_verify_rejects_a_non_positive_batch(place, checkpoint, mib):
     assert_untouched(place)
 
 
+@pytest.mark.slow  # output layout
 def test_inspect_never_cuts_a_leaf_path(place, checkpoint):
     leaves = json.loads(run(place, "inspect", str(checkpoint), "--json").stdout)[
         "detail"]["leaves"]

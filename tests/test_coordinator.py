@@ -30,6 +30,7 @@ def test_barrier_timeout_names_missing_process(tmp_path, run_hosts):
         assert got["elapsed"] >= timeout * 0.99, got["elapsed"]
 
 
+@pytest.mark.slow  # 150 gathers on 3 processes; the coordinator's other tests stay
 @pytest.mark.multiprocess
 def test_gathers_back_to_back_get_every_value_fresh(tmp_path, run_hosts):
     """A gather's value is deleted at the process's next gather (no second barrier):

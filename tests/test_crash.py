@@ -494,7 +494,8 @@ class Processes:
                          for i, log in enumerate(self.logs))
 
 
-@pytest.mark.parametrize("victim", [1, 0], ids=["process1", "process0-coordinator"])
+@pytest.mark.parametrize("victim", [pytest.param(1, marks=pytest.mark.slow), 0],  # slow: one victim is enough by default
+                         ids=["process1", "process0-coordinator"])
 def test_peer_death_mid_save_stops_every_survivor(tmp_path, victim):
     directory, log = tmp_path / "ckpt", tmp_path / "log"
     log.mkdir()
@@ -563,6 +564,7 @@ def _private_tmpfs_prefix(probe: Path) -> list[str]:
                 "kernel.apparmor_restrict_unprivileged_userns): " + "; ".join(failures))
 
 
+@pytest.mark.slow  # a failing save on every process: test_save_failures
 def test_disk_full_fails_loudly_on_every_process_and_keeps_earlier_steps(tmp_path):
     prefix = _private_tmpfs_prefix(tmp_path / "probe")
     mnt, out = tmp_path / "small", tmp_path / "out"
@@ -637,7 +639,8 @@ def test_failed_array_write_on_one_process_is_heard_promptly_on_every_process(tm
 
 
 # ---------------------------------------------------------------------- unshared storage
-@pytest.mark.parametrize("layout", ["different-paths", "same-path-private-mounts"])
+@pytest.mark.parametrize("layout", ["different-paths",  # the other layout: slow tier
+                                    pytest.param("same-path-private-mounts", marks=pytest.mark.slow)])
 def test_directories_not_shared_by_the_hosts_are_refused_at_start(tmp_path, layout):
     """Each host sees its own empty directory: refused on every process within seconds.
 

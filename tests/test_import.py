@@ -341,6 +341,7 @@ def test_cli_refuses_with_one_line_and_writes_nothing(sources, args, needles):
     assert not (sources / "out").exists() and not (sources / "std" / "inside").exists()
 
 
+@pytest.mark.slow  # the two-process import stays
 def test_cli_imports_relative_paths_and_inspect_names_the_command(sources):
     res = run(sources, "inspect", "std")
     assert "distckpt import std NEW_DIR" in res.stdout, res.stdout + res.stderr

@@ -6,12 +6,14 @@ nothing in Orbax, TensorStore or the filesystem is mocked.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -193,19 +195,24 @@ def test_bad_inputs_get_clear_errors_and_change_nothing(four_steps, tmp_path):
         "truncated array file": "when committed",
         "newer format": "newer distckpt",
     }
+    def cli(command: str, d: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distckpt.tools.cli", command, str(d),
+                               *(["--json"] if command == "inspect" else [])],
+                              capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+
+    before = {name: snapshot(d) if d.exists() else None for name, d in cases.items()}
+    # Two CLI processes at a time (each is one Python process importing JAX: one core).
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = {(name, command): pool.submit(cli, command, d)
+                for name, d in cases.items() for command in ("inspect", "verify")}
     for name, d in cases.items():
-        before = snapshot(d) if d.exists() else None
-        cli = subprocess.run([sys.executable, "-m", "distckpt.tools.cli", "inspect", str(d), "--json"],
-                             capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
-        assert cli.returncode in (1, 2), (name, cli.stdout, cli.stderr)
-        assert "Traceback" not in cli.stderr, (name, cli.stderr)
-        report = json.loads(cli.stdout)
+        icli, vcli = runs[name, "inspect"].result(), runs[name, "verify"].result()
+        assert icli.returncode in (1, 2), (name, icli.stdout, icli.stderr)
+        assert "Traceback" not in icli.stderr, (name, icli.stderr)
+        report = json.loads(icli.stdout)
         assert any(expect[name] in p for p in report["problems"]), (name, report["problems"])
-        vcli = subprocess.run([sys.executable, "-m", "distckpt.tools.cli", "verify", str(d)],
-                              capture_output=True, text=True, env={**os.environ,
-                                                                   "XLA_FLAGS": ""})
         assert vcli.returncode in (1, 2) and "Traceback" not in vcli.stderr, (name, vcli.stderr)
-        assert (snapshot(d) if d.exists() else None) == before, name
+        assert (snapshot(d) if d.exists() else None) == before[name], name
 
     # The API says the same things, and a read-only restore changes nothing.
     with pytest.raises(distckpt.NoCheckpointError, match="does not exist"):

@@ -198,6 +198,7 @@ def test_a_second_ctrl_c_kills_hosts_that_do_not_stop(tmp_path):
     _assert_all_gone(pids, timeout=1)
 
 
+@pytest.mark.slow  # cosmetic output
 def test_gloo_connection_lines_are_hidden_unless_asked(tmp_path):
     # Real gloo: two hosts initialise jax.distributed and run one collective.
     code = ("from distckpt.multihost import coordinator; import jax.numpy as jnp\n"

@@ -109,7 +109,7 @@ def test_background_failure_surfaces_on_every_process(tmp_path, run_hosts):
         assert got["elapsed"] < timeout  # heard promptly, not at the async timeout
 
 
-@pytest.mark.parametrize("tiers", ["persistent", "both"])
+@pytest.mark.parametrize("tiers", [pytest.param("persistent", marks=pytest.mark.slow), "both"])
 def test_saves_in_background_while_a_training_step_all_reduces(tmp_path, run_hosts, tiers):
     """Every step saved (both tiers: persistent every 2nd, local every step, peer copies)
     while the next steps' all-reduces across all 4 hosts are in flight, on a mesh with a

@@ -69,6 +69,7 @@ def check_resumed(first: dict[int, bytes], second: dict[int, bytes], output: str
     assert restored_step(output) == max(second)
 
 
+@pytest.mark.slow  # two-host relative runs: test_relative_paths, reuse: test_reuse
 def test_quickstart_twice_from_a_relative_directory(tmp_path):
     """README: `XLA_FLAGS=... python examples/quickstart.py /tmp/qs`, here with `qs`."""
     first_run = run([sys.executable, QUICKSTART, "qs"], tmp_path, devices=8)
@@ -83,6 +84,7 @@ def test_quickstart_twice_from_a_relative_directory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["qs"]
 
 
+@pytest.mark.slow  # two-host relative runs: test_relative_paths, reuse: test_reuse
 @pytest.mark.multiprocess
 def test_quickstart_twice_on_two_hosts_from_a_relative_directory(tmp_path):
     """README: `distckpt launch --hosts 2 --devices-per-host 4 -- python
@@ -102,6 +104,7 @@ def test_quickstart_twice_on_two_hosts_from_a_relative_directory(tmp_path):
         check_resumed(first, second, lines)
 
 
+@pytest.mark.slow  # CI's main job runs the drill; drill directories: test_cli_input
 @pytest.mark.multiprocess
 def test_drill_into_a_relative_directory(tmp_path):
     """README: `distckpt drill --dir DIR --json report.json` (the default slices, as the

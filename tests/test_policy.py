@@ -203,6 +203,7 @@ def test_orbax_adapter_drives_a_real_checkpoint_manager(tmp_path):
 
 
 # --------------------------------------------------------------------------- agreement
+@pytest.mark.slow  # the policies' agreement; single-process policy tests stay
 @pytest.mark.multiprocess
 def test_processes_with_skewed_clocks_take_the_primarys_decisions(tmp_path, run_hosts):
     out = tmp_path / "decisions"

@@ -219,7 +219,7 @@ def test_randomized_preemption_trials(tmp_path, reference):
 
 # ------------------------------------------------------------------ protocol cases
 @multiprocess
-@pytest.mark.parametrize("term_at", [5, 6])
+@pytest.mark.parametrize("term_at", [5, pytest.param(6, marks=pytest.mark.slow)])
 def test_a_notice_in_the_last_steps_still_saves_the_same_last_step_everywhere(tmp_path,
                                                                               term_at):
     """SIGTERM to process 1 at the last step (6) or the one before: the agreed step would

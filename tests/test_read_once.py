@@ -11,7 +11,7 @@ pytestmark = pytest.mark.multiprocess
 
 @pytest.mark.parametrize("hosts,devices,mesh", [
     (2, 2, "data=2,fsdp=2"),  # each process holds a whole replica
-    (4, 1, "data=2,fsdp=2"),  # pairs of processes hold the same half
+    pytest.param(4, 1, "data=2,fsdp=2", marks=pytest.mark.slow),  # pairs of processes hold the same half
 ])
 def test_read_once_reads_the_unique_bytes_once(tmp_path, run_hosts, hosts, devices, mesh):
     out = tmp_path / "once"

@@ -78,6 +78,7 @@ def test_two_hosts_with_a_relative_directory_from_different_working_dirs(tmp_pat
     assert sorted(os.listdir(tmp_path / "host0" / "ckpt")) == ["1", "2"]
 
 
+@pytest.mark.slow  # two hosts, relative, different cwds stays
 @pytest.mark.multiprocess
 def test_train_command_with_a_relative_directory_on_two_hosts(tmp_path):
     buf = io.StringIO()

@@ -182,6 +182,7 @@ def test_offload_policy_on_a_backend_with_host_memory():
 
 
 # ---------------------------------------------------------------------- planner vs compiler
+@pytest.mark.slow  # compiles every preset on two meshes (~45 s); CI's slow pass runs it
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_preset_bytes_and_flops_match_the_compiler(measured, mesh):
     base = measured[mesh]["none"]
@@ -206,6 +207,7 @@ def test_every_preset_bytes_and_flops_match_the_compiler(measured, mesh):
         assert fixed - base_fixed <= est.working_bytes, name
 
 
+@pytest.mark.slow  # compiles every preset on two meshes (~45 s); CI's slow pass runs it
 def test_every_n_layers_groups_match_the_compiler(measured):
     plans = [RematPlan.from_str("full;every=2"), RematPlan.from_str("save=out_proj,mlpwo;every=2")]
     none, ms = measured[TP_MESH]["none"], measure_plans(plans, SPEC, TP_MESH)
@@ -220,6 +222,7 @@ def test_every_n_layers_groups_match_the_compiler(measured):
     assert estimate_plan(plans[0], SPEC, TP_MESH).recompute_flops > full.recompute_flops
 
 
+@pytest.mark.slow  # compiles every preset on two meshes (~45 s); CI's slow pass runs it
 def test_recomputing_row_parallel_projections_re_runs_their_all_reduce(measured):
     rows = measured[TP_MESH]
     none, full, out = rows["none"], rows["full"], rows["save_out_proj"]
@@ -248,6 +251,7 @@ def test_recomputing_row_parallel_projections_re_runs_their_all_reduce(measured)
     assert choice.plan.name == "save_out_proj"
 
 
+@pytest.mark.slow  # compiles every preset on two meshes (~45 s); CI's slow pass runs it
 @pytest.mark.slow  # the default suite stays under 15 minutes; CI runs it
 def test_selector_sweep_picks_a_fitting_plan_with_the_least_flops(measured):
     """Budgets between adjacent presets' measured bytes; recompute priced by FLOPs alone.
@@ -436,6 +440,7 @@ def test_cli_verify_compiles_and_reports_predicted_vs_measured(capsys):
             row["predicted_bytes_per_layer"], rel=TOLERANCE)
 
 
+@pytest.mark.slow  # a re-exec of the remat CLI
 def test_measuring_a_mesh_larger_than_this_process_re_execs_with_the_flag():
     spec = LayerSpec(batch=16, seq=32, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
                      d_ff=64, n_layers=2)

@@ -37,6 +37,7 @@ def test_killed_run_resumes_from_newest_committed_step_bit_exact(tmp_path, run_h
         assert loss == full["losses"][step], (step, loss, full["losses"][step])  # bit for bit
 
 
+@pytest.mark.slow  # goodput's restart optimisation
 @pytest.mark.multiprocess
 def test_compiled_step_kept_per_process_and_loaded_on_restart(tmp_path, run_hosts):
     """`distckpt train --executable-cache`: every process writes its compiled step and the

@@ -231,6 +231,7 @@ def test_retention_deletes_are_safe_for_readers(s3_env, s3_url):
     assert keys(s3_url, "2/") == [] and keys(s3_url, commit.TRASH_DIR + "/") == []
 
 
+@pytest.mark.slow  # corruption and fallback on local disk: test_integrity
 def test_corrupt_step_on_s3_verify_inspect_fallback_quarantine(s3_env, s3_url, s3_server):
     """`distckpt verify` and `inspect` on s3://; a flipped byte is caught, a writable restore
     falls back and quarantines the step (copied aside, its record deleted first)."""
@@ -273,6 +274,7 @@ def test_corrupt_step_on_s3_verify_inspect_fallback_quarantine(s3_env, s3_url, s
     assert len(report["quarantined"]) == 1 and report["problems"] == []
 
 
+@pytest.mark.slow  # kills: test_crash
 @pytest.mark.multiprocess
 def test_kill_during_save_leaves_no_listed_step_and_resave_works(s3_env, s3_url, s3_server,
                                                                  tmp_path, run_hosts):
@@ -301,6 +303,7 @@ def test_kill_during_save_leaves_no_listed_step_and_resave_works(s3_env, s3_url,
 
 
 # --------------------------------------------------------------------------- multi-process
+@pytest.mark.slow  # resharded restores: test_multihost
 @pytest.mark.multiprocess
 def test_two_hosts_save_restore_on_one_host(s3_env, s3_url, s3_server, tmp_path, run_hosts):
     """2 hosts x 2 devices save asynchronously to one prefix (the storage probe runs on
@@ -433,8 +436,8 @@ def test_explicit_location_without_aws_environment_keeps_the_secret_out(
 # --------------------------------------------------------------------------- storage probe
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [
-    "different-buckets",
-    # The same refusal through another path (a connection error); CI's slow pass runs it.
+    # The local-disk probe is tested in test_crash; both S3 layouts run in CI's slow pass.
+    pytest.param("different-buckets", marks=pytest.mark.slow),
     pytest.param("unreachable-endpoint", marks=pytest.mark.slow)])
 def test_storage_probe_on_s3_refuses_hosts_that_do_not_share_storage(
         s3_env, s3_server, s3_url, tmp_path, layout):
@@ -547,6 +550,7 @@ def test_best_n_keep_forever_and_keep_period_retention_on_s3(s3_env, s3_url):
 
 
 # --------------------------------------------------------------------------- concurrent reader
+@pytest.mark.slow  # the local-disk reader test stays
 def test_reader_restoring_while_retention_deletes_on_s3(s3_env, s3_url, tmp_path):
     """A read-only reader in another process lists and restores the newest (and, every
     other round, the oldest) listed step over and over while a writer saves with

@@ -408,6 +408,7 @@ def test_orbax_roundtrip_on_s3_in_process(s3_env, s3_url):
     assert not any(".orbax-checkpoint-tmp" in k for k in keys)  # written in place
 
 
+@pytest.mark.slow  # S3 service tests cover it
 @pytest.mark.multiprocess
 def test_orbax_roundtrip_on_s3_across_processes(s3_env, s3_url, tmp_path):
     """2 processes x 2 devices save; 2 x 2 on another mesh and 1 x 2 restore bit-exact."""

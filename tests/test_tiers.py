@@ -101,6 +101,7 @@ def test_every_host_reads_its_own_copy(job):
     assert all(r["step"] == 6 and r["fingerprint"] == saved_fingerprint(job, 6) for r in got)
 
 
+@pytest.mark.slow  # an acceptance variant; CI's slow pass runs it
 def test_host_lost_with_its_peer_falls_back_to_persistent(job):
     for host in ("host2", "host3"):  # host 3 holds host 2's copy
         shutil.rmtree(job / "local" / host)
@@ -129,6 +130,7 @@ def test_corrupt_local_copy_is_never_restored(job):
     assert all(r["fingerprint"] == saved_fingerprint(job, 5) for r in got)
 
 
+@pytest.mark.slow  # an acceptance variant; CI's slow pass runs it
 def test_permuted_process_ids_still_restore_locally(tmp_path):
     run(tmp_path, "save", 2, 2, "--mesh", "data=2,fsdp=2")
     run(tmp_path, "restore", 2, 2, "--mesh", "data=2,fsdp=2", process_ids=[1, 0])
@@ -251,6 +253,7 @@ def test_peer_copy_does_not_wait_behind_a_training_step(tmp_path, run_hosts):
     assert got.get("equal") is True, got
 
 
+@pytest.mark.slow  # a leak check over many saves
 @pytest.mark.multiprocess
 def test_offers_nobody_pulls_do_not_pile_up_in_memory(tmp_path, run_hosts):
     """A transfer server holds an offered copy until it is pulled. A host whose RAM disk
