@@ -189,7 +189,8 @@ class CachedStep:
                      jax.process_index(), jax.process_count(),
                      [(d.platform, d.id) for d in jax.local_devices()]):
             key.update(repr(part).encode())
-        path = self.directory / f"train-step-{key.hexdigest()[:32]}-p{jax.process_index()}.bin"
+        path = self.directory / EXECUTABLE_NAME.format(key=key.hexdigest()[:32],
+                                                        process=jax.process_index())
         if path.is_file():
             try:
                 compiled = serialize_executable.deserialize_and_load(
@@ -217,6 +218,9 @@ class CachedStep:
 
 KEEP_EXECUTABLES = 4
 """Compiled steps :class:`CachedStep` keeps per process (most recently used first)."""
+EXECUTABLE_NAME = "train-step-{key}-p{process}.bin"
+"""File name of a compiled step in the executable cache: `key` hashes the lowered program,
+the JAX version and the process's devices. :func:`prune_executables` globs the same name."""
 
 
 def prune_executables(directory: Path, process: int, keep: int = KEEP_EXECUTABLES
@@ -225,7 +229,8 @@ def prune_executables(directory: Path, process: int, keep: int = KEEP_EXECUTABLE
     recently used (by modification time; a load touches its file); other processes'
     files and anything not named like a compiled step are left alone. Returns what was
     deleted."""
-    mine = [p for p in directory.glob(f"train-step-*-p{process}.bin") if p.is_file()]
+    pattern = EXECUTABLE_NAME.format(key="*", process=process)
+    mine = [p for p in directory.glob(pattern) if p.is_file()]
     mine.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
     gone = []
     for old in mine[keep:]:
