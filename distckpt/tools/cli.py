@@ -260,7 +260,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distckpt.tools.drill import FAULTS
+    from distckpt.tools.faults import FAULTS
 
     parser = OneLineParser(
         prog="distckpt",

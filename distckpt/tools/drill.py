@@ -58,7 +58,6 @@ difference. Exit status 0 only when verified.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import os
 import re
@@ -69,32 +68,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distckpt.state.mesh import MeshSpec
+from distckpt.state.meshspec import MeshSpec
+from distckpt.tools.faults import FAULTS as FAULTS
+from distckpt.tools.faults import TIERS as TIERS
+from distckpt.tools.faults import Fault as Fault
 
 SAME_TOPOLOGY_RTOL = 0.0
 CROSS_TOPOLOGY_RTOL = 1e-5
 WORKER_MODULE = "distckpt.tools.drill_worker"
 """Each phase's processes run ``python -m WORKER_MODULE save|restore SPEC.json``."""
 _PROGRESS = re.compile(r"DRILL (\w+) (.*)$")  # drill_worker._emit's progress lines
-
-
-class Fault(enum.StrEnum):
-    """A fault the drill injects (``--fault``; see the module docstring)."""
-
-    KILL_DURING_SAVE = "kill-during-save"
-    """Every saving host SIGKILLed inside the last save's commit."""
-    PREEMPT = "preempt"
-    """SIGTERM to one saving host."""
-    CORRUPT = "corrupt"
-    """Flip bytes of the newest step's array data before the restore."""
-    LOSE_HOST = "lose-host"
-    """SIGKILL the last saving host after its last step's local copies are made, wipe its
-    local tier (a replaced machine), restart."""
-
-
-FAULTS = tuple(f.value for f in Fault)
-TIERS = ("persistent", "local,persistent")
-"""``--tiers``: the persistent directory alone, or a local tier in front of it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +279,7 @@ def check_config(config: DrillConfig) -> None:
     """Raise ValueError for anything that would fail the drill once started: a model
     that does not shard onto either slice's mesh, a directory that is not new or empty.
     Creates nothing."""
+    check_directory(config.directory)  # first: it needs no JAX, so a wrong --dir fails fast
     from distckpt.tools.model import ModelConfig
     from distckpt.tools.train import TrainConfig, check_fits
 
@@ -305,7 +289,6 @@ def check_config(config: DrillConfig) -> None:
             check_fits(cfg, slice_.mesh)
         except ValueError as e:
             raise ValueError(f"{flag} {slice_}: {e}") from e
-    check_directory(config.directory)
 
 
 def _prepare_dirs(directory: str | None) -> tuple[Path, str]:
