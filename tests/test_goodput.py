@@ -210,6 +210,10 @@ def test_a_run_counts_the_steps_gained_from_where_it_started():
     (["--d-model", "7"], "does not fit mesh fsdp=8"),
     (["--dir", "full"], "--dir full is not empty"),
     (["--dir", "afile"], "--dir afile is a file"),
+    (["--persistent", "pdir"], "--persistent pdir: give an s3://bucket/prefix"),
+    (["--s3-server", "local", "--persistent", "pdir"], "--persistent pdir is not one"),
+    (["--s3-server", "local", "--persistent", "s3://gp/x"],
+     "--persistent s3://gp/x: invalid s3 bucket name 'gp'"),
 ])
 def test_goodput_rejects_bad_input_before_writing_anything(place, args, needle):
     (place[0] / "full").mkdir()
@@ -220,6 +224,19 @@ def test_goodput_rejects_bad_input_before_writing_anything(place, args, needle):
     assert_one_line_error(res, "distckpt goodput: error: ", needle)
     assert res.stdout == ""
     assert_untouched(place, (["afile", "full", "full/mine"], []))
+
+
+def test_goodput_refuses_a_persistent_prefix_that_holds_objects(place, s3_env, s3_url):
+    from distckpt.bench import s3 as bench_s3
+
+    kv = bench_s3.kvstore(s3_url)
+    kv.write("theirs/step", b"not goodput's").result()
+    res = run(place, "goodput", "--persistent", s3_url, "--json", "out.json")
+    assert res.returncode == 2
+    assert_one_line_error(res, f"--persistent {s3_url} is not empty (1 object(s), "
+                          "e.g. theirs/step)")
+    assert_untouched(place)
+    assert bench_s3.list_objects(s3_url) == ["theirs/step"]
 
 
 # --------------------------------------------------------------------------- real runs
@@ -281,3 +298,23 @@ def test_multi_tier_run_restores_from_the_local_tier(tmp_path):
     assert set(run_["restored_tiers"]) <= {"local", "peer", "persistent"}
     assert run_["plan"]["local_every"] >= 1
     assert run_["calibration"]["local_commit_s"] > 0 and run_["calibration"]["local_stall_s"] > 0
+
+
+@pytest.mark.slow  # ~70 s on 2 cores; the run above covers the supervisor, the S3 service tests S3
+@pytest.mark.multiprocess
+def test_multi_tier_run_with_the_persistent_tier_on_s3(tmp_path, s3_env, s3_url):
+    from distckpt.bench import s3 as bench_s3
+
+    res, report = _goodput(tmp_path, "--duration", "25s", "--mtbf", "10s", "--seed", "4",
+                           "--runs", "multi", "--persistent", s3_url)
+    (run_,) = report["runs"]
+    _check_report(report, tmp_path, 25.0, 10.0, 4)
+    assert report["persistent"] == s3_url
+    assert f"persistent tier {s3_url}/<run>" in res.stdout
+    # Job A's persistent saves went to the bucket (calibration B restored from a step there
+    # or from the local tier), and the run's prefix is emptied afterwards.
+    assert run_["calibration"]["commit_s"] > 0
+    assert set(run_["restored_tiers"]) <= {"local", "peer", "persistent"}
+    assert bench_s3.list_objects(s3_url) == []
+    log = (tmp_path / "work" / "multi.log").read_text()
+    assert f"train --dir {s3_url}/multi " in log  # every launch's command is logged

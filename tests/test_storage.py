@@ -81,6 +81,14 @@ def test_bad_locations_are_refused(text, message):
 
 
 @pytest.mark.fast
+def test_private_server_refuses_a_bad_bucket_name_before_starting(tmp_path):
+    # It used to try three starts of 120 s each before saying so.
+    with pytest.raises(StorageConfigError, match="invalid s3 bucket name 'gp'"):
+        with s3server.seaweedfs(tmp_path / "weed", bucket="gp"):
+            pass
+    assert not (tmp_path / "weed").exists()
+
+
 def test_credentials_in_the_url_are_refused_without_echoing_them():
     with pytest.raises(StorageConfigError) as e:
         Location.parse(f"s3://AKIAX:{SECRET}@my-bucket/x", environ={})

@@ -64,9 +64,14 @@ def _objects(keys: Iterable[bytes]) -> list[str]:
     return sorted(k.decode() for k in keys if not k.endswith(b"/"))
 
 
+def list_objects(url: str) -> list[str]:
+    """The keys of every object below `url`, relative to it, sorted."""
+    return _objects(kvstore(url).list().result())
+
+
 def check_empty(url: str) -> None:
     """Raise ValueError (nothing written) if any object exists below `url`."""
-    found = _objects(kvstore(url).list().result())
+    found = list_objects(url)
     if found:
         raise ValueError(f"bench prefix {location(url).url} is not empty ({len(found)} "
                          f"object(s), e.g. {found[0]}); give a new or empty prefix so the "

@@ -39,6 +39,12 @@ ETTR predicted from them) is defined in :mod:`distckpt.tools.goodput_report`.
 The multi-tier configuration passes ``--local-dir DIR/{host} --local-every K`` to the
 trainer (``CheckpointOptions.local_directory``, ``local_interval_steps``; the launcher sets
 ``DISTCKPT_HOST=host<slot>``), so a wiped host is ``rm -rf DIR/host<slot>``.
+
+The persistent tier is ``<run directory>/persistent`` by default, or an object-store prefix
+(``GoodputConfig.persistent``, e.g. ``s3://bucket/prefix``; each run under
+``<prefix>/<run>``, emptied after the run), which is what it is on most clusters: a
+persistent save and a restore from it then pay object-store requests, and nothing of it
+is in a page cache to evict.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -94,6 +101,10 @@ class GoodputConfig:
     """Overrides of distckpt.tools.model.ModelConfig fields."""
     batch: int = 8
     """Global batch size."""
+    persistent: str | None = None
+    """Object-store prefix of the persistent tier (``s3://bucket/prefix``, credentials from
+    the ``AWS_*`` environment); each run writes under ``<prefix>/<run>``. None: a directory
+    in each run's work directory."""
 
     def __post_init__(self):
         if not (self.duration_s > 0 and math.isfinite(self.duration_s)):
@@ -109,6 +120,15 @@ class GoodputConfig:
         if bad or not self.runs or len(set(self.runs)) != len(self.runs):
             raise ValueError(f"--runs {','.join(self.runs)}: give distinct names among "
                              f"{', '.join(RUN_KINDS)}")
+        if self.persistent is not None and not self.persistent.startswith("s3://"):
+            raise ValueError(f"--persistent {self.persistent}: give an s3://bucket/prefix (a "
+                             "local persistent tier is the default, in the work directory)")
+
+    def persistent_dir(self, run_dir: Path) -> str:
+        """Where the run working in `run_dir` (``<dir>/<run>``) keeps its persistent tier."""
+        if self.persistent is None:
+            return str(run_dir / "persistent")
+        return f"{self.persistent.rstrip('/')}/{run_dir.name}"
 
 
 def failure_schedule(seed: int, mtbf_s: float, duration_s: float, hosts: int
@@ -155,7 +175,8 @@ class Job:
         from distckpt.tools.launcher import launch
 
         attempt = Attempt(launched=time.time())
-        self.log.write(f"[goodput] launch at {attempt.launched:.3f}\n")
+        self.log.write(f"[goodput] launch at {attempt.launched:.3f}: "
+                       f"{shlex.join(self.command)}\n")
         pids: list[int] = []
         lock = threading.Lock()
         timers: list[threading.Timer] = []
@@ -207,10 +228,10 @@ class Job:
         return attempt
 
 
-def train_command(config: GoodputConfig, ckpt_dir: Path, steps: int, save_every: int,
+def train_command(config: GoodputConfig, ckpt_dir: str, steps: int, save_every: int,
                   local_dir: Path | None, local_every: int | None) -> list[str]:
     """The trainer's command line (every host runs the same one)."""
-    cmd = [sys.executable, "-m", "distckpt.tools.cli", "train", "--dir", str(ckpt_dir),
+    cmd = [sys.executable, "-m", "distckpt.tools.cli", "train", "--dir", ckpt_dir,
            "--steps", str(steps), "--save-every", str(save_every), "--max-to-keep", "2",
            "--step-delay", repr(config.step_delay_s), "--progress",
            "--batch", str(config.batch)]
@@ -224,15 +245,26 @@ def train_command(config: GoodputConfig, ckpt_dir: Path, steps: int, save_every:
     return cmd
 
 
-def replace_host(local_dir: Path | None, host: int, persistent: Path) -> None:
+def replace_host(local_dir: Path | None, host: int, persistent: str) -> None:
     """What a replaced machine looks like: its local tier gone, nothing in the page cache
-    from the persistent tier (evicted for every host: they share this machine's cache)."""
+    from a local persistent tier (evicted for every host: they share this machine's
+    cache; an object store's is not this machine's to evict)."""
     from distckpt.bench.measure import evict, files_under
 
     if local_dir is not None:
         shutil.rmtree(local_dir / f"host{host}", ignore_errors=True)
-    if persistent.exists():
-        evict(files_under(persistent))
+    if "://" not in persistent and Path(persistent).exists():
+        evict(files_under(Path(persistent)))
+
+
+def remove_persistent(persistent: str) -> None:
+    """Delete a run's persistent tier (its checkpoints; the logs are elsewhere)."""
+    if "://" in persistent:
+        from distckpt.bench import s3 as bench_s3
+
+        bench_s3.remove(persistent)
+    else:
+        shutil.rmtree(persistent, ignore_errors=True)
 
 
 class GoodputError(RuntimeError):
@@ -249,7 +281,7 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
               compile_cache: Path, timeout_s: float = 600.0) -> model.Costs:
     """The warm-up jobs A and B of one configuration (see the module docstring)."""
     local = kind == "multi"
-    ckpt, local_dir = workdir / "persistent", (workdir / "local" if local else None)
+    ckpt, local_dir = config.persistent_dir(workdir), (workdir / "local" if local else None)
     local_every = CAL_SAVE_EVERY // 2 if local else None
     job = Job(config, train_command(config, ckpt, CAL_STEPS, CAL_SAVE_EVERY, local_dir,
                                     local_every), log, compile_cache)
@@ -297,7 +329,7 @@ def run_one(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_pa
     if on_event is not None:
         on_event("planned", {"calibration": cal.to_json(), "plan": plan.to_json(),
                              "ettr_planned": model.predict(cal, plan)})
-    ckpt, local_dir = workdir / "persistent", (workdir / "local" if local else None)
+    ckpt, local_dir = config.persistent_dir(workdir), (workdir / "local" if local else None)
     job = Job(config, train_command(config, ckpt, FOREVER, plan.save_every, local_dir,
                                     plan.local_every), log, cache)
     schedule = failure_schedule(config.seed, config.mtbf_s, config.duration_s, config.hosts)
@@ -336,6 +368,8 @@ def run_goodput(config: GoodputConfig, workdir: Path,
                                  on_event=on_event)
             finally:
                 shutil.rmtree(workdir / kind, ignore_errors=True)
+                if config.persistent is not None:
+                    remove_persistent(config.persistent_dir(workdir / kind))
         reports.append(report)
         if on_event is not None:
             on_event("done", report.to_json())

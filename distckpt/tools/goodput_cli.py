@@ -9,6 +9,7 @@ runs themselves are :func:`distckpt.tools.goodput.run_goodput`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 from distckpt.tools.outputs import output_file, prepare, write_text
 
 NAMES = {"persistent": "persistent-only", "multi": "multi-tier"}
+LOCAL_PREFIX = "distckpt-bench/goodput"
+"""Bucket/prefix of the persistent tier on ``--s3-server local`` without ``--persistent``."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -49,6 +52,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "(default persistent,multi)")
     p.add_argument("--dir", help="new or empty directory for checkpoints and logs "
                    "(default: a new temporary directory, kept for its logs and figures)")
+    p.add_argument("--persistent", metavar="URL",
+                   help="persistent tier on object storage: an empty or absent "
+                   "s3://bucket/prefix (endpoint, region and credentials from the AWS_* "
+                   "environment), each run under PREFIX/<run>, emptied after it (default: "
+                   "a directory under --dir)")
+    p.add_argument("--s3-server", choices=("local",),
+                   help="local: start a private SeaweedFS S3 server on 127.0.0.1 for the "
+                   f"persistent tier (s3://{LOCAL_PREFIX}, or the --persistent given)")
     p.add_argument("--json", metavar="PATH", type=output_file,
                    help="also write the report as JSON")
     p.add_argument("--png", metavar="PATH", type=output_file,
@@ -71,7 +82,11 @@ def config_from_args(args: argparse.Namespace):
             times[flag] = parse_duration(text)
         except ValueError as e:
             raise ValueError(f"{flag} {e}") from e
+    persistent = args.persistent
+    if args.s3_server == "local" and persistent is None:
+        persistent = f"s3://{LOCAL_PREFIX}"
     return GoodputConfig(
+        persistent=persistent,
         duration_s=times["--duration"], mtbf_s=times["--mtbf"], hosts=args.hosts,
         devices_per_host=args.devices_per_host,
         seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
@@ -80,9 +95,10 @@ def config_from_args(args: argparse.Namespace):
         model=_model_overrides(args), batch=args.batch)
 
 
-def check(config, directory: str | None) -> None:
+def check(config, directory: str | None, s3_server: str | None = None) -> None:
     """Everything that would fail once started: the model on the slice's mesh, the
-    directory. Creates nothing."""
+    directory, an object-store persistent tier that is not empty (on a server of the
+    user's; a private one starts empty). Creates nothing."""
     from distckpt.state.mesh import MeshSpec
     from distckpt.tools.drill import check_directory
     from distckpt.tools.model import ModelConfig
@@ -97,15 +113,63 @@ def check(config, directory: str | None) -> None:
     if directory is not None and Path(directory).is_dir() and any(Path(directory).iterdir()):
         raise ValueError(f"--dir {directory} is not empty; give a new or empty directory "
                          "(goodput writes checkpoints and logs there)")
+    if config.persistent is not None:
+        from distckpt.storage.location import Location
+
+        try:
+            Location.parse(config.persistent)
+        except ValueError as e:
+            raise ValueError(f"--persistent {config.persistent}: {e}") from e
+        if s3_server is None:
+            check_empty_prefix(config.persistent)
+
+
+def check_empty_prefix(url: str) -> None:
+    """ValueError unless nothing is stored below `url` (goodput never touches existing
+    checkpoints) or it cannot be listed (endpoint, credentials)."""
+    from distckpt.bench import s3 as bench_s3
+
+    try:
+        found = bench_s3.list_objects(url)
+    except Exception as e:  # noqa: BLE001 - any failure to list is the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--persistent {url}: cannot list it ({first}); check the AWS_* "
+                         "endpoint and credentials, or use --s3-server local") from e
+    if found:
+        raise ValueError(f"--persistent {url} is not empty ({len(found)} object(s), e.g. "
+                         f"{found[0]}); give a new or empty prefix")
 
 
 def cmd_goodput(args: argparse.Namespace) -> int:
     try:
+        if args.s3_server == "local" and args.persistent is not None \
+                and not args.persistent.startswith("s3://"):
+            raise ValueError(f"--s3-server local serves an s3:// persistent tier; --persistent "
+                             f"{args.persistent} is not one: give s3://bucket/prefix or leave "
+                             "it out")
         config = config_from_args(args)
-        check(config, args.dir)
+        check(config, args.dir, args.s3_server)
     except ValueError as e:
         print(f"distckpt goodput: error: {e}", file=sys.stderr)
         return 2
+    with contextlib.ExitStack() as stack:
+        if args.s3_server == "local":
+            from distckpt.bench import s3 as bench_s3
+            from distckpt.tools import s3server
+
+            assert config.persistent is not None
+            bucket = bench_s3.location(config.persistent).bucket
+            print(f"starting a private SeaweedFS S3 server for s3://{bucket} ...", flush=True)
+            try:
+                stack.enter_context(bench_s3.private_server(bucket))
+            except (s3server.WeedNotFoundError, s3server.S3ServerError) as e:
+                print(f"distckpt goodput: error: --s3-server local: {e}", file=sys.stderr)
+                return 1
+        return _run(args, config)
+    raise AssertionError("unreachable")  # the with block returns
+
+
+def _run(args: argparse.Namespace, config: Any) -> int:
     from distckpt.tools.goodput import GoodputError, run_goodput
 
     if args.dir is not None:
@@ -113,9 +177,12 @@ def cmd_goodput(args: argparse.Namespace) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
     else:
         workdir = Path(tempfile.mkdtemp(prefix="distckpt-goodput-"))
+    where = (f"; persistent tier {config.persistent}/<run>"
+             + (" on a private SeaweedFS" if args.s3_server == "local" else "")
+             if config.persistent else "")
     print(f"distckpt goodput: {config.hosts}x{config.devices_per_host}, "
           f"{config.duration_s:g}s per run, MTBF {config.mtbf_s:g}s, seed {config.seed}, "
-          f"step delay {config.step_delay_s:g}s; work directory {workdir}", flush=True)
+          f"step delay {config.step_delay_s:g}s; work directory {workdir}{where}", flush=True)
     try:
         reports = run_goodput(config, workdir, on_event=_print_event)
     except GoodputError as e:
@@ -124,7 +191,9 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     _print_table(reports)
     value = {"hosts": config.hosts, "devices_per_host": config.devices_per_host,
              "duration_s": config.duration_s, "mtbf_s": config.mtbf_s, "seed": config.seed,
-             "step_delay_s": config.step_delay_s, "runs": [r.to_json() for r in reports]}
+             "step_delay_s": config.step_delay_s,
+             "persistent": config.persistent or "local directory",
+             "s3_server": args.s3_server, "runs": [r.to_json() for r in reports]}
     if args.json:
         write_text(args.json, json.dumps(value, indent=2))
         print(f"JSON report: {args.json}")

@@ -270,9 +270,13 @@ def seaweedfs(workdir: str | os.PathLike | None = None, *, bucket: str = DEFAULT
     """Run a SeaweedFS S3 server for the duration of the block; yield its S3Server.
 
     `workdir` holds the data, the identities file and ``weed.log`` (default: a new
-    temporary directory, removed afterwards). Raises WeedNotFoundError if the binary is
-    missing and S3ServerError if the server does not become ready.
+    temporary directory, removed afterwards). Raises StorageConfigError (a ValueError) for
+    a bucket name S3 does not allow, WeedNotFoundError if the binary is missing and
+    S3ServerError if the server does not become ready.
     """
+    from distckpt.storage.location import Location
+
+    Location.parse(f"s3://{bucket}")  # a bad name fails now, not after every start attempt
     weed = find_weed()
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="distckpt-seaweedfs-") if workdir is None else workdir)
