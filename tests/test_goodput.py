@@ -239,6 +239,31 @@ def test_goodput_refuses_a_persistent_prefix_that_holds_objects(place, s3_env, s
     assert bench_s3.list_objects(s3_url) == ["theirs/step"]
 
 
+def test_goodput_check_gives_up_on_an_endpoint_that_never_answers(monkeypatch):
+    # A real TCP listener that never reads: connections open, requests get no answer (as
+    # an unreachable AWS or a wedged proxy). Without a deadline the check waited for ever.
+    import socket
+    import time
+
+    from distckpt.tools.goodput_cli import check_empty_prefix
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "silent")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "silent-secret")
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"--persistent s3://silent-bucket/p: no answer "
+                           r"to a listing in 2 s; check the AWS_\* endpoint"):
+            check_empty_prefix("s3://silent-bucket/p", timeout_s=2.0)
+        assert time.monotonic() - t0 < 60  # bounded (not a timing claim: 2 s asked)
+
+
 # --------------------------------------------------------------------------- real runs
 def _goodput(tmp_path: Path, *args: str, timeout: float = 400):
     out = tmp_path / "gp.json"

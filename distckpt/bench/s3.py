@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -64,9 +65,15 @@ def _objects(keys: Iterable[bytes]) -> list[str]:
     return sorted(k.decode() for k in keys if not k.endswith(b"/"))
 
 
-def list_objects(url: str) -> list[str]:
-    """The keys of every object below `url`, relative to it, sorted."""
-    return _objects(kvstore(url).list().result())
+def list_objects(url: str, timeout_s: float | None = None) -> list[str]:
+    """The keys of every object below `url`, relative to it, sorted. With `timeout_s`,
+    TimeoutError once that many seconds have passed (an endpoint that never answers,
+    or AWS looked up where it cannot be reached, otherwise waits for ever)."""
+    import tensorstore as ts
+
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    store = ts.KvStore.open(location(url).kvstore_spec()).result(deadline=deadline)
+    return _objects(store.list().result(deadline=deadline))
 
 
 def check_empty(url: str) -> None:

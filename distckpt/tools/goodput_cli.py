@@ -124,13 +124,22 @@ def check(config, directory: str | None, s3_server: str | None = None) -> None:
             check_empty_prefix(config.persistent)
 
 
-def check_empty_prefix(url: str) -> None:
+LIST_TIMEOUT_S = 30.0
+"""How long the check of ``--persistent`` waits for the object store to list the prefix."""
+
+
+def check_empty_prefix(url: str, timeout_s: float = LIST_TIMEOUT_S) -> None:
     """ValueError unless nothing is stored below `url` (goodput never touches existing
-    checkpoints) or it cannot be listed (endpoint, credentials)."""
+    checkpoints), or if it cannot be listed within `timeout_s` (endpoint, credentials,
+    an unreachable network)."""
     from distckpt.bench import s3 as bench_s3
 
     try:
-        found = bench_s3.list_objects(url)
+        found = bench_s3.list_objects(url, timeout_s=timeout_s)
+    except TimeoutError as e:
+        raise ValueError(f"--persistent {url}: no answer to a listing in {timeout_s:g} s; "
+                         "check the AWS_* endpoint and that it is reachable, or use "
+                         "--s3-server local") from e
     except Exception as e:  # noqa: BLE001 - any failure to list is the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--persistent {url}: cannot list it ({first}); check the AWS_* "
