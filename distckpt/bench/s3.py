@@ -76,9 +76,19 @@ def list_objects(url: str, timeout_s: float | None = None) -> list[str]:
     return _objects(store.list().result(deadline=deadline))
 
 
-def check_empty(url: str) -> None:
-    """Raise ValueError (nothing written) if any object exists below `url`."""
-    found = list_objects(url)
+LIST_TIMEOUT_S = 30.0
+"""How long a check that a prefix is empty waits for the object store's listing."""
+
+
+def check_empty(url: str, timeout_s: float = LIST_TIMEOUT_S) -> None:
+    """Raise ValueError (nothing written) if any object exists below `url`, or if the
+    store does not answer a listing within `timeout_s`."""
+    try:
+        found = list_objects(url, timeout_s=timeout_s)
+    except TimeoutError as e:
+        raise ValueError(f"bench prefix {location(url).url}: no answer to a listing in "
+                         f"{timeout_s:g} s; check the AWS_* endpoint and that it is "
+                         "reachable, or use --s3-server local") from e
     if found:
         raise ValueError(f"bench prefix {location(url).url} is not empty ({len(found)} "
                          f"object(s), e.g. {found[0]}); give a new or empty prefix so the "

@@ -124,16 +124,13 @@ def check(config, directory: str | None, s3_server: str | None = None) -> None:
             check_empty_prefix(config.persistent)
 
 
-LIST_TIMEOUT_S = 30.0
-"""How long the check of ``--persistent`` waits for the object store to list the prefix."""
-
-
-def check_empty_prefix(url: str, timeout_s: float = LIST_TIMEOUT_S) -> None:
+def check_empty_prefix(url: str, timeout_s: float | None = None) -> None:
     """ValueError unless nothing is stored below `url` (goodput never touches existing
     checkpoints), or if it cannot be listed within `timeout_s` (endpoint, credentials,
     an unreachable network)."""
     from distckpt.bench import s3 as bench_s3
 
+    timeout_s = bench_s3.LIST_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         found = bench_s3.list_objects(url, timeout_s=timeout_s)
     except TimeoutError as e:
