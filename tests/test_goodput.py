@@ -211,7 +211,7 @@ def test_a_run_counts_the_steps_gained_from_where_it_started():
     (["--dir", "full"], "--dir full is not empty"),
     (["--dir", "afile"], "--dir afile is a file"),
     (["--persistent", "pdir"], "--persistent pdir: give an s3://bucket/prefix"),
-    (["--s3-server", "local", "--persistent", "pdir"], "--persistent pdir is not one"),
+    (["--s3-server", "local", "--persistent", "pdir"], "--persistent pdir: give an s3://bucket/prefix"),
     (["--s3-server", "local", "--persistent", "s3://gp/x"],
      "--persistent s3://gp/x: invalid s3 bucket name 'gp'"),
 ])
@@ -246,7 +246,6 @@ def test_empty_prefix_checks_give_up_on_an_endpoint_that_never_answers(monkeypat
     import time
 
     from distckpt.bench import s3 as bench_s3
-    from distckpt.tools.goodput_cli import check_empty_prefix
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -261,7 +260,8 @@ def test_empty_prefix_checks_give_up_on_an_endpoint_that_never_answers(monkeypat
         t0 = time.monotonic()
         with pytest.raises(ValueError, match=r"--persistent s3://silent-bucket/p: no answer "
                            r"to a listing in 2 s; check the AWS_\* endpoint"):
-            check_empty_prefix("s3://silent-bucket/p", timeout_s=2.0)
+            bench_s3.check_empty("s3://silent-bucket/p", timeout_s=2.0,
+                                 label="--persistent s3://silent-bucket/p")
         with pytest.raises(ValueError, match=r"bench prefix s3://silent-bucket/p: no answer "
                            r"to a listing in 2 s"):
             bench_s3.check_empty("s3://silent-bucket/p", timeout_s=2.0)
@@ -347,3 +347,47 @@ def test_multi_tier_run_with_the_persistent_tier_on_s3(tmp_path, s3_env, s3_url)
     assert bench_s3.list_objects(s3_url) == []
     log = (tmp_path / "work" / "multi.log").read_text()
     assert f"train --dir {s3_url}/multi " in log  # every launch's command is logged
+
+
+def test_empty_prefix_check_turns_a_refused_listing_into_one_line(monkeypatch):
+    # A real HTTP endpoint that answers every request 403 AccessDenied (wrong credentials):
+    # TensorStore's multi-part error becomes one line that names the flag and the fix.
+    import http.server
+    import threading
+
+    from distckpt.bench import s3 as bench_s3
+
+    class Denied(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (b'<?xml version="1.0"?><Error><Code>AccessDenied</Code>'
+                    b'<Message>Access Denied</Message></Error>')
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Denied)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        with pytest.raises(ValueError) as err:
+            bench_s3.check_empty("s3://denied-bucket/p", timeout_s=30.0,
+                                 label="--persistent s3://denied-bucket/p")
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith("--persistent s3://denied-bucket/p: cannot list it (")
+        assert "AccessDenied" in message and "check the AWS_* endpoint and credentials" \
+            in message
+    finally:
+        server.shutdown()
+        server.server_close()

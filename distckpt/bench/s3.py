@@ -80,19 +80,26 @@ LIST_TIMEOUT_S = 30.0
 """How long a check that a prefix is empty waits for the object store's listing."""
 
 
-def check_empty(url: str, timeout_s: float = LIST_TIMEOUT_S) -> None:
-    """Raise ValueError (nothing written) if any object exists below `url`, or if the
-    store does not answer a listing within `timeout_s`."""
+def check_empty(url: str, timeout_s: float = LIST_TIMEOUT_S, label: str | None = None) -> None:
+    """Raise ValueError (nothing written) if any object exists below `url`, if the store
+    does not answer a listing within `timeout_s`, or if the listing fails (endpoint,
+    credentials, an unreachable network): one line each, led by `label` (the flag the user
+    gave; default ``bench prefix URL``)."""
+    label = label or f"bench prefix {location(url).url}"  # location(): s3:// only
     try:
         found = list_objects(url, timeout_s=timeout_s)
     except TimeoutError as e:
-        raise ValueError(f"bench prefix {location(url).url}: no answer to a listing in "
-                         f"{timeout_s:g} s; check the AWS_* endpoint and that it is "
-                         "reachable, or use --s3-server local") from e
+        raise ValueError(f"{label}: no answer to a listing in {timeout_s:g} s; check the "
+                         "AWS_* endpoint and that it is reachable, or use --s3-server "
+                         "local") from e
+    except Exception as e:  # noqa: BLE001 - any failure to list is the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{label}: cannot list it ({first}); check the AWS_* endpoint "
+                         "and credentials, or use --s3-server local") from e
     if found:
-        raise ValueError(f"bench prefix {location(url).url} is not empty ({len(found)} "
-                         f"object(s), e.g. {found[0]}); give a new or empty prefix so the "
-                         "benchmark never touches existing checkpoints")
+        raise ValueError(f"{label} is not empty ({len(found)} object(s), e.g. {found[0]}); "
+                         "give a new or empty prefix (distckpt never touches objects it "
+                         "did not write)")
 
 
 def remove(url: str) -> None:

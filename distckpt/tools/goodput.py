@@ -250,21 +250,12 @@ def replace_host(local_dir: Path | None, host: int, persistent: str) -> None:
     from a local persistent tier (evicted for every host: they share this machine's
     cache; an object store's is not this machine's to evict)."""
     from distckpt.bench.measure import evict, files_under
+    from distckpt.bench.s3 import is_url
 
     if local_dir is not None:
         shutil.rmtree(local_dir / f"host{host}", ignore_errors=True)
-    if "://" not in persistent and Path(persistent).exists():
+    if not is_url(persistent) and Path(persistent).exists():
         evict(files_under(Path(persistent)))
-
-
-def remove_persistent(persistent: str) -> None:
-    """Delete a run's persistent tier (its checkpoints; the logs are elsewhere)."""
-    if "://" in persistent:
-        from distckpt.bench import s3 as bench_s3
-
-        bench_s3.remove(persistent)
-    else:
-        shutil.rmtree(persistent, ignore_errors=True)
 
 
 class GoodputError(RuntimeError):
@@ -367,9 +358,11 @@ def run_goodput(config: GoodputConfig, workdir: Path,
                 report = run_one(config, kind, workdir / kind, log, log_path,
                                  on_event=on_event)
             finally:
-                shutil.rmtree(workdir / kind, ignore_errors=True)
-                if config.persistent is not None:
-                    remove_persistent(config.persistent_dir(workdir / kind))
+                shutil.rmtree(workdir / kind, ignore_errors=True)  # local tiers too
+                if config.persistent is not None:  # an object-store persistent tier
+                    from distckpt.bench import s3 as bench_s3
+
+                    bench_s3.remove(config.persistent_dir(workdir / kind))
         reports.append(report)
         if on_event is not None:
             on_event("done", report.to_json())

@@ -121,38 +121,13 @@ def check(config, directory: str | None, s3_server: str | None = None) -> None:
         except ValueError as e:
             raise ValueError(f"--persistent {config.persistent}: {e}") from e
         if s3_server is None:
-            check_empty_prefix(config.persistent)
+            from distckpt.bench import s3 as bench_s3
 
-
-def check_empty_prefix(url: str, timeout_s: float | None = None) -> None:
-    """ValueError unless nothing is stored below `url` (goodput never touches existing
-    checkpoints), or if it cannot be listed within `timeout_s` (endpoint, credentials,
-    an unreachable network)."""
-    from distckpt.bench import s3 as bench_s3
-
-    timeout_s = bench_s3.LIST_TIMEOUT_S if timeout_s is None else timeout_s
-    try:
-        found = bench_s3.list_objects(url, timeout_s=timeout_s)
-    except TimeoutError as e:
-        raise ValueError(f"--persistent {url}: no answer to a listing in {timeout_s:g} s; "
-                         "check the AWS_* endpoint and that it is reachable, or use "
-                         "--s3-server local") from e
-    except Exception as e:  # noqa: BLE001 - any failure to list is the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--persistent {url}: cannot list it ({first}); check the AWS_* "
-                         "endpoint and credentials, or use --s3-server local") from e
-    if found:
-        raise ValueError(f"--persistent {url} is not empty ({len(found)} object(s), e.g. "
-                         f"{found[0]}); give a new or empty prefix")
+            bench_s3.check_empty(config.persistent, label=f"--persistent {config.persistent}")
 
 
 def cmd_goodput(args: argparse.Namespace) -> int:
     try:
-        if args.s3_server == "local" and args.persistent is not None \
-                and not args.persistent.startswith("s3://"):
-            raise ValueError(f"--s3-server local serves an s3:// persistent tier; --persistent "
-                             f"{args.persistent} is not one: give s3://bucket/prefix or leave "
-                             "it out")
         config = config_from_args(args)
         check(config, args.dir, args.s3_server)
     except ValueError as e:
