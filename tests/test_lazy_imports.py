@@ -68,3 +68,22 @@ def test_every_public_name_resolves_to_its_module_object():
         "else:\n    raise SystemExit('no AttributeError')\n")
     assert res.returncode == 0, res.stderr
     assert "has no attribute 'no_such_name'" in res.stdout
+
+
+def test_type_checking_imports_match_the_lazy_table():
+    # mypy and IDEs see the TYPE_CHECKING imports; the runtime sees _LAZY. Same names,
+    # same modules, each imported "as" itself (an explicit re-export).
+    import ast
+
+    import distckpt
+
+    tree = ast.parse((ROOT / "distckpt" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If)
+                 and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+    seen = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom), ast.dump(node)
+        for alias in node.names:
+            assert alias.asname == alias.name, alias.name
+            seen[alias.name] = node.module
+    assert seen == distckpt._LAZY
