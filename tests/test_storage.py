@@ -376,6 +376,12 @@ def test_epath_on_s3_after_prepare(s3_env, s3_url):
     assert small_files(s3_url).list() == []
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter (this one has long imported and configured s3fs)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def test_one_s3_configuration_per_process():
     code = (
         "from distckpt import storage\n"
@@ -384,9 +390,30 @@ def test_one_s3_configuration_per_process():
         "b = storage.Location.parse('s3://my-bucket/a', endpoint='http://127.0.0.1:2')\n"
         "try:\n    storage.prepare(b)\nexcept storage.StorageConfigError as e:\n"
         "    print('refused:', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = fresh_python(code)
     assert "refused: this process already uses another S3 endpoint" in out.stdout, out.stderr
+
+
+def test_warm_imports_an_object_stores_packages_in_the_background_only():
+    # A fresh interpreter (this one imported s3fs long ago): warm() loads s3fs for s3://,
+    # nothing for a local path or a directory that does not parse, and contacts nothing
+    # (the endpoint is a closed port; nothing is configured for it either).
+    code = (
+        "import sys, os\n"
+        "os.environ['AWS_ENDPOINT_URL'] = 'http://127.0.0.1:1'\n"
+        "from distckpt import storage\n"
+        "assert storage.warm('relative/dir') is None and storage.warm(None) is None\n"
+        "assert storage.warm('s3://') is None\n"
+        "assert 's3fs' not in sys.modules\n"
+        "t = storage.warm('s3://my-bucket/ckpt')\n"
+        "t.join(60)\n"
+        "assert not t.is_alive() and t.daemon\n"
+        "assert 's3fs' in sys.modules and 'tensorstore' in sys.modules\n"
+        "import fsspec.config\n"
+        "assert 's3' not in fsspec.config.conf, fsspec.config.conf\n"
+        "print('ok')\n")
+    out = fresh_python(code)
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 # --------------------------------------------------------------------------- Orbax on S3

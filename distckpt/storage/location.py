@@ -366,6 +366,42 @@ def prepare(location: Location | str) -> epath.Path:
     return loc.epath()
 
 
+_BACKENDS = {"s3": ("s3fs", "tensorstore"), "gs": ("gcsfs", "tensorstore")}
+"""What an object-store directory's first use imports (etils epath reaches ``s3://``
+through fsspec's s3fs: aiobotocore and aiohttp, ~0.7 s of a process start here)."""
+
+
+def warm(directory: str | os.PathLike | Location | None) -> threading.Thread | None:
+    """Start importing what `directory`'s storage needs in a background thread and return
+    it (None for a local path): call it early, e.g. before
+    :func:`distckpt.multihost.coordinator.initialize` (which waits for every host), so that
+    opening the checkpoint service does not pay for the import. Measured on a 4-host job
+    on SeaweedFS: every host spent ~0.7 s importing s3fs inside the service's first
+    barrier-separated steps (the primary's look at the directory, the others' probe).
+
+    Nothing is configured or contacted; a missing package or a bad path is left for
+    :func:`prepare` and :func:`open_directory` to report where they always have."""
+    try:
+        scheme = directory.scheme if isinstance(directory, Location) else \
+            Location.parse(directory).scheme if directory is not None else "file"
+    except Exception:  # noqa: BLE001 - reported later, by open_directory, in one line
+        return None
+    modules = _BACKENDS.get(scheme)
+    if not modules:
+        return None
+
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - prepare() says what is missing, and how
+                return
+
+    thread = threading.Thread(target=load, name=f"distckpt-warm-{scheme}", daemon=True)
+    thread.start()
+    return thread
+
+
 def open_directory(directory: str | os.PathLike | Location) -> tuple[Location, epath.Path]:
     """The location of a checkpoint directory as a user gave it, and its prepared path.
 

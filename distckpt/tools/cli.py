@@ -194,6 +194,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
+    from distckpt import storage
     from distckpt.multihost import coordinator
     from distckpt.state.mesh import MeshSpec, make_mesh, mesh_spec_of
     from distckpt.tools import train
@@ -220,6 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"distckpt train: error: {e}", file=sys.stderr)
         return 2
+    storage.warm(args.dir)  # imports s3fs while initialize() waits for the other hosts
     topo = coordinator.initialize()
     try:
         mesh = make_mesh(spec or f"fsdp={topo.global_devices}")

@@ -54,8 +54,10 @@ def worker_save(spec: dict[str, Any]) -> None:
     from distckpt.state import digest
     from distckpt.state.mesh import make_mesh
     from distckpt.state.process_state import FaultPoint
+    from distckpt.storage import warm
     from distckpt.tools import train
 
+    warm(spec["ckpt_dir"])  # s3:// packages load while the hosts connect
     coordinator.initialize()
     cfg = _train_config(spec)
     mesh = make_mesh(spec["mesh"])
@@ -150,8 +152,10 @@ def worker_restore(spec: dict[str, Any]) -> None:
     from distckpt.multihost import coordinator
     from distckpt.state import digest
     from distckpt.state.mesh import make_mesh
+    from distckpt.storage import warm
     from distckpt.tools import train
 
+    warm(spec["ckpt_dir"])  # s3:// packages load while the hosts connect
     coordinator.initialize()
     saved = json.loads(Path(spec["saved"]).read_text())
     cfg = _train_config(spec)

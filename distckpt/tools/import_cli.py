@@ -42,8 +42,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from distckpt.errors import CheckpointError
     from distckpt.multihost import coordinator
     from distckpt.multihost.coordinator import DecisionFailedError
+    from distckpt.storage import warm
     from distckpt.tools.importer import import_checkpoint
 
+    warm(args.dst)  # an s3:// destination's packages load while the hosts connect
     coordinator.initialize()
     held = _HeldStderr()
     try:
