@@ -344,6 +344,21 @@ def test_restore_from_s3_onto_another_job(s3_env, s3_url, s3_server, tmp_path, r
     assert_no_secret(s3_server, restore.output)
 
 
+def test_drill_refuses_a_prefix_that_holds_objects(s3_env, s3_url):
+    # Checked before anything starts (the same check as bench and goodput): one line, exit
+    # 2, the object left alone.
+    store = small_files(s3_url)
+    store.write_bytes("theirs/step", b"not the drill's")
+    res = cli("drill", "--dir", s3_url, "--steps", "2", "--save-every", "2")
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1] == (f"distckpt drill: error: --dir {s3_url} is not empty (1 object(s), "
+                         "e.g. theirs/step); give a new or empty prefix (distckpt never "
+                         "touches objects it did not write)"), res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert storage.list_objects(s3_url) == ["theirs/step"]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_drill_on_s3(s3_env, s3_url, s3_server, tmp_path, monkeypatch):

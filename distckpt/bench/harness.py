@@ -279,11 +279,12 @@ def prepare_storage(config: BenchConfig) -> tuple[Path, str, dict[str, Any]]:
     if not config.on_s3:
         workdir = _prepare_dir(config.directory)
         return workdir, str(workdir), {"scheme": "file", "url": str(workdir)}
+    from distckpt import storage
     from distckpt.bench import s3 as bench_s3
 
     assert config.directory is not None  # on_s3
     location = bench_s3.location(config.directory)
-    bench_s3.check_empty(location.url)
+    storage.check_empty(location.url, label=f"bench prefix {location.url}")
     workdir = Path(tempfile.mkdtemp(prefix="distckpt-bench-"))
     return workdir, location.url, location.describe()
 

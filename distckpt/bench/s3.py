@@ -5,8 +5,9 @@ Orbax and distckpt write array data with, configured by
 :meth:`distckpt.storage.Location.kvstore_spec` (the ``AWS_*`` environment: endpoint,
 region, credentials). TensorStore is imported only when first needed.
 
-* :func:`check_empty` refuses a prefix that holds objects before anything is written (the
-  benchmark writes and deletes below it, so it must never touch existing checkpoints).
+* :func:`distckpt.storage.check_empty` (not here: goodput and the drill use it too)
+  refuses a prefix that holds objects before anything is written (the benchmark writes
+  and deletes below it, so it must never touch existing checkpoints).
 * :func:`remove` deletes everything below a prefix (the local case's ``rmtree``).
 * :func:`read_objects` is the "raw read of its files" figure's object-store form: plain
   GETs of a step's objects, several in flight.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -58,48 +58,6 @@ def kvstore(url: str):
     import tensorstore as ts
 
     return ts.KvStore.open(location(url).kvstore_spec()).result()
-
-
-def _objects(keys: Iterable[bytes]) -> list[str]:
-    # SeaweedFS lists emptied "directories" as keys ending in '/'; they hold no data.
-    return sorted(k.decode() for k in keys if not k.endswith(b"/"))
-
-
-def list_objects(url: str, timeout_s: float | None = None) -> list[str]:
-    """The keys of every object below `url`, relative to it, sorted. With `timeout_s`,
-    TimeoutError once that many seconds have passed (an endpoint that never answers,
-    or AWS looked up where it cannot be reached, otherwise waits for ever)."""
-    import tensorstore as ts
-
-    deadline = None if timeout_s is None else time.time() + timeout_s
-    store = ts.KvStore.open(location(url).kvstore_spec()).result(deadline=deadline)
-    return _objects(store.list().result(deadline=deadline))
-
-
-LIST_TIMEOUT_S = 30.0
-"""How long a check that a prefix is empty waits for the object store's listing."""
-
-
-def check_empty(url: str, timeout_s: float = LIST_TIMEOUT_S, label: str | None = None) -> None:
-    """Raise ValueError (nothing written) if any object exists below `url`, if the store
-    does not answer a listing within `timeout_s`, or if the listing fails (endpoint,
-    credentials, an unreachable network): one line each, led by `label` (the flag the user
-    gave; default ``bench prefix URL``)."""
-    label = label or f"bench prefix {location(url).url}"  # location(): s3:// only
-    try:
-        found = list_objects(url, timeout_s=timeout_s)
-    except TimeoutError as e:
-        raise ValueError(f"{label}: no answer to a listing in {timeout_s:g} s; check the "
-                         "AWS_* endpoint and that it is reachable, or use --s3-server "
-                         "local") from e
-    except Exception as e:  # noqa: BLE001 - any failure to list is the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{label}: cannot list it ({first}); check the AWS_* endpoint "
-                         "and credentials, or use --s3-server local") from e
-    if found:
-        raise ValueError(f"{label} is not empty ({len(found)} object(s), e.g. {found[0]}); "
-                         "give a new or empty prefix (distckpt never touches objects it "
-                         "did not write)")
 
 
 def remove(url: str) -> None:

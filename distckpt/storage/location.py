@@ -478,6 +478,51 @@ def list_files(path: epath.Path | str) -> dict[str, int]:
     return out
 
 
+LIST_TIMEOUT_S = 30.0
+"""How long :func:`check_empty` waits for an object store's listing."""
+
+
+def list_objects(directory: str | Location, timeout_s: float | None = None) -> list[str]:
+    """The keys of every object below an object-store `directory`, relative to it,
+    sorted, through TensorStore (which writes the array data). With `timeout_s`,
+    TimeoutError once that many seconds have passed: an endpoint that never answers, or
+    AWS looked up where it cannot be reached, otherwise waits for ever."""
+    import time
+
+    import tensorstore as ts
+
+    loc = directory if isinstance(directory, Location) else Location.parse(directory)
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    store = ts.KvStore.open(loc.kvstore_spec()).result(deadline=deadline)
+    keys = store.list().result(deadline=deadline)
+    # SeaweedFS lists emptied "directories" as keys ending in '/'; they hold no data.
+    return sorted(k.decode() for k in keys if not k.endswith(b"/"))
+
+
+def check_empty(directory: str | Location, label: str,
+                timeout_s: float = LIST_TIMEOUT_S) -> None:
+    """Raise ValueError, one line led by `label` (the flag the user gave, e.g. ``--dir
+    s3://b/p``), if any object exists below the object-store `directory`, if the store
+    does not answer a listing within `timeout_s`, or if the listing fails (endpoint,
+    credentials, network). Nothing is written. Commands that write below a prefix they
+    then remove (bench, drill, goodput) call it first, so they never touch objects they
+    did not write."""
+    try:
+        found = list_objects(directory, timeout_s=timeout_s)
+    except TimeoutError as e:
+        raise ValueError(f"{label}: no answer to a listing in {timeout_s:g} s; check the "
+                         "AWS_* endpoint and that it is reachable, or use --s3-server "
+                         "local") from e
+    except Exception as e:  # noqa: BLE001 - any failure to list is the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{label}: cannot list it ({first}); check the AWS_* endpoint "
+                         "and credentials, or use --s3-server local") from e
+    if found:
+        raise ValueError(f"{label} is not empty ({len(found)} object(s), e.g. {found[0]}); "
+                         "give a new or empty prefix (distckpt never touches objects it "
+                         "did not write)")
+
+
 def copy_files(src: epath.Path | str, dst: epath.Path | str, names: list[str]) -> None:
     """Copy the files `names` (relative paths) from below `src` to below `dst`.
 

@@ -253,11 +253,7 @@ def check_directory(directory: str | None, *, empty: bool = True, flag: str = "-
     if not location.is_local:
         if not empty:
             return
-        _, root = storage.open_directory(location)
-        if storage.list_files(root):
-            raise ValueError(
-                f"drill checkpoint prefix {location.url} is not empty; the drill needs a "
-                "new or empty prefix so it never touches existing checkpoints")
+        storage.check_empty(location, label=f"{flag} {location.url}")
         return
     path = Path(directory)
     what = "a new or empty directory" if empty else "a directory"

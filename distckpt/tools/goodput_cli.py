@@ -121,9 +121,9 @@ def check(config, directory: str | None, s3_server: str | None = None) -> None:
         except ValueError as e:
             raise ValueError(f"--persistent {config.persistent}: {e}") from e
         if s3_server is None:
-            from distckpt.bench import s3 as bench_s3
+            from distckpt import storage
 
-            bench_s3.check_empty(config.persistent, label=f"--persistent {config.persistent}")
+            storage.check_empty(config.persistent, label=f"--persistent {config.persistent}")
 
 
 def cmd_goodput(args: argparse.Namespace) -> int:
