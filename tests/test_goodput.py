@@ -155,9 +155,33 @@ def test_step_costs_leave_out_each_attempts_first_save_of_each_kind():
 
     # Local every 2, persistent every 4: the first of each kind (2, 4) compiles.
     got = step_costs([attempt({2: 9.0, 4: 9.0, 6: 0.1, 8: 0.5, 10: 0.1, 12: 0.7})], 4, 2)
+    # Save 12 ends the attempt: its stall counts, its cost (nothing seen after it) not.
     assert got == {"step_s": 1.0, "stall_s": 0.6, "commit_s": 0.8, "local_stall_s": 0.1,
-                   "local_commit_s": 0.25, "cost_s": 0.6, "local_cost_s": 0.1}
+                   "local_commit_s": 0.25, "cost_s": 0.5, "local_cost_s": 0.1}
     assert step_costs([Attempt(launched=0.0)], 4, None)["stall_s"] is None
+
+
+@pytest.mark.fast
+def test_a_save_cut_short_by_the_end_of_its_attempt_is_not_costed_at_its_stall():
+    # Persistent every 6; each save stalls 0.1 s and slows the next two steps by 0.5 s.
+    def attempt(last_step: int) -> Attempt:
+        events, t = [], 0.0
+        for step in range(1, last_step + 1):
+            saved = step % 6 == 0
+            slow = 0.5 if step > 6 and (step - 1) % 6 in (0, 1) else 0.0
+            t += 1.0 + (0.1 if saved else 0.0) + slow
+            events.append({"event": "step", "t": t, "step": step, "saved": saved,
+                           "save_s": 0.1 if saved else 0.0, "train_s": 1.0,
+                           "committed": [], "local_written": []})
+        return Attempt(launched=0.0, events=events)
+
+    # Killed one step after the save at 18: it saw half its cost (0.6 against 1.1), so it
+    # is left out; the save at 6 compiles and is left out as before.
+    got = step_costs([attempt(19)], 6, None)
+    assert got["step_s"] == 1.0 and got["cost_s"] == pytest.approx(1.1)
+    assert got["stall_s"] == pytest.approx(0.1)  # the stall of every save still counts
+    # When the only save to cost is such a one, it is what there is.
+    assert step_costs([attempt(13)], 6, None)["cost_s"] == pytest.approx(0.6)
 
 
 @pytest.mark.fast

@@ -35,7 +35,8 @@ one machine, shared by every process; events after the deadline are left out.
   the save's stall plus what each step after it, up to the next save, took beyond the
   step time. A save's background work (writing, digests, the peer copy) shares the host
   with training; on the 2-core development machine it slowed the next steps by several
-  times the stall.
+  times the stall. Only saves followed by another save in their attempt count (the last
+  one's steps-after were cut short by a kill or the end), unless there is no other.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
     measured in `attempts` (None where nothing was measured; see the definitions)."""
     intervals, both, only_local = [], [], []
     after: dict[int, list[float]] = {}  # id of a save event -> the steps' times up to the next
+    whole: set[int] = set()  # saves followed by another save in their attempt
     commits: dict[int, float] = {}
     written: dict[int, float] = {}
     for a in attempts:
@@ -103,6 +105,7 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
             if since_save is not None:
                 since_save.append(intervals[-1])
         saves = [e for e in steps if e["saved"]]
+        whole.update(id(e) for e in saves[:-1])  # the last one's steps-after are cut short
         persistent = [e for e in saves if e["step"] % save_every == 0]
         both += persistent[1:]  # the first save of a process compiles its checksums
         only_local += [e for e in saves if e["step"] % save_every][1:]
@@ -119,17 +122,22 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
         assert step_s is not None
         return e["save_s"] + sum(max(0.0, t - step_s) for t in after.get(id(e), []))
 
+    def costs(saves: list[dict[str, Any]]) -> float | None:
+        # A save the end of its attempt (a kill, the last step) cut short would be charged
+        # its stall alone; it counts only when no whole interval was measured.
+        if step_s is None:
+            return None
+        return med([cost(e) for e in ([e for e in saves if id(e) in whole] or saves)])
+
     out = {"step_s": step_s, "stall_s": med([e["save_s"] for e in both]),
            "commit_s": med([commits[e["step"]] for e in both if e["step"] in commits]),
            "local_stall_s": None, "local_commit_s": None,
-           "cost_s": med([cost(e) for e in both]) if step_s is not None else None,
-           "local_cost_s": None}
+           "cost_s": costs(both), "local_cost_s": None}
     if local_every is not None:
         out["local_stall_s"] = med([e["save_s"] for e in only_local])
         out["local_commit_s"] = med([written[e["step"]] for e in only_local
                                      if e["step"] in written])
-        out["local_cost_s"] = (med([cost(e) for e in only_local]) if step_s is not None
-                               else None)
+        out["local_cost_s"] = costs(only_local)
     return out
 
 
