@@ -6,7 +6,8 @@ copy, plus the persistent one) the supervisor:
 1. **Calibrates** with two short jobs of ``distckpt train --progress`` on the same slice:
    job A trains from scratch with a save every few steps and exits; then one host's local
    tier is wiped, the persistent tier evicted from the page cache and job B restarts from
-   A's checkpoint; the supervisor SIGKILLs a host after B's third step. From their
+   A's checkpoint; the supervisor SIGKILLs a host after B's third step (with the local
+   tier: the step after B's first local save, which refilled the wiped host). From their
    ``TRAIN {json}`` lines it takes the step time, each tier's save stall and commit
    latency, the start of the job (B's launch until it trains), and the restart (kill ->
    torn down -> host replaced -> relaunched -> restored -> training again).
@@ -295,10 +296,15 @@ def calibrate(config: GoodputConfig, kind: str, workdir: Path, log: TextIO, log_
     job.command = train_command(config, ckpt, FOREVER, CAL_SAVE_EVERY, local_dir, local_every)
     relaunched = time.time()
 
-    def after_three_steps(event: dict[str, Any]) -> int | None:
-        return 0 if event.get("event") == "step" and event["step"] >= CAL_STEPS + 3 else None
+    # Killed three steps in, or with the local tier one step after its first local save:
+    # B's restore refilled the replaced host's local tier only then, and without it the
+    # run would start having lost a host and its peer's copy (a persistent restore).
+    kill_at = CAL_STEPS + (local_every + 1 if local_every else 3)
 
-    b = job.attempt(time.time() + timeout_s, kill_when=after_three_steps)
+    def after_steps(event: dict[str, Any]) -> int | None:
+        return 0 if event.get("event") == "step" and event["step"] >= kill_at else None
+
+    b = job.attempt(time.time() + timeout_s, kill_when=after_steps)
     resumed = b.resumed()
     if b.killed is None or resumed is None or not b.steps():
         raise _failed(f"calibration job B ({kind})", b, log_path)
