@@ -14,7 +14,6 @@ step. The guard is entered before the restore, so a signal during it is not lost
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -79,18 +78,11 @@ def factory(cfg: TrainConfig) -> Callable[[], dict[str, Any]]:
 def tokens_for_step(step: int, cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES
                     ) -> jax.Array:
     """The global [batch, seq_len] token array for `step`, sharded over the batch axes."""
-    spec = tokens_spec(cfg, mesh, rules)
-    full = np.random.default_rng(cfg.seed * 1_000_003 + step).integers(
-        0, cfg.model.vocab, size=spec.shape, dtype=np.int32)
-    return jax.make_array_from_callback(spec.shape, spec.sharding, lambda index: full[index])
-
-
-def tokens_spec(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES
-                ) -> jax.ShapeDtypeStruct:
-    """Shape, dtype and sharding of every step's tokens (:func:`tokens_for_step`)."""
     shape = (cfg.batch, cfg.seq_len)
-    return jax.ShapeDtypeStruct(shape, np.int32, sharding=NamedSharding(
-        mesh, rules.spec(("batch", None), shape, mesh, "tokens")))
+    sharding = NamedSharding(mesh, rules.spec(("batch", None), shape, mesh, "tokens"))
+    full = np.random.default_rng(cfg.seed * 1_000_003 + step).integers(
+        0, cfg.model.vocab, size=shape, dtype=np.int32)
+    return jax.make_array_from_callback(shape, sharding, lambda index: full[index])
 
 
 def remap_data_position(records: list[Any], index: int, count: int) -> dict[str, int]:
@@ -157,66 +149,24 @@ class CachedStep:
     def __init__(self, mesh: Mesh, rules: Rules, directory: Path):
         self.mesh, self.rules, self.directory = mesh, rules, directory
         self._compiled: Any = None
-        self._pending: concurrent.futures.Future | None = None
         self.source: str | None = None
         """'loaded' or 'compiled', once the first call built the step."""
         self.build_s: float | None = None
-        """Seconds the first call waited for its program (after :meth:`prebuild`: only
-        what the background build had not finished by then)."""
-
-    def prebuild(self, abstract: dict[str, Any], tokens: jax.ShapeDtypeStruct) -> None:
-        """Start building the step in a background thread from the abstract state
-        (:func:`target`) and tokens (:func:`tokens_spec`), so that loading (or compiling)
-        it overlaps the restore: a restart's checkpoint service mostly waits on other hosts
-        and on storage. The first call then uses it, or builds again from its concrete
-        arguments if the background build failed or does not accept them."""
-        graphdef, state = nnx.split((abstract["model"], abstract["optimizer"]))
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distckpt-step")
-        self._pending = pool.submit(self._build, graphdef, state, tokens)
-        pool.shutdown(wait=False)
 
     def __call__(self, model: Transformer, optimizer: nnx.Optimizer,
                  tokens_BxL: jax.Array) -> jax.Array:
         graphdef, state = nnx.split((model, optimizer))
         if self._compiled is None:
             t0 = time.perf_counter()
-            self._compiled = self._take_prebuilt()
-            if self._compiled is not None:
-                try:
-                    loss, new = self._compiled(state, tokens_BxL)
-                except (TypeError, ValueError) as e:  # arguments it was not built for
-                    logger.warning("[process=%d] the step built ahead does not take the "
-                                   "restored state (%s); building it again",
-                                   jax.process_index(), e)
-                    self._compiled = None
-                else:
-                    self._built(t0)
-                    nnx.update((model, optimizer), new)
-                    return loss
             self._compiled = self._build(graphdef, state, tokens_BxL)
-            self._built(t0)
+            self.build_s = time.perf_counter() - t0
+            logger.info("[process=%d] training step %s in %.2fs", jax.process_index(),
+                        self.source, self.build_s)
         loss, new = self._compiled(state, tokens_BxL)
         nnx.update((model, optimizer), new)
         return loss
 
-    def _take_prebuilt(self) -> Any:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        try:
-            return pending.result()
-        except Exception as e:  # noqa: BLE001 - building again from the real arguments
-            logger.warning("[process=%d] building the step ahead failed (%s: %s); building "
-                           "it now", jax.process_index(), type(e).__name__, e)
-            return None
-
-    def _built(self, t0: float) -> None:
-        self.build_s = time.perf_counter() - t0
-        logger.info("[process=%d] training step %s, waited %.2fs", jax.process_index(),
-                    self.source, self.build_s)
-
-    def _build(self, graphdef: Any, state: Any,
-               tokens_BxL: jax.Array | jax.ShapeDtypeStruct) -> Any:
+    def _build(self, graphdef: Any, state: Any, tokens_BxL: jax.Array) -> Any:
         import hashlib
 
         from jax.experimental import serialize_executable
@@ -361,9 +311,6 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
                                 local_interval_steps=local_every or 1, local_max_to_keep=2,
                                 peer_copies=True)
     preempted_at: int | None = None
-    train_step = make_train_step(mesh, rules, executable_cache=executable_cache)
-    if isinstance(train_step, CachedStep):  # loads while the service opens and restores
-        train_step.prebuild(target(cfg, mesh, rules), tokens_spec(cfg, mesh, rules))
     with PreemptionGuard("train", timeout_s=options.timeout_s) as guard, \
             CheckpointService(directory, options) as ckpt:
         start = 0
@@ -381,6 +328,7 @@ def run(directory: str, steps: int, save_every: int, mesh: Mesh, cfg: TrainConfi
         else:
             state = new_state(cfg, mesh, rules)
         model, optimizer = state["model"], state["optimizer"]
+        train_step = make_train_step(mesh, rules, executable_cache=executable_cache)
         losses: dict[int, float] = {}
         saved: list[int] = []
         reported: set[int] = set()
