@@ -185,6 +185,24 @@ def test_a_save_cut_short_by_the_end_of_its_attempt_is_not_costed_at_its_stall()
 
 
 @pytest.mark.fast
+def test_step_jitter_is_not_charged_to_the_saves():
+    # Steps take 1.0 s, but between two saves one step takes 1.2 s and another 0.8 s;
+    # saves every 8 stall 0.05 s and slow nothing. Each save costs its stall: the slow
+    # step is offset by the fast one, as in the wall time (counting only excesses charged
+    # each save 0.05 + 0.2).
+    events, t = [], 0.0
+    for step in range(1, 42):
+        saved = step % 8 == 0
+        t += {2: 1.2, 5: 0.8}.get(step % 8, 1.0) + (0.05 if saved else 0.0)
+        events.append({"event": "step", "t": t, "step": step, "saved": saved,
+                       "save_s": 0.05 if saved else 0.0, "train_s": 1.0, "committed": [],
+                       "local_written": []})
+    got = step_costs([Attempt(launched=0.0, events=events)], 8, None)
+    assert got["step_s"] == pytest.approx(1.0)
+    assert got["cost_s"] == pytest.approx(0.05)
+
+
+@pytest.mark.fast
 def test_a_save_costs_its_stall_plus_how_much_it_slowed_the_next_steps():
     """A save whose background work slows the following steps costs training more than
     its stall: the model charges the stall plus each later step's excess over the step

@@ -32,8 +32,8 @@ one machine, shared by every process; events after the deadline are left out.
   launch until its first step, less one step. What the run did not measure is taken from
   the calibration.
 * *Save cost* (what the model charges per save): the median, over the same saves, of
-  the save's stall plus what each step after it, up to the next save, took beyond the
-  step time. A save's background work (writing, digests, the peer copy) shares the host
+  the save's stall plus how much longer than that many step times the steps after it,
+  up to the next save, took together (never less than the stall). A save's background work (writing, digests, the peer copy) shares the host
   with training; on the 2-core development machine it slowed the next steps by several
   times the stall. Only saves followed by another save in their attempt count (the last
   one's steps-after were cut short by a kill or the end), unless there is no other.
@@ -120,7 +120,10 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
 
     def cost(e: dict[str, Any]) -> float:
         assert step_s is not None
-        return e["save_s"] + sum(max(0.0, t - step_s) for t in after.get(id(e), []))
+        # Signed: a step's jitter below the step time offsets one above it, as it does in
+        # the wall time. Counting only the excesses charged every save for the noise of
+        # each step after it, the more the longer the interval.
+        return e["save_s"] + max(0.0, sum(t - step_s for t in after.get(id(e), [])))
 
     def costs(saves: list[dict[str, Any]]) -> float | None:
         # A save the end of its attempt (a kill, the last step) cut short would be charged
