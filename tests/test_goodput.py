@@ -426,3 +426,34 @@ def test_empty_prefix_check_turns_a_refused_listing_into_one_line(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.multiprocess
+def test_sigterm_stops_goodput_with_one_line_and_cleans_up(tmp_path):
+    # A scheduler's time limit: SIGTERM to the supervisor once its first job runs. The job
+    # gets it too (saves, stops), the checkpoints go, the log stays, exit 128 + 15. Before,
+    # it ended "the multi run's job exited 0 without an injected failure" (exit 1).
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen(CLI + ["--hosts", "2", "--devices-per-host", "1", "--duration",
+                                   "60s", "--mtbf", "30s", "--runs", "multi", "--dir",
+                                   str(work), "--json", str(tmp_path / "gp.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    log = work / "multi.log"
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.exists() and "[goodput] launch at" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1].startswith("distckpt goodput: stopped by SIGTERM"), err
+    assert "Traceback" not in err and not (tmp_path / "gp.json").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["multi.log"]

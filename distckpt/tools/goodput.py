@@ -230,6 +230,8 @@ class Job:
             with lock:
                 over.set()
                 attempt.ended = time.time()
+        if result.forwarded:
+            raise GoodputStopped(result.forwarded[0], getattr(self.log, "name", None))
         attempt.returncode = result.returncode
         return attempt
 
@@ -266,6 +268,17 @@ def replace_host(local_dir: Path | None, host: int, persistent: str) -> None:
 
 class GoodputError(RuntimeError):
     """A job failed by itself (not from an injected failure); the log says why."""
+
+
+class GoodputStopped(GoodputError):
+    """The supervisor got SIGINT or SIGTERM (a scheduler's time limit, Ctrl-C): the running
+    job was passed the signal (it saves and stops) and nothing is reported."""
+
+    def __init__(self, signum: int, log_name: str | None = None):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (
+            f" (the running job got it too: it saved and stopped; see {log_name})"
+            if log_name else "") + "; no report was written")
 
 
 def _failed(what: str, attempt: Attempt, log_path: Path) -> GoodputError:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import secrets
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -151,7 +152,13 @@ def cmd_goodput(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config: Any) -> int:
-    from distckpt.tools.goodput import GoodputError, run_goodput
+    from distckpt.tools.goodput import GoodputError, GoodputStopped, run_goodput
+
+    def stop(signum: int, _frame: Any) -> None:  # between jobs; during one, the launcher
+        raise GoodputStopped(signum)             # passes it to the job, then says so
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
     if args.dir is not None:
         workdir = Path(args.dir)
@@ -166,6 +173,9 @@ def _run(args: argparse.Namespace, config: Any) -> int:
           f"step delay {config.step_delay_s:g}s; work directory {workdir}{where}", flush=True)
     try:
         reports = run_goodput(config, workdir, on_event=_print_event)
+    except GoodputStopped as e:
+        print(f"distckpt goodput: {e}", file=sys.stderr)
+        return 128 + e.signum
     except GoodputError as e:
         print(f"distckpt goodput: error: {e}", file=sys.stderr)
         return 1

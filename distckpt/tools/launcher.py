@@ -130,6 +130,8 @@ class LaunchResult:
     first_failure: int | None
     """Index of the host that failed first, if any."""
     seconds: float
+    forwarded: tuple[int, ...] = ()
+    """Signals the launcher received and passed on to every host (SIGINT, SIGTERM)."""
 
 
 def launch(
@@ -292,7 +294,7 @@ def launch(
             out.write(f"[launcher] host {first_failure} exited with {rc}; stopped the others\n")
     return LaunchResult(returncode=rc, returncodes=codes,
                         first_failure=None if first_failure in (None, -1) else first_failure,
-                        seconds=time.monotonic() - t0)
+                        seconds=time.monotonic() - t0, forwarded=tuple(forwarded))
 
 
 def _exit_code(p: subprocess.Popen) -> int | None:
