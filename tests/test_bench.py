@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -414,3 +415,4 @@ def test_bench_on_s3_against_raw_put_get(s3_env, s3_url, tmp_path):
     assert secret not in out.read_text() + md.read_text() + res.stdout + res.stderr
     assert not any(secret in p.read_text(errors="replace")
                    for p in Path(report["logs"]).rglob("*") if p.is_file())
+    shutil.rmtree(report["logs"])  # the bench keeps them for the user (in $TMPDIR)
