@@ -359,6 +359,19 @@ def test_drill_refuses_a_prefix_that_holds_objects(s3_env, s3_url):
     assert storage.list_objects(s3_url) == ["theirs/step"]
 
 
+def test_remove_objects_empties_the_prefix_and_nothing_beside_it(s3_env, s3_url):
+    # What bench and goodput clean up with after writing below a prefix they checked empty.
+    store = small_files(s3_url)
+    for key in ("a", "d/b", "d/e/c"):
+        store.write_bytes(key, b"x")
+    beside = small_files(s3_url + "-beside")
+    beside.write_bytes("keep", b"y")
+    storage.remove_objects(s3_url)
+    assert storage.list_objects(s3_url) == []
+    assert storage.list_objects(s3_url + "-beside") == ["keep"]
+    storage.remove_objects(s3_url + "-beside")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_drill_on_s3(s3_env, s3_url, s3_server, tmp_path, monkeypatch):

@@ -273,7 +273,7 @@ def _start_private_server(console: Any, stack: contextlib.ExitStack, directory: 
     console.print(f"starting a private SeaweedFS S3 server for s3://{bucket} ...",
                   markup=False)
     try:
-        return stack.enter_context(bench_s3.private_server(bucket))
+        return stack.enter_context(s3server.private_server(bucket))
     except (s3server.WeedNotFoundError, s3server.S3ServerError) as e:
         console.print(f"[red]distckpt bench: --s3-server local: {escape(str(e))}[/red]")
         return None

@@ -87,10 +87,11 @@ def bench_path(text: str) -> Any:
 
 def remove_tree(path: Any) -> None:
     """Delete a directory tree, or every object below an ``s3://`` prefix."""
+    from distckpt import storage
     from distckpt.bench import s3 as bench_s3
 
     if bench_s3.is_url(path):
-        bench_s3.remove(os.fspath(path))
+        storage.remove_objects(os.fspath(path))
     else:
         shutil.rmtree(path, ignore_errors=True)
 

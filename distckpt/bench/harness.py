@@ -295,10 +295,11 @@ def _join(base: str, *parts: str) -> str:
 
 
 def _remove(root: str) -> None:
+    from distckpt import storage
     from distckpt.bench import s3 as bench_s3
 
     if bench_s3.is_url(root):
-        bench_s3.remove(root)
+        storage.remove_objects(root)
     else:
         shutil.rmtree(root, ignore_errors=True)
 

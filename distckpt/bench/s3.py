@@ -8,19 +8,19 @@ region, credentials). TensorStore is imported only when first needed.
 * :func:`distckpt.storage.check_empty` (not here: goodput and the drill use it too)
   refuses a prefix that holds objects before anything is written (the benchmark writes
   and deletes below it, so it must never touch existing checkpoints).
-* :func:`remove` deletes everything below a prefix (the local case's ``rmtree``).
+* :func:`distckpt.storage.remove_objects` (not here either) deletes everything below a
+  prefix (the local case's ``rmtree``).
 * :func:`read_objects` is the "raw read of its files" figure's object-store form: plain
   GETs of a step's objects, several in flight.
 * :func:`pack` / :func:`unpack` cut a process's shard bytes into objects and put them back
   (the ``raw`` contender on S3, :class:`distckpt.bench.contenders.RawObjects`).
-* :func:`private_server` starts a SeaweedFS S3 server on 127.0.0.1 for one run
-  (``--s3-server local``), for users without an S3 endpoint at hand.
+* ``--s3-server local`` runs :func:`distckpt.tools.s3server.private_server` (a SeaweedFS
+  S3 server on 127.0.0.1 for one run), for users without an S3 endpoint at hand.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -32,8 +32,6 @@ IN_FLIGHT = 32
 on the bytes held at once."""
 LOCAL_BUCKET = "distckpt-bench"
 """Bucket of the private server when ``--dir`` is not given."""
-_AWS_OVERRIDES = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN",
-                  "AWS_PROFILE")
 
 
 def is_url(directory: Any) -> bool:
@@ -58,13 +56,6 @@ def kvstore(url: str):
     import tensorstore as ts
 
     return ts.KvStore.open(location(url).kvstore_spec()).result()
-
-
-def remove(url: str) -> None:
-    """Delete every object below `url`."""
-    import tensorstore as ts
-
-    kvstore(url).delete_range(ts.KvStore.KeyRange()).result()
 
 
 def read_objects(url: str, keys: list[str], in_flight: int = IN_FLIGHT) -> int:
@@ -129,28 +120,3 @@ def unpack(objects: Iterable[bytes], views: list[memoryview]) -> None:
 def object_count(nbytes: int, size: int = OBJECT_BYTES) -> int:
     """Objects :func:`pack` makes of `nbytes` bytes."""
     return -(-nbytes // size)
-
-
-@contextlib.contextmanager
-def private_server(bucket: str = LOCAL_BUCKET) -> Iterator[Any]:
-    """A SeaweedFS S3 server on 127.0.0.1 (:mod:`distckpt.tools.s3server`; its data on
-    local disk in a temporary directory) with the ``AWS_*`` environment pointing at it for
-    the block (the benchmark's processes inherit it); the environment is restored and the
-    server stopped afterwards. Needs the ``weed`` binary (the ``test`` extra)."""
-    from distckpt.tools import s3server
-
-    saved = {name: os.environ.get(name) for name in (*_AWS_OVERRIDES, "AWS_ENDPOINT_URL",
-                                                      "AWS_REGION", "AWS_ACCESS_KEY_ID",
-                                                      "AWS_SECRET_ACCESS_KEY")}
-    with s3server.seaweedfs(bucket=bucket) as server:
-        try:
-            for name in _AWS_OVERRIDES:
-                os.environ.pop(name, None)
-            os.environ.update(server.env())
-            yield server
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value

@@ -17,5 +17,6 @@ from distckpt.storage.location import list_objects as list_objects
 from distckpt.storage.location import open_directory as open_directory
 from distckpt.storage.location import prepare as prepare
 from distckpt.storage.location import remove_files as remove_files
+from distckpt.storage.location import remove_objects as remove_objects
 from distckpt.storage.location import temporary_path_base as temporary_path_base
 from distckpt.storage.location import warm as warm

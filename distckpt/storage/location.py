@@ -381,11 +381,13 @@ def warm(directory: str | os.PathLike | Location | None) -> threading.Thread | N
 
     Nothing is configured or contacted; a missing package or a bad path is left for
     :func:`prepare` and :func:`open_directory` to report where they always have."""
+    if directory is None:
+        return None
     try:
-        scheme = directory.scheme if isinstance(directory, Location) else \
-            Location.parse(directory).scheme if directory is not None else "file"
+        location = directory if isinstance(directory, Location) else Location.parse(directory)
     except Exception:  # noqa: BLE001 - reported later, by open_directory, in one line
         return None
+    scheme = location.scheme
     modules = _BACKENDS.get(scheme)
     if not modules:
         return None
@@ -497,6 +499,17 @@ def list_objects(directory: str | Location, timeout_s: float | None = None) -> l
     keys = store.list().result(deadline=deadline)
     # SeaweedFS lists emptied "directories" as keys ending in '/'; they hold no data.
     return sorted(k.decode() for k in keys if not k.endswith(b"/"))
+
+
+def remove_objects(directory: str | Location) -> None:
+    """Delete every object below the object-store `directory`, through TensorStore (the
+    object-store form of ``shutil.rmtree``; for what a command wrote there itself, after
+    :func:`check_empty` said the prefix was empty)."""
+    import tensorstore as ts
+
+    loc = directory if isinstance(directory, Location) else Location.parse(directory)
+    store = ts.KvStore.open(loc.kvstore_spec()).result()
+    store.delete_range(ts.KvStore.KeyRange()).result()
 
 
 def check_empty(directory: str | Location, label: str,

@@ -257,12 +257,12 @@ def replace_host(local_dir: Path | None, host: int, persistent: str) -> None:
     """What a replaced machine looks like: its local tier gone, nothing in the page cache
     from a local persistent tier (evicted for every host: they share this machine's
     cache; an object store's is not this machine's to evict)."""
+    from distckpt import storage
     from distckpt.bench.measure import evict, files_under
-    from distckpt.bench.s3 import is_url
 
     if local_dir is not None:
         shutil.rmtree(local_dir / f"host{host}", ignore_errors=True)
-    if not is_url(persistent) and Path(persistent).exists():
+    if storage.Location.parse(persistent).is_local and Path(persistent).exists():
         evict(files_under(Path(persistent)))
 
 
@@ -384,9 +384,9 @@ def run_goodput(config: GoodputConfig, workdir: Path,
             finally:
                 shutil.rmtree(workdir / kind, ignore_errors=True)  # local tiers too
                 if config.persistent is not None:  # an object-store persistent tier
-                    from distckpt.bench import s3 as bench_s3
+                    from distckpt import storage
 
-                    bench_s3.remove(config.persistent_dir(workdir / kind))
+                    storage.remove_objects(config.persistent_dir(workdir / kind))
         reports.append(report)
         if on_event is not None:
             on_event("done", report.to_json())

@@ -136,14 +136,14 @@ def cmd_goodput(args: argparse.Namespace) -> int:
         return 2
     with contextlib.ExitStack() as stack:
         if args.s3_server == "local":
-            from distckpt.bench import s3 as bench_s3
+            from distckpt import storage
             from distckpt.tools import s3server
 
             assert config.persistent is not None
-            bucket = bench_s3.location(config.persistent).bucket
+            bucket = storage.Location.parse(config.persistent).bucket
             print(f"starting a private SeaweedFS S3 server for s3://{bucket} ...", flush=True)
             try:
-                stack.enter_context(bench_s3.private_server(bucket))
+                stack.enter_context(s3server.private_server(bucket))
             except (s3server.WeedNotFoundError, s3server.S3ServerError) as e:
                 print(f"distckpt goodput: error: --s3-server local: {e}", file=sys.stderr)
                 return 1

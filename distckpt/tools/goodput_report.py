@@ -33,9 +33,9 @@ one machine, shared by every process; events after the deadline are left out.
   the calibration.
 * *Save cost* (what the model charges per save): the median, over the same saves, of
   the save's stall plus how much longer than that many step times the steps after it,
-  up to the next save, took together (never less than the stall). A save's background work (writing, digests, the peer copy) shares the host
-  with training; on the 2-core development machine it slowed the next steps by several
-  times the stall. Only saves followed by another save in their attempt count (the last
+  up to the next save, took together (never less than the stall). A save's background
+  work (writing, digests, the peer copy) shares the host with training; on the 2-core
+  development machine it slowed the next steps by several times the stall. Only saves followed by another save in their attempt count (the last
   one's steps-after were cut short by a kill or the end), unless there is no other.
 """
 

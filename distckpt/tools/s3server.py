@@ -306,3 +306,32 @@ def seaweedfs(workdir: str | os.PathLike | None = None, *, bucket: str = DEFAULT
                 (root / secret_file).unlink()
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+_AWS_OVERRIDES = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN",
+                  "AWS_PROFILE")
+"""Variables that would take precedence over the private server's ``env()``."""
+
+
+@contextlib.contextmanager
+def private_server(bucket: str = DEFAULT_BUCKET) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on 127.0.0.1 (:func:`seaweedfs`; its data on local disk in a
+    temporary directory) with the ``AWS_*`` environment pointing at it for
+    the block (processes started in it inherit it: ``distckpt bench`` and ``distckpt
+    goodput --s3-server local``); the environment is restored and the server stopped
+    afterwards. Needs the ``weed`` binary (the ``test`` extra)."""
+    saved = {name: os.environ.get(name) for name in (*_AWS_OVERRIDES, "AWS_ENDPOINT_URL",
+                                                      "AWS_REGION", "AWS_ACCESS_KEY_ID",
+                                                      "AWS_SECRET_ACCESS_KEY")}
+    with seaweedfs(bucket=bucket) as server:
+        try:
+            for name in _AWS_OVERRIDES:
+                os.environ.pop(name, None)
+            os.environ.update(server.env())
+            yield server
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
