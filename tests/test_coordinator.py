@@ -114,3 +114,44 @@ def test_missing_tasks_parsed_from_service_message():
     assert coordinator._missing_from_error(msg, 3) == [1, 2]
     assert coordinator._missing_from_error(
         "Some timed out task names:\n/job:jax_worker/replica:0/task:2\n", 3) == [2]
+
+
+@pytest.mark.fast
+def test_await_coordinator_returns_once_the_port_listens():
+    # A process that called jax.distributed.initialize before process 0 had started the
+    # coordination service lost gRPC's 1 s reconnect backoff at every (re)start.
+    import socket
+    import threading
+    import time
+
+    from distckpt.tools.launcher import free_port
+
+    port = free_port()
+    listener: list[socket.socket] = []
+
+    def listen_later() -> None:
+        time.sleep(0.3)
+        sock = socket.create_server(("127.0.0.1", port))
+        listener.append(sock)
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    try:
+        assert coordinator.await_coordinator(f"127.0.0.1:{port}", timeout_s=60)
+        assert listener, "returned before the port listened"
+    finally:
+        thread.join()
+        for sock in listener:
+            sock.close()
+
+
+@pytest.mark.fast
+def test_await_coordinator_gives_up_and_leaves_the_error_to_jax():
+    import time
+
+    from distckpt.tools.launcher import free_port
+
+    start = time.monotonic()
+    assert not coordinator.await_coordinator("no-such-host.invalid:1234", timeout_s=60)
+    assert time.monotonic() - start < 30  # not the whole timeout: the name cannot resolve
+    assert not coordinator.await_coordinator(f"127.0.0.1:{free_port()}", timeout_s=0.3)
