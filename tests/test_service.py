@@ -296,3 +296,20 @@ def test_overwriting_the_best_step_without_metrics_unranks_it(tmp_path, backgrou
         svc.save(4, state, metrics={"loss": 0.5})
         svc.wait()
         assert svc.all_steps() == [4]
+
+
+def test_opening_tells_a_file_and_a_missing_directory_apart(tmp_path):
+    # The primary's look at the directory: a directory (the usual case, one request on
+    # an object store), a file, or nothing there.
+    afile = tmp_path / "afile"
+    afile.write_text("not a checkpoint")
+    with pytest.raises(distckpt.CheckpointError, match="is a file, not a checkpoint directory"):
+        distckpt.CheckpointService(afile)
+    assert afile.read_text() == "not a checkpoint"
+    missing = tmp_path / "missing"
+    with pytest.raises(distckpt.NoCheckpointError, match="does not exist .opened read-only"):
+        distckpt.CheckpointService(missing, distckpt.CheckpointOptions(read_only=True))
+    assert not missing.exists()
+    with distckpt.CheckpointService(missing) as ckpt:  # created when writable
+        assert ckpt.all_steps() == []
+    assert missing.is_dir()

@@ -49,7 +49,11 @@ def open_shared(directory: str | epath.PathLike | storage.Location,
     location, path = storage.open_directory(directory)
 
     def look() -> dict[str, str]:
-        where = "missing" if not path.exists() else "dir" if path.is_dir() else "file"
+        # is_dir first: one request for the usual case (an object store lists the prefix)
+        if path.is_dir():
+            where = "dir"
+        else:
+            where = "file" if path.exists() else "missing"
         return {"where": where, "key": _own_key(location, path), "shown": str(path),
                 "nonce": f"{os.getpid()}-{time.time_ns()}"}
 

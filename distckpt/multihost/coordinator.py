@@ -266,15 +266,20 @@ def initialize(
     # changed default cannot silently turn cross-process CPU arrays into errors.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if params.num_processes > 1:
+        timeout_s = initialization_timeout_s
         if params.process_id != 0:
             assert params.coordinator_address is not None
+            started = time.monotonic()
             await_coordinator(params.coordinator_address, initialization_timeout_s)
+            # One deadline for both waits: a process 0 that never comes up is reported
+            # by JAX after initialization_timeout_s, as before, not twice that.
+            timeout_s = max(1, round(initialization_timeout_s - (time.monotonic() - started)))
         jax.distributed.initialize(
             coordinator_address=params.coordinator_address,
             num_processes=params.num_processes,
             process_id=params.process_id,
             local_device_ids=list(local_device_ids) if local_device_ids is not None else None,
-            initialization_timeout=initialization_timeout_s,
+            initialization_timeout=timeout_s,
             heartbeat_timeout_seconds=heartbeat_timeout_s,
         )
     topo = topology()
