@@ -384,7 +384,7 @@ def _restore(ckpt: CheckpointService, cfg: TrainConfig, mesh: Mesh, rules: Rules
     restore is tried and "nothing anywhere" means a fresh start; without it an empty
     directory means a fresh start and a restore that finds nothing usable raises.
     """
-    if not (ckpt.all_steps() or local):
+    if not (local or ckpt.all_steps()):  # local first: all_steps() lists the directory
         return None
     try:
         return ckpt.restore(target(cfg, mesh, rules), process_state_remap=remap_data_position)
