@@ -203,6 +203,26 @@ def test_step_jitter_is_not_charged_to_the_saves():
 
 
 @pytest.mark.fast
+def test_slow_early_steps_do_not_make_later_saves_look_free():
+    # A calibration job: the first 16 steps run slow (0.7 s, warm-up), then 0.5 s; saves
+    # every 8 stall 0.05 s and slow the next step by 0.4 s. The overall median is 0.7 s,
+    # so against it the steps after the saves at 16 and 24 looked 1.0 s "faster than
+    # usual" and each save cost its stall alone (0.05; the runs then measured 3x the
+    # calibration). Against the steps late in its own interval, each costs 0.45.
+    events, t = [], 0.0
+    for step in range(1, 33):
+        saved = step % 8 == 0
+        took = 0.7 if step <= 16 else 0.9 if step % 8 == 1 else 0.5
+        t += took + (0.05 if saved else 0.0)
+        events.append({"event": "step", "t": t, "step": step, "saved": saved,
+                       "save_s": 0.05 if saved else 0.0, "train_s": took, "committed": [],
+                       "local_written": []})
+    got = step_costs([Attempt(launched=0.0, events=events)], 8, None)
+    assert got["step_s"] == pytest.approx(0.7)
+    assert got["cost_s"] == pytest.approx(0.45)
+
+
+@pytest.mark.fast
 def test_a_save_costs_its_stall_plus_how_much_it_slowed_the_next_steps():
     """A save whose background work slows the following steps costs training more than
     its stall: the model charges the stall plus each later step's excess over the step

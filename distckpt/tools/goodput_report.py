@@ -33,7 +33,9 @@ one machine, shared by every process; events after the deadline are left out.
   the calibration.
 * *Save cost* (what the model charges per save): the median, over the same saves, of
   the save's stall plus how much longer than that many step times the steps after it,
-  up to the next save, took together (never less than the stall). A save's background
+  up to the next save, took together (never less than the stall); the step time here is
+  the median of the interval's second half when it has :data:`BASELINE_STEPS` steps or
+  more, else the overall one. A save's background
   work (writing, digests, the peer copy) shares the host with training; on the 2-core
   development machine it slowed the next steps by several times the stall. Only saves followed by another save in their attempt count (the last
   one's steps-after were cut short by a kill or the end), unless there is no other.
@@ -83,6 +85,11 @@ class Attempt:
         return None if resumed is None else int(resumed["step"])
 
 
+BASELINE_STEPS = 3
+"""Fewest steps in the second half of a save's interval for their median to be the
+baseline its cost is measured against (see :func:`step_costs`)."""
+
+
 def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | None
                ) -> dict[str, float | None]:
     """step_s, stall_s, commit_s, local_stall_s, local_commit_s, cost_s, local_cost_s
@@ -123,7 +130,19 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
         # Signed: a step's jitter below the step time offsets one above it, as it does in
         # the wall time. Counting only the excesses charged every save for the noise of
         # each step after it, the more the longer the interval.
-        return e["save_s"] + max(0.0, sum(t - step_s for t in after.get(id(e), [])))
+        steps_after = after.get(id(e), [])
+        return e["save_s"] + max(0.0, sum(t - baseline(steps_after) for t in steps_after))
+
+    def baseline(steps_after: list[float]) -> float:
+        # What these steps take without the save: the median of the interval's second
+        # half (the save's background work is over by then), or the overall step time
+        # if that half is shorter than BASELINE_STEPS. The overall median drifts: in a
+        # calibration job the early steps run slower (warm-up), so later steps came out
+        # "faster than usual" and every save there was charged too little (0.15 s for a
+        # save the run then measured at 0.42 s).
+        tail = steps_after[len(steps_after) // 2:]
+        assert step_s is not None
+        return model.median(tail) if len(tail) >= BASELINE_STEPS else step_s
 
     def costs(saves: list[dict[str, Any]]) -> float | None:
         # A save the end of its attempt (a kill, the last step) cut short would be charged
