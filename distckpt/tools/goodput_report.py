@@ -35,10 +35,11 @@ one machine, shared by every process; events after the deadline are left out.
   the save's stall plus how much longer than that many step times the steps after it,
   up to the next save, took together (never less than the stall); the step time here is
   the median of the interval's second half when it has :data:`BASELINE_STEPS` steps or
-  more, else the overall one. A save's background
-  work (writing, digests, the peer copy) shares the host with training; on the 2-core
-  development machine it slowed the next steps by several times the stall. Only saves followed by another save in their attempt count (the last
-  one's steps-after were cut short by a kill or the end), unless there is no other.
+  more, else the overall one. A save's background work (writing, digests, the peer
+  copy) shares the host with training; on the 2-core development machine it slowed the
+  next steps by several times the stall. Only saves followed by another save in their
+  attempt count (the last one's steps-after were cut short by a kill or the end),
+  unless there is no other.
 """
 
 from __future__ import annotations
