@@ -153,5 +153,7 @@ def test_await_coordinator_gives_up_and_leaves_the_error_to_jax():
 
     start = time.monotonic()
     assert not coordinator.await_coordinator("no-such-host.invalid:1234", timeout_s=60)
-    assert time.monotonic() - start < 30  # not the whole timeout: the name cannot resolve
+    # Not the whole timeout: the name cannot resolve (a resolver with unreachable servers
+    # may take its own ~30 s to say so, still well under the 60 s).
+    assert time.monotonic() - start < 55
     assert not coordinator.await_coordinator(f"127.0.0.1:{free_port()}", timeout_s=0.3)
