@@ -22,11 +22,12 @@ from pathlib import Path
 
 LAUNCH = re.compile(r"^\[goodput\] launch at ([\d.]+)")
 KILL = re.compile(r"^\[goodput\] SIGKILL host (\d+) at ([\d.]+)")
-EVENT = re.compile(r"^\[host 0\] TRAIN (\{.*\})$")
+HOST0 = "[host 0] "  # the launcher's prefix of host 0's lines (its progress lines)
 
 
 def attempts(log: Path) -> list:
     """The log's launches as Attempts (the first two are calibration jobs A and B)."""
+    from distckpt.tools.goodput import PROGRESS
     from distckpt.tools.goodput_report import Attempt
 
     out: list[Attempt] = []
@@ -35,7 +36,7 @@ def attempts(log: Path) -> list:
             out.append(Attempt(launched=float(match.group(1))))
         elif out and (match := KILL.match(line)):
             out[-1].killed = (float(match.group(2)), int(match.group(1)))
-        elif out and (match := EVENT.match(line)):
+        elif out and line.startswith(HOST0) and (match := PROGRESS.match(line[len(HOST0):])):
             out[-1].events.append(json.loads(match.group(1)))
     return out
 
@@ -43,7 +44,7 @@ def attempts(log: Path) -> list:
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from distckpt.tools import goodput_model as model
-    from distckpt.tools.goodput import CAL_SAVE_EVERY
+    from distckpt.tools.goodput import CAL_LOCAL_EVERY, CAL_SAVE_EVERY
     from distckpt.tools.goodput_report import measured_costs, step_costs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,7 +66,7 @@ def main() -> int:
         plan = model.Plan(**run["plan"])
         local = plan.local_every is not None
         cal_got = step_costs(found[:1], CAL_SAVE_EVERY,
-                             CAL_SAVE_EVERY // 2 if local else None)
+                             CAL_LOCAL_EVERY if local else None)
         calibrated = model.Costs(**run["calibration"])
         recal = dataclasses.replace(calibrated, cost_s=cal_got["cost_s"],
                                     local_cost_s=cal_got["local_cost_s"] if local else None)

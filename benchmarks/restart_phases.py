@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -34,7 +33,7 @@ PHASES = ("init", "resumed", "restore_s", "build_s", "first step")
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from distckpt.tools.goodput import GoodputConfig, train_command
+    from distckpt.tools.goodput import PROGRESS, GoodputConfig, train_command
     from distckpt.tools.launcher import launch
     from distckpt.tools.s3server import private_server
 
@@ -54,17 +53,19 @@ def main() -> int:
         cmd = train_command(cfg, ckpt, steps, 8, local, 4)
         cmd += ["--executable-cache", str(work / "executables")]
         out, t0 = io.StringIO(), time.time()
+        events: list[dict] = []
+
+        def on_line(_host: int, line: str) -> None:  # goodput's supervisor reads them so
+            if match := PROGRESS.match(line):
+                events.append(json.loads(match.group(1)))
+
         res = launch(cmd, args.hosts, args.devices_per_host, out=out, timeout_s=600,
-                     grace_s=0.0)
+                     grace_s=0.0, line_callback=on_line)
         if res.returncode != 0:
             raise SystemExit(f"the trainer failed (exit {res.returncode}):\n"
                              f"{out.getvalue()[-3000:]}")
         seen: dict[str, float] = {}
-        for line in out.getvalue().splitlines():
-            match = re.search(r"TRAIN (\{.*\})", line)
-            if not match:
-                continue
-            event = json.loads(match.group(1))
+        for event in events:
             name = "first step" if event["event"] == "step" else event["event"]
             if name in seen:
                 continue

@@ -132,7 +132,8 @@ def step_costs(attempts: Sequence[Attempt], save_every: int, local_every: int | 
         # the wall time. Counting only the excesses charged every save for the noise of
         # each step after it, the more the longer the interval.
         steps_after = after.get(id(e), [])
-        return e["save_s"] + max(0.0, sum(t - baseline(steps_after) for t in steps_after))
+        base = baseline(steps_after)
+        return e["save_s"] + max(0.0, sum(t - base for t in steps_after))
 
     def baseline(steps_after: list[float]) -> float:
         # What these steps take without the save: the median of the interval's second
